@@ -1,0 +1,449 @@
+//! The daemon's run loop, the thin tokio driver around [`crate::socket`] and
+//! [`crate::fastpath`]: it chooses the steering path, binds the wildcards, and runs one
+//! worker task per wildcard and one task per flow.
+//!
+//! A worker owns the flow table of the flows that land on its wildcard (steer and the
+//! reuseport filter keep a flow on one worker). A packet of a new flow creates the flow: a
+//! child socket (registered in `CHILDREN` on the fast path, `connect()`ed otherwise) and a
+//! task. Packets that still reach the wildcard for a known flow (its first one, and those
+//! queued before the child existed) are injected into the flow's task over a channel, as if
+//! read from the child. For now a flow task only counts; the proxy issues fill it in.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use radius_common::{FlowKey, PROTO_UDP};
+use tokio::{
+    io::Interest,
+    net::UdpSocket,
+    sync::mpsc,
+    task::JoinSet,
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    fastpath::{FastPath, FastPathOptions},
+    metrics::{self, Metrics, Refusal, Via},
+    socket::{self, SteeringPath},
+};
+
+/// Whether to use the eBPF fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfMode {
+    /// Use it when it loads; otherwise say why and run the user-space path.
+    Auto,
+    /// Never load it (`--no-ebpf`).
+    Off,
+    /// Refuse to start without it (`--require-ebpf`).
+    Require,
+}
+
+/// What the run loop needs. The TOML configuration will produce this.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// UDP services to listen on (address and port of the wildcards).
+    pub listen: Vec<SocketAddr>,
+    /// Wildcard sockets (worker tasks) per listen address.
+    pub workers: usize,
+    /// NIC for `guard`; none: no XDP.
+    pub iface: Option<String>,
+    pub ebpf: EbpfMode,
+    /// A flow with no packet for this long ends and closes its child.
+    pub idle_timeout: Duration,
+    /// Upper bound on flows; the open-file limit may lower it.
+    pub max_flows: Option<usize>,
+    /// Packets queued per flow before its task takes them.
+    pub flow_queue: usize,
+    /// Receive buffer of each wildcard, bytes.
+    pub wildcard_rcvbuf: usize,
+    /// `guard`'s limit for sources without a flow: packets per second and burst (0: off).
+    pub new_source_pps: u64,
+    pub new_source_burst: u64,
+    /// Where to serve `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 1812)),
+                SocketAddr::from(([127, 0, 0, 1], 1813)),
+            ],
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            iface: Some("lo".into()),
+            ebpf: EbpfMode::Auto,
+            idle_timeout: Duration::from_secs(300),
+            max_flows: None,
+            flow_queue: 1024,
+            wildcard_rcvbuf: 4 << 20,
+            new_source_pps: 2_000,
+            new_source_burst: 4_000,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
+        }
+    }
+}
+
+/// File descriptors kept back from flows: wildcards, metrics, eBPF maps and programs, logs.
+const FD_RESERVE: u64 = 128;
+
+/// What a running daemon shares between its tasks.
+struct Shared {
+    path: SteeringPath,
+    fastpath: Option<Mutex<FastPath>>,
+    metrics: Arc<Metrics>,
+    active: AtomicUsize,
+    max_flows: usize,
+    idle_timeout: Duration,
+    flow_queue: usize,
+    cancel: CancellationToken,
+}
+
+/// Sets up the fast path (or says why not), serves until `cancel`, then drains and detaches.
+pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
+    let fd_bound = nofile.saturating_sub(FD_RESERVE) as usize;
+    let max_flows = config.max_flows.map_or(fd_bound, |m| m.min(fd_bound));
+    info!(
+        open_files_limit = nofile,
+        max_flows, "open-file limit {nofile}: at most {max_flows} flows (one socket each)"
+    );
+    metrics.open_files_limit.set(nofile as i64);
+    metrics.max_flows.set(max_flows as i64);
+
+    let fastpath = setup_fastpath(&config, max_flows)?;
+    let path = if fastpath.is_some() {
+        SteeringPath::Fast
+    } else {
+        SteeringPath::UserSpace
+    };
+    metrics.fast_path.set(i64::from(fastpath.is_some()));
+
+    let shared = Arc::new(Shared {
+        path,
+        fastpath: fastpath.map(Mutex::new),
+        metrics: metrics.clone(),
+        active: AtomicUsize::new(0),
+        max_flows,
+        idle_timeout: config.idle_timeout,
+        flow_queue: config.flow_queue.max(1),
+        cancel: cancel.clone(),
+    });
+
+    let mut tasks = JoinSet::new();
+    for &addr in &config.listen {
+        let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
+            .with_context(|| format!("binding the wildcard sockets of {addr}"))?;
+        let bound = wildcards[0].local_addr()?;
+        if let Some(fp) = &shared.fastpath {
+            lock(fp)
+                .add_service(PROTO_UDP, bound, &wildcards)
+                .with_context(|| format!("registering {bound} with steer"))?;
+        }
+        info!(listen = %bound, workers = wildcards.len(), path = path.as_str(), "listening");
+        for (i, w) in wildcards.into_iter().enumerate() {
+            let socket = UdpSocket::from_std(w)?;
+            tasks.spawn(worker(shared.clone(), socket, bound, i));
+        }
+    }
+    if let Some(addr) = config.metrics_listen {
+        let (m, c) = (metrics.clone(), cancel.clone());
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, c).await {
+                warn!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    if let Some(fp) = &shared.fastpath {
+        tasks.spawn(poll_kernel_counters(shared.clone()));
+        if let Some(logger) = lock(fp).take_logger() {
+            tasks.spawn(forward_ebpf_logs(logger, cancel.clone()));
+        }
+    }
+
+    cancel.cancelled().await;
+    info!("shutting down: draining flows");
+    while tasks.join_next().await.is_some() {}
+    let shared = Arc::into_inner(shared).context("a task still holds the daemon state")?;
+    if let Some(fp) = shared.fastpath {
+        let fp = fp.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Ok(c) = fp.counters() {
+            metrics.set_kernel(&c);
+        }
+        fp.detach();
+        info!("eBPF programs detached");
+    }
+    info!(flows = metrics.flows_created.get(), "stopped");
+    Ok(())
+}
+
+fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Option<FastPath>> {
+    if config.ebpf == EbpfMode::Off {
+        warn!("fast path off (--no-ebpf): steering in user space (connected children)");
+        return Ok(None);
+    }
+    let opts = FastPathOptions {
+        max_flows: u32::try_from(max_flows).unwrap_or(u32::MAX).max(1),
+        rate_pps: config.new_source_pps,
+        burst: config.new_source_burst,
+    };
+    let attempt = (|| {
+        let mut fp = FastPath::load(&opts)?;
+        fp.attach_steer()?;
+        let guard = match &config.iface {
+            Some(iface) => Some((iface.clone(), fp.attach_guard(iface)?)),
+            None => None,
+        };
+        Ok::<_, crate::fastpath::FastPathError>((fp, guard))
+    })();
+    match attempt {
+        Ok((fp, guard)) => {
+            match guard {
+                Some((iface, mode)) => info!(
+                    iface,
+                    xdp_mode = ?mode,
+                    "fast path on: steer attached to this network namespace, guard on {iface}"
+                ),
+                None => info!("fast path on: steer attached; no --iface, so no guard (XDP)"),
+            }
+            Ok(Some(fp))
+        }
+        Err(e) => {
+            let reason = e.unavailable_reason();
+            if config.ebpf == EbpfMode::Require {
+                if let Some(log) = e.verifier_log() {
+                    tracing::error!("verifier log:\n{log}");
+                }
+                anyhow::bail!("--require-ebpf: the fast path is unavailable: {reason}");
+            }
+            warn!("fast path unavailable, steering in user space instead: {reason}");
+            if let Some(log) = e.verifier_log() {
+                warn!("verifier log:\n{log}");
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn lock(fp: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
+    // A panic elsewhere must not stop steering; the maps stay consistent per call.
+    fp.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn poll_kernel_counters(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.cancel.cancelled() => return,
+        }
+        if let Some(fp) = &shared.fastpath
+            && let Ok(c) = lock(fp).counters()
+        {
+            shared.metrics.set_kernel(&c);
+        }
+    }
+}
+
+/// Moves the programs' `aya-log` events into `tracing` (target `radius_ebpf`).
+async fn forward_ebpf_logs(logger: crate::fastpath::EbpfLogger, cancel: CancellationToken) {
+    // SAFETY: the logger owns its ring-buffer fd and lives inside the AsyncFd until it is
+    // deregistered on drop.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the eBPF log buffer; program log events are lost");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            g = fd.readable_mut() => match g {
+                Ok(g) => g,
+                Err(_) => return,
+            },
+            () = cancel.cancelled() => return,
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// A flow as its worker sees it.
+struct FlowEntry {
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// Reads one wildcard: creates flows and injects packets into them.
+async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index: usize) {
+    let mut flows: HashMap<FlowKey, FlowEntry> = HashMap::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<FlowKey>();
+    let mut tasks = JoinSet::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            r = socket.async_io(Interest::READABLE, || {
+                socket::recv_from_to(&socket, &mut buf, bound)
+            }) => {
+                match r {
+                    Ok(rx) => {
+                        let data = Bytes::copy_from_slice(&buf[..rx.len]);
+                        on_wildcard_packet(&shared, &mut flows, &ended_tx, &mut tasks, bound, rx, data);
+                    }
+                    Err(e) => debug!(worker = index, error = %e, "wildcard receive failed"),
+                }
+            }
+            Some(key) = ended_rx.recv() => {
+                // Unregister first so later packets reach the wildcard and start a new flow;
+                // dropping the sender lets the task drain and close its child.
+                if let Some(fp) = &shared.fastpath {
+                    lock(fp).unregister_child(&key);
+                }
+                flows.remove(&key);
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = shared.cancel.cancelled() => break,
+        }
+    }
+    drop(flows);
+    while tasks.join_next().await.is_some() {}
+}
+
+fn on_wildcard_packet(
+    shared: &Arc<Shared>,
+    flows: &mut HashMap<FlowKey, FlowEntry>,
+    ended_tx: &mpsc::UnboundedSender<FlowKey>,
+    tasks: &mut JoinSet<()>,
+    bound: SocketAddr,
+    rx: socket::Received,
+    data: Bytes,
+) {
+    let key = socket::flow_key(rx.remote, rx.local);
+    if let Some(flow) = flows.get(&key) {
+        inject(shared, &flow.tx, data);
+        return;
+    }
+    if shared.active.load(Ordering::Relaxed) >= shared.max_flows {
+        shared.metrics.refuse(Refusal::MaxFlows);
+        debug!(remote = %rx.remote, "max_flows reached: packet of a new flow dropped");
+        return;
+    }
+    let child = match socket::bind_child(shared.path, bound, rx.local, rx.remote) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.refuse(Refusal::ChildSocket);
+            warn!(remote = %rx.remote, local = %rx.local, error = %e, "no child socket for a new flow");
+            return;
+        }
+    };
+    if let Some(fp) = &shared.fastpath {
+        use std::os::fd::AsRawFd;
+        if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
+            shared.metrics.refuse(Refusal::Register);
+            warn!(remote = %rx.remote, error = %e, "steer cannot take a new flow");
+            return;
+        }
+    }
+    let child = match child
+        .set_nonblocking(true)
+        .and_then(|()| UdpSocket::from_std(child))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(fp) = &shared.fastpath {
+                lock(fp).unregister_child(&key);
+            }
+            shared.metrics.refuse(Refusal::ChildSocket);
+            warn!(remote = %rx.remote, error = %e, "child socket not usable");
+            return;
+        }
+    };
+    let (tx, rx_chan) = mpsc::channel(shared.flow_queue);
+    shared.active.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.flows_created.inc();
+    shared.metrics.flows_active.inc();
+    info!(remote = %rx.remote, local = %rx.local, path = shared.path.as_str(), "flow created");
+    inject(shared, &tx, data);
+    flows.insert(key, FlowEntry { tx });
+    tasks.spawn(flow_task(
+        shared.clone(),
+        key,
+        rx.remote,
+        child,
+        rx_chan,
+        ended_tx.clone(),
+    ));
+}
+
+fn inject(shared: &Shared, tx: &mpsc::Sender<Bytes>, data: Bytes) {
+    match tx.try_send(data) {
+        Ok(()) => {}
+        Err(_) => shared.metrics.refuse(Refusal::QueueFull),
+    }
+}
+
+/// One flow: reads its child and its injection channel. Ends when idle (after its worker
+/// has forgotten it, so no injected packet is lost) or at shutdown.
+async fn flow_task(
+    shared: Arc<Shared>,
+    key: FlowKey,
+    remote: SocketAddr,
+    child: UdpSocket,
+    mut injected: mpsc::Receiver<Bytes>,
+    ended: mpsc::UnboundedSender<FlowKey>,
+) {
+    let mut buf = vec![0u8; 4096];
+    let (mut from_child, mut from_wildcard) = (0u64, 0u64);
+    let mut deadline = Instant::now() + shared.idle_timeout;
+    let mut ending = false;
+    loop {
+        tokio::select! {
+            r = child.recv_from(&mut buf) => {
+                if r.is_ok() {
+                    from_child += 1;
+                    shared.metrics.packet(Via::Child);
+                    deadline = Instant::now() + shared.idle_timeout;
+                }
+            }
+            m = injected.recv() => match m {
+                Some(_packet) => {
+                    from_wildcard += 1;
+                    shared.metrics.packet(Via::Wildcard);
+                    deadline = Instant::now() + shared.idle_timeout;
+                }
+                // The worker forgot us: nothing more will be injected.
+                None => break,
+            },
+            () = sleep_until(deadline), if !ending => {
+                ending = true;
+                if ended.send(key).is_err() {
+                    break;
+                }
+            }
+            () = shared.cancel.cancelled() => break,
+        }
+    }
+    // What reached the child before it closes still counts.
+    while child.try_recv_from(&mut buf).is_ok() {
+        from_child += 1;
+        shared.metrics.packet(Via::Child);
+    }
+    shared.active.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.flows_ended.inc();
+    shared.metrics.flows_active.dec();
+    debug!(%remote, from_child, from_wildcard, "flow ended");
+}

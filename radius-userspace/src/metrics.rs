@@ -1,0 +1,191 @@
+//! Prometheus metrics: counters built once and kept in [`Metrics`], labels from closed enums,
+//! and a minimal scrape endpoint (`GET /metrics`).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use radius_common::Counter as KernelCounter;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How a packet reached its flow's task.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Via {
+    /// Read from the flow's child socket.
+    Child,
+    /// Read by a wildcard and injected (the flow's first packets, or the set-up window).
+    Wildcard,
+}
+
+/// Why a packet or a new flow was not taken.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Refusal {
+    /// `max_flows` (bounded by the open-file limit) reached.
+    MaxFlows,
+    /// The child socket could not be created.
+    ChildSocket,
+    /// The fast path could not register the child.
+    Register,
+    /// The flow's queue was full.
+    QueueFull,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViaLabel {
+    pub via: Via,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub reason: Refusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelLabel {
+    pub event: &'static str,
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    pub packets: Family<ViaLabel, Counter>,
+    pub flows_created: Counter,
+    pub flows_ended: Counter,
+    pub flows_active: Gauge,
+    pub refused: Family<RefusalLabel, Counter>,
+    pub kernel: Family<KernelLabel, Counter>,
+    pub open_files_limit: Gauge,
+    pub max_flows: Gauge,
+    pub fast_path: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("radius");
+        let packets = Family::<ViaLabel, Counter>::default();
+        registry.register(
+            "packets",
+            "Packets handed to flow tasks, by how they arrived",
+            packets.clone(),
+        );
+        let flows_created = Counter::default();
+        registry.register("flows_created", "Flows created", flows_created.clone());
+        let flows_ended = Counter::default();
+        registry.register(
+            "flows_ended",
+            "Flows ended (idle or shutdown)",
+            flows_ended.clone(),
+        );
+        let flows_active = Gauge::default();
+        registry.register("flows_active", "Flows alive now", flows_active.clone());
+        let refused = Family::<RefusalLabel, Counter>::default();
+        registry.register("refused", "Packets not taken, by reason", refused.clone());
+        let kernel = Family::<KernelLabel, Counter>::default();
+        registry.register(
+            "fastpath_events",
+            "Verdicts of the eBPF programs (steer, guard), by event",
+            kernel.clone(),
+        );
+        let open_files_limit = Gauge::default();
+        registry.register(
+            "open_files_limit",
+            "RLIMIT_NOFILE in force (one socket per flow)",
+            open_files_limit.clone(),
+        );
+        let max_flows = Gauge::default();
+        registry.register(
+            "max_flows",
+            "Most flows this process takes",
+            max_flows.clone(),
+        );
+        let fast_path = Gauge::default();
+        registry.register(
+            "fast_path",
+            "1 when the eBPF fast path steers packets, 0 on the user-space path",
+            fast_path.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            packets,
+            flows_created,
+            flows_ended,
+            flows_active,
+            refused,
+            kernel,
+            open_files_limit,
+            max_flows,
+            fast_path,
+        })
+    }
+
+    pub fn packet(&self, via: Via) {
+        self.packets.get_or_create(&ViaLabel { via }).inc();
+    }
+
+    pub fn refuse(&self, reason: Refusal) {
+        self.refused.get_or_create(&RefusalLabel { reason }).inc();
+    }
+
+    /// Copies the kernel's counters (already monotonic) into the registry.
+    pub fn set_kernel(&self, counters: &crate::fastpath::Counters) {
+        for c in KernelCounter::ALL {
+            let m = self.kernel.get_or_create(&KernelLabel { event: c.name() });
+            m.inner()
+                .store(counters.get(c), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` until cancelled. Anything else gets 404.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    loop {
+        let (mut conn, _) = tokio::select! {
+            r = listener.accept() => r?,
+            () = cancel.cancelled() => return Ok(()),
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut req))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let ok = req[..n].starts_with(b"GET /metrics");
+            let (status, body) = if ok {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", String::from("not found\n"))
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}

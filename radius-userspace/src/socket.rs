@@ -1,0 +1,370 @@
+//! The sockets of the data path: wildcards (one per worker, in one SO_REUSEPORT group) and
+//! per-flow children, for both steering paths.
+//!
+//! - Fast path: `steer` picks the socket, so a child is an unconnected UDP socket bound to the
+//!   exact address and port the NAS sent to (replies leave from it with `sendto`).
+//! - User-space path: a child joins the wildcards' group, then `connect()`s to the NAS; the
+//!   kernel then matches it before the group. Between `bind` and `connect` it sits in the
+//!   group, so a classic BPF reuseport filter on the group always picks a wildcard: no packet
+//!   of another NAS is stolen in that window.
+
+use std::{
+    io,
+    mem::{self, MaybeUninit},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
+    os::fd::AsRawFd,
+};
+
+use radius_common::{FlowKey, PROTO_UDP};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::fastpath::addr;
+
+/// Which mechanism hands packets of a known flow to its child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SteeringPath {
+    /// `steer` (SK_LOOKUP) through the `CHILDREN` sockhash.
+    Fast,
+    /// `connect()`ed children and a reuseport filter, no eBPF.
+    UserSpace,
+}
+
+impl SteeringPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SteeringPath::Fast => "fast",
+            SteeringPath::UserSpace => "user-space",
+        }
+    }
+}
+
+/// The 5-tuple of a UDP flow from the server's side.
+pub fn flow_key(remote: SocketAddr, local: SocketAddr) -> FlowKey {
+    FlowKey {
+        remote: addr(remote.ip()),
+        local: addr(local.ip()),
+        remote_port: remote.port(),
+        local_port: local.port(),
+        proto: PROTO_UDP,
+        _pad: [0; 3],
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Binds `workers` wildcard sockets to `addr`, in one reuseport group whose filter sends
+/// every packet the kernel's own lookup gives the group to a wildcard (never to a child in
+/// its bind-connect window). Each wildcard reports the destination address of its datagrams.
+pub fn bind_wildcards(
+    addr: SocketAddr,
+    workers: usize,
+    rcvbuf: usize,
+) -> io::Result<Vec<UdpSocket>> {
+    let workers = workers.max(1);
+    let mut out = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let s = udp_socket(addr)?;
+        // SO_RCVBUFFORCE passes rmem_max with CAP_NET_ADMIN; fall back to the capped size.
+        let force = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        if setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &force,
+        )
+        .is_err()
+        {
+            s.set_recv_buffer_size(rcvbuf)?;
+        }
+        set_pktinfo(&s, addr.is_ipv6())?;
+        s.bind(&SockAddr::from(addr))?;
+        out.push(UdpSocket::from(s));
+    }
+    // Wildcards are the first members of the group: indices 0..workers.
+    attach_wildcard_filter(&out[0], workers as u32)?;
+    Ok(out)
+}
+
+fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    setsockopt(s.as_raw_fd(), level, name, &one)
+}
+
+fn setsockopt<T>(fd: i32, level: i32, name: i32, v: &T) -> io::Result<()> {
+    // SAFETY: v points to a live T of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (v as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The classic BPF reuseport program: `return rxhash % workers` (0 with one worker).
+fn attach_wildcard_filter(sock: &UdpSocket, workers: u32) -> io::Result<()> {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const ALU_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K
+    const RET_A: u16 = 0x16; // BPF_RET | BPF_A
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SKF_AD_RXHASH: u32 = (-0x1000i32 + 32) as u32; // SKF_AD_OFF + SKF_AD_RXHASH
+    let ins = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog: Vec<libc::sock_filter> = if workers <= 1 {
+        vec![ins(RET_K, 0)]
+    } else {
+        vec![
+            ins(LD_W_ABS, SKF_AD_RXHASH),
+            ins(ALU_MOD_K, workers),
+            ins(RET_A, 0),
+        ]
+    };
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    setsockopt(
+        sock.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        &fprog,
+    )
+}
+
+/// Creates the child socket of a flow. `wildcard` is the address the wildcards are bound
+/// to, `local` the address the NAS sent to, `remote` the NAS.
+pub fn bind_child(
+    path: SteeringPath,
+    wildcard: SocketAddr,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> io::Result<UdpSocket> {
+    match path {
+        SteeringPath::Fast => {
+            let s = udp_socket(local)?;
+            s.bind(&SockAddr::from(local))?;
+            Ok(s.into())
+        }
+        SteeringPath::UserSpace => {
+            let s = udp_socket(wildcard)?;
+            s.bind(&SockAddr::from(wildcard))?;
+            s.connect(&SockAddr::from(remote))?;
+            let s = UdpSocket::from(s);
+            // Bound to an any-address, connect() picks the source by route; if that is not
+            // the address the NAS used, the child would never see the flow.
+            let got = s.local_addr()?;
+            if got.ip() != local.ip() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!(
+                        "connected child got local address {got}, the NAS sent to {local}: \
+                         bind the listener to {local} to serve it without eBPF"
+                    ),
+                ));
+            }
+            Ok(s)
+        }
+    }
+}
+
+/// One datagram and both its ends.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub len: usize,
+    pub remote: SocketAddr,
+    /// The address and port the NAS sent to.
+    pub local: SocketAddr,
+}
+
+/// `recvmsg` on a wildcard: the datagram, its source, and (from IP_PKTINFO /
+/// IPV6_PKTINFO) its destination. `bound` is the wildcard's own address, used for the port
+/// and when no control message came.
+pub fn recv_from_to(
+    sock: &impl AsRawFd,
+    buf: &mut [u8],
+    bound: SocketAddr,
+) -> io::Result<Received> {
+    let mut name = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16]; // 128 bytes, aligned for cmsghdr
+    // SAFETY: zeroed msghdr is valid; every pointer below outlives the call.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = name.as_mut_ptr().cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&cbuf);
+    // SAFETY: see above.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the name (zeroed beforehand).
+    let name = unsafe { name.assume_init() };
+    let remote =
+        sockaddr_to_std(&name).ok_or_else(|| io::Error::other("datagram without an IP source"))?;
+    let mut local_ip = bound.ip();
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local_ip = IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local_ip = IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr));
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let local = match local_ip {
+        IpAddr::V4(ip) => SocketAddr::V4(SocketAddrV4::new(ip, bound.port())),
+        IpAddr::V6(ip) => SocketAddr::V6(SocketAddrV6::new(ip, bound.port(), 0, 0)),
+    };
+    Ok(Received {
+        len: n as usize,
+        remote,
+        local,
+    })
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the limit in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_reports_where_a_datagram_was_sent() {
+        let bound: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let w = bind_wildcards(bound, 1, 1 << 16).unwrap();
+        let bound = w[0].local_addr().unwrap();
+        let nas = UdpSocket::bind("127.0.0.1:0").unwrap();
+        nas.send_to(b"hello", bound).unwrap();
+        w[0].set_nonblocking(false).unwrap();
+        let mut buf = [0u8; 64];
+        // recv_from_to uses MSG_DONTWAIT; wait for readability first.
+        let mut peek = [0u8; 1];
+        w[0].peek_from(&mut peek).unwrap();
+        let r = recv_from_to(&w[0], &mut buf, bound).unwrap();
+        assert_eq!(&buf[..r.len], b"hello");
+        assert_eq!(r.remote, nas.local_addr().unwrap());
+        assert_eq!(r.local, bound);
+    }
+
+    #[test]
+    fn a_connected_child_receives_its_flow_and_the_wildcard_the_rest() {
+        let w = bind_wildcards("127.0.0.1:0".parse().unwrap(), 2, 1 << 16).unwrap();
+        let bound = w[0].local_addr().unwrap();
+        let nas_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let nas_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let child = bind_child(
+            SteeringPath::UserSpace,
+            bound,
+            bound,
+            nas_a.local_addr().unwrap(),
+        )
+        .unwrap();
+        nas_a.send_to(b"a", bound).unwrap();
+        nas_b.send_to(b"b", bound).unwrap();
+        child.set_nonblocking(false).unwrap();
+        let mut buf = [0u8; 8];
+        let n = child.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"a");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let got: Vec<u8> = w
+            .iter()
+            .filter_map(|s| s.recv(&mut buf).ok().map(|_| buf[0]))
+            .collect();
+        assert_eq!(got, vec![b'b']);
+    }
+
+    #[test]
+    fn the_nofile_limit_is_raised_to_the_hard_limit() {
+        let got = raise_nofile_limit().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        assert_eq!(got, lim.rlim_max);
+        assert_eq!(lim.rlim_cur, lim.rlim_max);
+    }
+}
