@@ -212,9 +212,10 @@ fn try_guard(ctx: &XdpContext) -> u32 {
                 return pass;
             }
             // Fragments other than the first carry no UDP header; the first one does, but
-            // its payload is incomplete: leave both to the stack.
+            // its payload is incomplete: leave both to the stack (which reassembles).
             let frag = u16::from_be_bytes([ip[6], ip[7]]);
             if frag & 0x3fff != 0 {
+                count(Counter::GuardPassUnparsed);
                 return pass;
             }
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
@@ -233,7 +234,11 @@ fn try_guard(ctx: &XdpContext) -> u32 {
             let ip = unsafe { &*ip };
             let next_header = ip[1].to_ne_bytes()[2];
             if next_header != PROTO_UDP {
-                // Extension headers (or not UDP): passed, never dropped.
+                // Extension headers (hop-by-hop, routing, fragment, destination options)
+                // are passed, never dropped: walking them is not worth the risk.
+                if matches!(next_header, 0 | 43 | 44 | 60) {
+                    count(Counter::GuardPassUnparsed);
+                }
                 return pass;
             }
             (

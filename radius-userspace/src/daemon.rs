@@ -283,6 +283,15 @@ async fn forward_ebpf_logs(logger: crate::fastpath::EbpfLogger, cancel: Cancella
     }
 }
 
+/// The ways back from a flow task to its worker.
+#[derive(Clone)]
+struct FlowSenders {
+    /// "I have been idle": the worker forgets the flow, then drops its sender.
+    ended: mpsc::UnboundedSender<FlowKey>,
+    /// A datagram the child got from another peer, to be handled as a wildcard's.
+    foreign: mpsc::UnboundedSender<(socket::Received, Bytes)>,
+}
+
 /// A flow as its worker sees it.
 struct FlowEntry {
     tx: mpsc::Sender<Bytes>,
@@ -292,6 +301,11 @@ struct FlowEntry {
 async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index: usize) {
     let mut flows: HashMap<FlowKey, FlowEntry> = HashMap::new();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<FlowKey>();
+    let (foreign_tx, mut foreign_rx) = mpsc::unbounded_channel::<(socket::Received, Bytes)>();
+    let senders = FlowSenders {
+        ended: ended_tx,
+        foreign: foreign_tx,
+    };
     let mut tasks = JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -302,7 +316,7 @@ async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index
                 match r {
                     Ok(rx) => {
                         let data = Bytes::copy_from_slice(&buf[..rx.len]);
-                        on_wildcard_packet(&shared, &mut flows, &ended_tx, &mut tasks, bound, rx, data);
+                        on_wildcard_packet(&shared, &mut flows, &senders, &mut tasks, bound, rx, data);
                     }
                     Err(e) => debug!(worker = index, error = %e, "wildcard receive failed"),
                 }
@@ -315,6 +329,11 @@ async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index
                 }
                 flows.remove(&key);
             }
+            Some((rx, data)) = foreign_rx.recv() => {
+                // A child's datagram from another peer (see socket::is_own_datagram).
+                shared.metrics.misdelivered.inc();
+                on_wildcard_packet(&shared, &mut flows, &senders, &mut tasks, bound, rx, data);
+            }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             () = shared.cancel.cancelled() => break,
         }
@@ -326,7 +345,7 @@ async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index
 fn on_wildcard_packet(
     shared: &Arc<Shared>,
     flows: &mut HashMap<FlowKey, FlowEntry>,
-    ended_tx: &mpsc::UnboundedSender<FlowKey>,
+    senders: &FlowSenders,
     tasks: &mut JoinSet<()>,
     bound: SocketAddr,
     rx: socket::Received,
@@ -383,9 +402,10 @@ fn on_wildcard_packet(
         shared.clone(),
         key,
         rx.remote,
+        rx.local,
         child,
         rx_chan,
-        ended_tx.clone(),
+        senders.clone(),
     ));
 }
 
@@ -402,9 +422,10 @@ async fn flow_task(
     shared: Arc<Shared>,
     key: FlowKey,
     remote: SocketAddr,
+    local: SocketAddr,
     child: UdpSocket,
     mut injected: mpsc::Receiver<Bytes>,
-    ended: mpsc::UnboundedSender<FlowKey>,
+    back: FlowSenders,
 ) {
     let mut buf = vec![0u8; 4096];
     let (mut from_child, mut from_wildcard) = (0u64, 0u64);
@@ -412,13 +433,18 @@ async fn flow_task(
     let mut ending = false;
     loop {
         tokio::select! {
-            r = child.recv_from(&mut buf) => {
-                if r.is_ok() {
+            r = child.recv_from(&mut buf) => match r {
+                Ok((n, from)) if !socket::is_own_datagram(remote, from) => {
+                    let rx = socket::Received { len: n, remote: from, local };
+                    let _ = back.foreign.send((rx, Bytes::copy_from_slice(&buf[..n])));
+                }
+                Ok(_) => {
                     from_child += 1;
                     shared.metrics.packet(Via::Child);
                     deadline = Instant::now() + shared.idle_timeout;
                 }
-            }
+                Err(_) => {}
+            },
             m = injected.recv() => match m {
                 Some(_packet) => {
                     from_wildcard += 1;
@@ -430,7 +456,7 @@ async fn flow_task(
             },
             () = sleep_until(deadline), if !ending => {
                 ending = true;
-                if ended.send(key).is_err() {
+                if back.ended.send(key).is_err() {
                     break;
                 }
             }
@@ -438,9 +464,18 @@ async fn flow_task(
         }
     }
     // What reached the child before it closes still counts.
-    while child.try_recv_from(&mut buf).is_ok() {
-        from_child += 1;
-        shared.metrics.packet(Via::Child);
+    while let Ok((n, from)) = child.try_recv_from(&mut buf) {
+        if socket::is_own_datagram(remote, from) {
+            from_child += 1;
+            shared.metrics.packet(Via::Child);
+        } else {
+            let rx = socket::Received {
+                len: n,
+                remote: from,
+                local,
+            };
+            let _ = back.foreign.send((rx, Bytes::copy_from_slice(&buf[..n])));
+        }
     }
     shared.active.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.flows_ended.inc();

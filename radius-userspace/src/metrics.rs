@@ -61,6 +61,7 @@ pub struct Metrics {
     pub flows_active: Gauge,
     pub refused: Family<RefusalLabel, Counter>,
     pub kernel: Family<KernelLabel, Counter>,
+    pub misdelivered: Counter,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -93,6 +94,12 @@ impl Metrics {
             "Verdicts of the eBPF programs (steer, guard), by event",
             kernel.clone(),
         );
+        let misdelivered = Counter::default();
+        registry.register(
+            "misdelivered",
+            "Datagrams a connecting child got from another peer, handed back to the listener",
+            misdelivered.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -119,6 +126,7 @@ impl Metrics {
             flows_active,
             refused,
             kernel,
+            misdelivered,
             open_files_limit,
             max_flows,
             fast_path,

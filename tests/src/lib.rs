@@ -1,0 +1,394 @@
+//! Test hosts for radius-sidecar's end-to-end tests: network namespaces joined by veth,
+//! code run inside a namespace, the daemon binary, and a few socket helpers.
+//!
+//! Every namespace and veth is created by the test and deleted by a guard's `Drop`. Traffic
+//! only flows between these namespaces (documentation prefixes 192.0.2.0/24,
+//! 198.51.100.0/24, 2001:db8::/32) or on their own loopback.
+//!
+//! Privileged tests call [`require_root`]: without root they fail with the reason, unless
+//! `RADIUS_SKIP_PRIVILEGED=1` is set, which a developer may do on a laptop (and which CI never
+//! sets).
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Panics (fails the test) when not root, or returns false when the developer asked to skip.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("RADIUS_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: needs root (RADIUS_SKIP_PRIVILEGED=1 is set)");
+        return false;
+    }
+    panic!(
+        "{test} needs root (network namespaces, eBPF). Run it as root (`cargo xtask test` in \
+         CI), or set RADIUS_SKIP_PRIVILEGED=1 to skip privileged tests on a laptop."
+    );
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("rs{}-{}-{tag}", std::process::id(), n);
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// Runs `f` on a thread that lives in this namespace. Sockets created there keep the
+    /// namespace; eBPF programs attached there attach to it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// A command that runs in this namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let mut v = vec!["ip", "-n", self.name.as_str()];
+        v.extend_from_slice(args);
+        sh(&v);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A sidecar host and two NAS hosts, each NAS on its own veth link.
+///
+/// | link | sidecar side | NAS side |
+/// | --- | --- | --- |
+/// | `sc1` / `nas` (nas1) | 192.0.2.1, 2001:db8:1::1 | 192.0.2.2, 2001:db8:1::2 |
+/// | `sc2` / `nas` (nas2) | 198.51.100.1, 2001:db8:2::1 | 198.51.100.2, 2001:db8:2::2 |
+pub struct Topology {
+    pub sidecar: NetNs,
+    pub nas1: NetNs,
+    pub nas2: NetNs,
+}
+
+pub const SIDECAR1_V4: &str = "192.0.2.1";
+pub const NAS1_V4: &str = "192.0.2.2";
+pub const SIDECAR2_V4: &str = "198.51.100.1";
+pub const NAS2_V4: &str = "198.51.100.2";
+pub const SIDECAR1_V6: &str = "2001:db8:1::1";
+pub const NAS1_V6: &str = "2001:db8:1::2";
+pub const SIDECAR2_V6: &str = "2001:db8:2::1";
+pub const NAS2_V6: &str = "2001:db8:2::2";
+
+impl Topology {
+    pub fn new() -> Self {
+        let sidecar = NetNs::new("sc");
+        let nas1 = NetNs::new("n1");
+        let nas2 = NetNs::new("n2");
+        for (nas, sc_if, sc4, nas4, sc6, nas6) in [
+            (&nas1, "sc1", SIDECAR1_V4, NAS1_V4, SIDECAR1_V6, NAS1_V6),
+            (&nas2, "sc2", SIDECAR2_V4, NAS2_V4, SIDECAR2_V6, NAS2_V6),
+        ] {
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                sc_if,
+                "netns",
+                &sidecar.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "nas",
+                "netns",
+                &nas.name,
+            ]);
+            sidecar.ip(&["addr", "add", &format!("{sc4}/24"), "dev", sc_if]);
+            sidecar.ip(&["addr", "add", &format!("{sc6}/64"), "dev", sc_if, "nodad"]);
+            sidecar.ip(&["link", "set", sc_if, "up"]);
+            nas.ip(&["addr", "add", &format!("{nas4}/24"), "dev", "nas"]);
+            nas.ip(&["addr", "add", &format!("{nas6}/64"), "dev", "nas", "nodad"]);
+            nas.ip(&["link", "set", "nas", "up"]);
+            nas.ip(&["route", "add", "default", "via", sc4]);
+            nas.ip(&["-6", "route", "add", "default", "via", sc6]);
+        }
+        let t = Self {
+            sidecar,
+            nas1,
+            nas2,
+        };
+        // Links come up asynchronously; wait until NAS1 reaches the sidecar.
+        t.nas1.run(|| wait_link(NAS1_V4, SIDECAR1_V4));
+        t.nas2.run(|| wait_link(NAS2_V4, SIDECAR2_V4));
+        t
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn wait_link(from: &str, to: &str) {
+    let s = UdpSocket::bind((from, 0)).expect("bind probe");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // A UDP send to a port nobody listens on fails only once the neighbour resolves;
+    // send until the link carries it (ICMP port unreachable comes back as an error).
+    s.connect((to, 9)).expect("connect probe");
+    s.set_read_timeout(Some(Duration::from_millis(50))).ok();
+    while Instant::now() < deadline {
+        let _ = s.send(b"x");
+        let mut b = [0u8; 1];
+        if let Err(e) = s.recv(&mut b)
+            && e.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return;
+        }
+    }
+    panic!("link {from} -> {to} did not come up");
+}
+
+/// A NAS socket bound in the current namespace (call inside [`NetNs::run`]).
+pub fn nas_socket(ip: &str) -> UdpSocket {
+    let s = UdpSocket::bind((ip.parse::<IpAddr>().expect("ip"), 0)).expect("bind NAS socket");
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    s
+}
+
+/// A well-formed RADIUS-shaped datagram of `len` bytes (>= 20) whose payload says who sent
+/// it: code 1, Identifier `seq`, length field `len`, then `tag` and `seq` in the
+/// authenticator.
+pub fn packet(tag: u32, seq: u32, len: usize) -> Vec<u8> {
+    assert!((20..=4096).contains(&len));
+    let mut p = vec![0u8; len];
+    p[0] = 1;
+    p[1] = seq as u8;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[4..8].copy_from_slice(&tag.to_be_bytes());
+    p[8..12].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in p.iter_mut().enumerate().skip(20) {
+        *b = (i as u32 ^ tag ^ seq) as u8;
+    }
+    p
+}
+
+/// `(tag, seq)` of a datagram made by [`packet`].
+pub fn tag_of(p: &[u8]) -> (u32, u32) {
+    let t = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+    let s = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
+    (t, s)
+}
+
+/// Everything that is queued on `sockets` until `quiet` passes with nothing new: (index of
+/// the socket, source, bytes).
+pub fn drain(sockets: &[&UdpSocket], quiet: Duration) -> Vec<(usize, SocketAddr, Vec<u8>)> {
+    for s in sockets {
+        s.set_nonblocking(true).expect("nonblocking");
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut last = Instant::now();
+    let hard_stop = Instant::now() + Duration::from_secs(30);
+    while last.elapsed() < quiet && Instant::now() < hard_stop {
+        let mut got = false;
+        for (i, s) in sockets.iter().enumerate() {
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                out.push((i, from, buf[..n].to_vec()));
+                got = true;
+            }
+        }
+        if got {
+            last = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    out
+}
+
+/// The daemon binary next to the test executables (built by `cargo xtask test`, or by
+/// `cargo build` of radius-userspace in the same profile).
+pub fn sidecar_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("RADIUS_SIDECAR_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/radius-sidecar
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("radius-sidecar"))
+        .expect("target dir");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A running daemon whose stderr is collected; killed on drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `radius-sidecar` in `ns` with `args`, as `user` (None: root).
+    pub fn start(ns: &NetNs, user: Option<&str>, args: &[&str]) -> Self {
+        let bin = sidecar_bin();
+        let mut cmd = match user {
+            None => ns.command(bin.to_str().expect("utf-8 path")),
+            Some(u) => {
+                let mut c = ns.command("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    &format!("--regid={u}"),
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    bin.to_str().expect("utf-8 path"),
+                ]);
+                c
+            }
+        };
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn radius-sidecar");
+        let mut err = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let s = String::from_utf8_lossy(&buf[..n]).to_string();
+                eprint!("[sidecar] {s}");
+                sink.lock().expect("log").push_str(&s);
+            }
+        });
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Waits until the log contains `needle` (or the daemon exits, or `timeout`).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return self.log().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit status.
+    pub fn stop(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // `ip netns exec` execs the program, so the pid is the daemon's.
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /metrics` from inside `ns`; returns the value of one sample line
+/// (e.g. `radius_flows_created_total`), 0 when absent.
+pub fn metric(ns: &NetNs, addr: &str, sample: &str) -> u64 {
+    let (addr, sample) = (addr.to_owned(), sample.to_owned());
+    ns.run(move || {
+        let Ok(mut c) = TcpStream::connect(&addr) else {
+            return 0;
+        };
+        let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut body = String::new();
+        let _ = c.read_to_string(&mut body);
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample.as_str())
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map_or(0, |v| v as u64)
+    })
+}
+
+/// Whether any loaded eBPF program has this name (the kernel truncates names to 15 bytes).
+pub fn program_loaded(name: &str) -> bool {
+    aya::programs::loaded_programs().any(|p| {
+        p.ok()
+            .and_then(|p| p.name_as_str().map(|n| n == name))
+            .unwrap_or(false)
+    })
+}
