@@ -229,7 +229,7 @@ fn setup_race(path: SteeringPath) {
                     let _ = s.send_to(&packet(1000 + i as u32, sent, 24), to);
                 }
                 sent += 1;
-                if sent % 64 == 0 {
+                if sent.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }

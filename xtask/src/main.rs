@@ -1,1 +1,280 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks. It drives tools (rustup, cargo, apt) and holds no
+//! product logic.
+//!
+//! - `setup`: nightly `rust-src` and the pinned `bpf-linker` (each skipped when present);
+//!   with `--test-deps`, the Debian packages the tests use.
+//! - `build`: the eBPF object (through radius-userspace's build.rs), then the daemon.
+//! - `run`: setup + build, then the daemon with the given flags.
+//! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build.
+//! - `bench steer`: the steering benchmark; its table goes into BENCHMARKS.md.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker that works with the nightly's LLVM here (see shared ebpf-toolchain notes).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Debian packages the tests need (ip, setpriv).
+const TEST_PACKAGES: &[&str] = &["iproute2", "util-linux"];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building needs (idempotent).
+    Setup {
+        /// Also install the Debian packages the tests use (needs root).
+        #[arg(long)]
+        test_deps: bool,
+    },
+    /// Build the eBPF object and the daemon (release).
+    Build,
+    /// Build and run the daemon; flags after `--` go to radius-sidecar.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, lint and run every test from one release build.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after its `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark: `steer`.
+    Bench {
+        which: String,
+        /// Flow counts to measure (steer).
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,15000")]
+        flows: Vec<usize>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    // SAFETY: no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn setup(test_deps: bool) -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]));
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    if test_deps {
+        let missing: Vec<&str> = TEST_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| {
+                !Command::new("dpkg")
+                    .args(["-s", p])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect();
+        if !missing.is_empty() {
+            if !is_root() {
+                bail!("the tests need {missing:?}: install them as root (apt-get install)");
+            }
+            run(Command::new("apt-get").arg("update"))?;
+            run(Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line that sums every
+/// test binary's result (`N passed, N failed`), so a run is judged on all of them.
+fn test_with_summary(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |word: &str| {
+                    rest.split(';')
+                        .find_map(|p| {
+                            p.trim()
+                                .strip_suffix(word)?
+                                .split_whitespace()
+                                .last()?
+                                .parse::<u64>()
+                                .ok()
+                        })
+                        .unwrap_or(0)
+                };
+                passed += num("passed");
+                failed += num("failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    // --workspace everywhere: one feature resolution, so the eBPF object is built once.
+    run(cargo().args([
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "radius-ebpf",
+        "--bins",
+    ]))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup { test_deps } => setup(test_deps),
+        Cmd::Build => {
+            setup(false)?;
+            build()
+        }
+        Cmd::Run { args } => {
+            setup(false)?;
+            build()?;
+            if !is_root() {
+                eprintln!(
+                    "xtask: not root: the daemon will say why the eBPF fast path is off and \
+                     steer in user space (run as root, or grant CAP_BPF + CAP_NET_ADMIN)"
+                );
+            }
+            let bin = root().join("target/release/radius-sidecar");
+            run(Command::new(bin).args(args))
+        }
+        Cmd::Test { no_lint, args } => {
+            setup(true)?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args([
+                    "clippy",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "radius-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            build()?;
+            let bin = root().join("target/release/radius-sidecar");
+            // One thread: privileged tests look at the kernel's global list of programs.
+            test_with_summary(
+                cargo()
+                    .args([
+                        "test",
+                        "--release",
+                        "--workspace",
+                        "--exclude",
+                        "radius-ebpf",
+                        "--",
+                    ])
+                    .arg("--test-threads=1")
+                    .args(args)
+                    .env("RADIUS_SIDECAR_BIN", bin),
+            )
+        }
+        Cmd::Bench { which, flows } => match which.as_str() {
+            "steer" => {
+                setup(false)?;
+                build()?;
+                let flows: Vec<String> = flows.iter().map(|f| f.to_string()).collect();
+                run(Command::new(root().join("target/release/steer-bench"))
+                    .arg("--flows")
+                    .arg(flows.join(","))
+                    .arg("--write")
+                    .arg(root().join("BENCHMARKS.md")))
+            }
+            other => bail!("unknown benchmark `{other}` (known: steer)"),
+        },
+    }
+}
