@@ -131,7 +131,8 @@ pub enum Counter {
     GuardPassFlow = 4,
     /// guard: passed, new source within its rate.
     GuardPassNew = 5,
-    /// guard: passed without a look (IPv6 extension headers, fragments).
+    /// guard: passed without a look, IPv6 with extension headers (walking them is not worth
+    /// the risk; MLD reports land here too).
     GuardPassUnparsed = 6,
     /// guard: UDP payload shorter than a RADIUS header.
     DropRunt = 7,
@@ -145,10 +146,12 @@ pub enum Counter {
     DropRateLimited = 11,
     /// guard: UDP length field larger than what arrived.
     DropTruncated = 12,
+    /// guard: passed without a look, an IPv4 fragment (the stack reassembles it).
+    GuardPassFragment = 13,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SteerChild,
         Counter::SteerListener,
@@ -163,6 +166,7 @@ impl Counter {
         Counter::DropNegative,
         Counter::DropRateLimited,
         Counter::DropTruncated,
+        Counter::GuardPassFragment,
     ];
 
     /// A stable name for metrics and logs.
@@ -181,6 +185,7 @@ impl Counter {
             Counter::DropNegative => "drop_negative",
             Counter::DropRateLimited => "drop_rate_limited",
             Counter::DropTruncated => "drop_truncated",
+            Counter::GuardPassFragment => "guard_pass_fragment",
         }
     }
 }

@@ -215,7 +215,7 @@ fn try_guard(ctx: &XdpContext) -> u32 {
             // its payload is incomplete: leave both to the stack (which reassembles).
             let frag = u16::from_be_bytes([ip[6], ip[7]]);
             if frag & 0x3fff != 0 {
-                count(Counter::GuardPassUnparsed);
+                count(Counter::GuardPassFragment);
                 return pass;
             }
             let ihl = ((ip[0] & 0x0f) as usize) * 4;

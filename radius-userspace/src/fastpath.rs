@@ -74,6 +74,11 @@ pub enum FastPathError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "a second listener for port {port} of the same family: steer serves one address per \
+         (family, port); listen on the any-address instead"
+    )]
+    DuplicateService { port: u16 },
     #[error("map `{map}` is full ({capacity} entries)")]
     Full { map: &'static str, capacity: u32 },
     #[error("reading the CPU count failed: {source}")]
@@ -336,6 +341,9 @@ impl FastPath {
                 radius_common::AF_INET6
             },
         };
+        if self.services.get(&key, 0).is_ok() {
+            return Err(FastPathError::DuplicateService { port: key.port });
+        }
         let first = self.next_listener_slot;
         for (i, s) in wildcards.iter().enumerate() {
             self.listeners

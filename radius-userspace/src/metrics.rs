@@ -56,6 +56,9 @@ pub struct KernelLabel {
 pub struct Metrics {
     registry: Registry,
     pub packets: Family<ViaLabel, Counter>,
+    /// Handles into `packets`, taken once: the per-packet path touches no lock.
+    packets_child: Counter,
+    packets_wildcard: Counter,
     pub flows_created: Counter,
     pub flows_ended: Counter,
     pub flows_active: Gauge,
@@ -118,9 +121,15 @@ impl Metrics {
             "1 when the eBPF fast path steers packets, 0 on the user-space path",
             fast_path.clone(),
         );
+        let packets_child = packets.get_or_create(&ViaLabel { via: Via::Child }).clone();
+        let packets_wildcard = packets
+            .get_or_create(&ViaLabel { via: Via::Wildcard })
+            .clone();
         Arc::new(Self {
             registry,
             packets,
+            packets_child,
+            packets_wildcard,
             flows_created,
             flows_ended,
             flows_active,
@@ -134,7 +143,10 @@ impl Metrics {
     }
 
     pub fn packet(&self, via: Via) {
-        self.packets.get_or_create(&ViaLabel { via }).inc();
+        match via {
+            Via::Child => self.packets_child.inc(),
+            Via::Wildcard => self.packets_wildcard.inc(),
+        };
     }
 
     pub fn refuse(&self, reason: Refusal) {

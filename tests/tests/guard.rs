@@ -108,7 +108,7 @@ fn junk_is_dropped_and_counted_by_reason_and_valid_traffic_passes_byte_for_byte(
     // The 4096-byte packet crosses the 1500-byte link in 3 fragments, which guard leaves to
     // the stack to reassemble.
     assert_eq!(c.get(Counter::GuardPassNew), valid.len() as u64 - 1);
-    assert_eq!(c.get(Counter::GuardPassUnparsed), 3);
+    assert_eq!(c.get(Counter::GuardPassFragment), 3);
 }
 
 #[test]
