@@ -272,8 +272,8 @@ fn try_guard(ctx: &XdpContext) -> u32 {
         return pass; // not ours: no look at all
     }
 
+    // No log event per drop: a flood would fill the ring buffer; the counters tell.
     if BLOCKED.get(Key::new(128, src)).is_some() {
-        debug!(ctx, "guard: blocked source");
         count(Counter::DropBlocked);
         return drop;
     }

@@ -395,7 +395,7 @@ fn on_wildcard_packet(
     shared.active.fetch_add(1, Ordering::Relaxed);
     shared.metrics.flows_created.inc();
     shared.metrics.flows_active.inc();
-    info!(remote = %rx.remote, local = %rx.local, path = shared.path.as_str(), "flow created");
+    debug!(remote = %rx.remote, local = %rx.local, path = shared.path.as_str(), "flow created");
     inject(shared, &tx, data);
     flows.insert(key, FlowEntry { tx });
     tasks.spawn(flow_task(

@@ -257,18 +257,18 @@ pub fn sidecar_bin() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/radius-sidecar
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
+    // Tests live in target/<profile>/deps, binaries in target/<profile>.
+    exe.ancestors()
+        .skip(1)
+        .take(2)
         .map(|d| d.join("radius-sidecar"))
-        .expect("target dir");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo xtask test` does)",
-        p.display()
-    );
-    p
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "radius-sidecar is missing near {}: build it first (`cargo xtask test` does)",
+                exe.display()
+            )
+        })
 }
 
 /// A running daemon whose stderr is collected; killed on drop if still running.

@@ -227,7 +227,10 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let bin = root().join("target/release/radius-sidecar");
-            run(Command::new(bin).args(args))
+            // Become the daemon: SIGINT/SIGTERM reach it directly, and it exits cleanly.
+            use std::os::unix::process::CommandExt as _;
+            let err = Command::new(&bin).args(args).exec();
+            Err(err).with_context(|| format!("starting {}", bin.display()))
         }
         Cmd::Test { no_lint, args } => {
             setup(true)?;
