@@ -211,14 +211,7 @@ fn send(n: usize, received: &AtomicU64, window: u64) -> (u64, f64) {
     assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
     let cpu0 = cpu_ns(libc::RUSAGE_THREAD);
     let start = Instant::now();
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    let dst = loopback();
     const BATCH: usize = 64;
     let mut bufs = vec![[0u8; 28 + PAYLOAD]; BATCH];
     let mut sent = 0u64;
@@ -237,25 +230,7 @@ fn send(n: usize, received: &AtomicU64, window: u64) -> (u64, f64) {
                 flow = (flow + 1) % n;
             }
         }
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                // SAFETY: zeroed mmsghdr is valid.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_name = &dst as *const _ as *mut _;
-                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let (_iov, mut msgs) = mmsg(&mut bufs, Some(&dst));
         // SAFETY: msgs point at live buffers.
         let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
         if r > 0 {
@@ -266,6 +241,47 @@ fn send(n: usize, received: &AtomicU64, window: u64) -> (u64, f64) {
     // SAFETY: our fd.
     unsafe { libc::close(fd) };
     (sent, ns)
+}
+
+/// The raw socket's destination: 127.0.0.1.
+fn loopback() -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Headers for sendmmsg/recvmmsg over `bufs` (the iovecs must outlive the headers).
+fn mmsg<const N: usize>(
+    bufs: &mut [[u8; N]],
+    name: Option<&libc::sockaddr_in>,
+) -> (Vec<libc::iovec>, Vec<libc::mmsghdr>) {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: N,
+        })
+        .collect();
+    let msgs = iov
+        .iter_mut()
+        .map(|v| {
+            // SAFETY: zeroed mmsghdr is valid.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            if let Some(name) = name {
+                m.msg_hdr.msg_name = name as *const _ as *mut _;
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            }
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    (iov, msgs)
 }
 
 /// An IPv4 + UDP header and a payload naming the flow, from 127.0.0.1:`sport`.
@@ -316,23 +332,7 @@ fn receive(
             let idx = ev.u64 as usize;
             let fd = children[idx].as_raw_fd();
             loop {
-                let mut iov: Vec<libc::iovec> = bufs
-                    .iter_mut()
-                    .map(|b| libc::iovec {
-                        iov_base: b.as_mut_ptr().cast(),
-                        iov_len: b.len(),
-                    })
-                    .collect();
-                let mut msgs: Vec<libc::mmsghdr> = iov
-                    .iter_mut()
-                    .map(|v| {
-                        // SAFETY: zeroed mmsghdr is valid.
-                        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                        m.msg_hdr.msg_iov = v;
-                        m.msg_hdr.msg_iovlen = 1;
-                        m
-                    })
-                    .collect();
+                let (_iov, mut msgs) = mmsg(&mut bufs, None);
                 // SAFETY: msgs point at live buffers.
                 let r = unsafe {
                     libc::recvmmsg(
@@ -400,14 +400,7 @@ fn daemon_memory(ns: &NetNs, n: usize, path: SteeringPath) -> anyhow::Result<(f6
     ns.run(move || {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        let dst = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let dst = loopback();
         let mut b = [0u8; 28 + PAYLOAD];
         for i in 0..n {
             datagram(&mut b, FIRST_PORT + i as u16, i as u32);
