@@ -1,9 +1,11 @@
 //! radius-sidecar: a RADIUS proxy beside an AAA server, with an eBPF fast path.
 //!
+//! - [`codec`]: the only RADIUS parser and signer (sans-IO).
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
 //! - [`daemon`]: listeners, the flow table and per-flow tasks (the thin tokio driver).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
+pub mod codec;
 pub mod daemon;
 pub mod fastpath;
 pub mod metrics;
