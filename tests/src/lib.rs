@@ -392,3 +392,84 @@ pub fn program_loaded(name: &str) -> bool {
             .unwrap_or(false)
     })
 }
+
+/// A private FreeRADIUS (Debian's package) in a namespace: the packaged configuration copied
+/// to a temporary directory, with our clients, users and no reject delay. Killed on drop.
+pub struct FreeRadius {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl FreeRadius {
+    /// `clients`: (address or prefix, secret). `users`: the `files` module's authorize file.
+    pub fn start(ns: &NetNs, clients: &[(&str, &str)], users: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rs-freeradius-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        sh(&[
+            "cp",
+            "-a",
+            "/etc/freeradius/3.0",
+            dir.to_str().expect("utf-8"),
+        ]);
+        let conf = dir.join("radiusd.conf");
+        let text = std::fs::read_to_string(&conf).expect("radiusd.conf");
+        let text = text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("user = ") || t.starts_with("group = ") {
+                    format!("#{l}")
+                } else if t.starts_with("reject_delay = ") {
+                    "\treject_delay = 0".to_owned()
+                } else if t.starts_with("logdir = ") {
+                    format!("logdir = {}/log", dir.display())
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&conf, text).expect("write radiusd.conf");
+        std::fs::create_dir_all(dir.join("log/radacct")).expect("log dir");
+        let mut c = String::new();
+        for (i, (addr, secret)) in clients.iter().enumerate() {
+            c.push_str(&format!(
+                "client c{i} {{\n ipaddr = {addr}\n secret = {secret}\n require_message_authenticator = no\n}}\n"
+            ));
+        }
+        std::fs::write(dir.join("clients.conf"), c).expect("clients.conf");
+        std::fs::write(dir.join("mods-config/files/authorize"), users).expect("users");
+        let log = File::create(dir.join("stdout.log")).expect("log file");
+        let child = ns
+            .command("freeradius")
+            .args(["-f", "-l", "stdout", "-d", dir.to_str().expect("utf-8")])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start freeradius");
+        let fr = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !fr.log().contains("Ready to process requests") {
+            assert!(
+                Instant::now() < deadline,
+                "FreeRADIUS did not start: {}",
+                fr.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fr
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for FreeRadius {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -16,20 +16,20 @@ use std::{
 use super::value::DataType;
 
 /// Where an attribute lives: vendor (0 = standard space) and its number path (`241.1`,
-/// `26.311.16` is vendor 311, `[16]`; TLV children add a level). Up to 4 levels.
+/// `26.311.16` is vendor 311, `[16]`; TLV children add a level). Up to 8 levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttrKey {
     pub vendor: u32,
-    pub oid: [u32; 4],
+    pub oid: [u32; 8],
     pub depth: u8,
 }
 
 impl AttrKey {
     pub fn new(vendor: u32, path: &[u32]) -> Option<Self> {
-        if path.is_empty() || path.len() > 4 {
+        if path.is_empty() || path.len() > 8 {
             return None;
         }
-        let mut oid = [0u32; 4];
+        let mut oid = [0u32; 8];
         oid[..path.len()].copy_from_slice(path);
         Some(Self {
             vendor,
