@@ -8,7 +8,7 @@
 
 use super::{
     HEADER_LEN, MAX_PACKET_LEN, Packet, ParseError, attr,
-    auth::{self, message_authenticator, message_authenticator_basis},
+    auth::{self, SharedSecret, message_authenticator, message_authenticator_basis},
     hide::{self, HideError},
     packet::Code,
 };
@@ -244,9 +244,9 @@ impl<'a> PacketMut<'a> {
     /// the authenticator. Access-Request and Status-Server keep their authenticator (set it
     /// with [`PacketMut::set_authenticator`], e.g. from [`auth::random_authenticator`]);
     /// responses need the request's authenticator.
-    pub fn sign(
+    pub fn sign<S: SharedSecret + ?Sized>(
         &mut self,
-        secret: &[u8],
+        secret: &S,
         request_auth: Option<&[u8; 16]>,
     ) -> Result<(), EditError> {
         let code = self
@@ -290,10 +290,10 @@ pub fn status_server<'a>(
 
 /// The Accounting-Response to `request` (RFC 2866): no attributes but the Proxy-States the
 /// request carried, in order (RFC 2865 5.33).
-pub fn accounting_response<'a>(
+pub fn accounting_response<'a, S: SharedSecret + ?Sized>(
     buf: &'a mut [u8],
     request: &Packet<'_>,
-    secret: &[u8],
+    secret: &S,
 ) -> Result<PacketMut<'a>, EditError> {
     let mut p = PacketMut::new(buf, Code::AccountingResponse, request.identifier())?;
     for ps in request.get_all(attr::PROXY_STATE) {
@@ -305,11 +305,11 @@ pub fn accounting_response<'a>(
 
 /// A Protocol-Error answering `request` (RFC 7930): Error-Cause, Original-Packet-Code
 /// (241.4), the request's Proxy-States, a Message-Authenticator first.
-pub fn protocol_error<'a>(
+pub fn protocol_error<'a, S: SharedSecret + ?Sized>(
     buf: &'a mut [u8],
     request: &Packet<'_>,
     error_cause: u32,
-    secret: &[u8],
+    secret: &S,
 ) -> Result<PacketMut<'a>, EditError> {
     let mut p = PacketMut::new(buf, Code::ProtocolError, request.identifier())?;
     p.message_authenticator_first()?;
