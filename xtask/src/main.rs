@@ -6,7 +6,7 @@
 //! - `build`: the eBPF object (through radius-userspace's build.rs), then the daemon.
 //! - `run`: setup + build, then the daemon with the given flags.
 //! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build.
-//! - `bench steer`: the steering benchmark; its table goes into BENCHMARKS.md.
+//! - `bench steer` / `bench codec`: benchmarks; their tables go into BENCHMARKS.md.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -59,7 +59,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `steer`.
+    /// Run a benchmark: `steer` or `codec`.
     Bench {
         which: String,
         /// Flow counts to measure (steer).
@@ -285,7 +285,13 @@ fn main() -> anyhow::Result<()> {
                     .arg("--write")
                     .arg(root().join("BENCHMARKS.md")))
             }
-            other => bail!("unknown benchmark `{other}` (known: steer)"),
+            "codec" => {
+                setup(false)?;
+                run(cargo()
+                    .args(["bench", "-p", "radius-userspace", "--bench", "codec"])
+                    .env("RADIUS_BENCH_WRITE", root().join("BENCHMARKS.md")))
+            }
+            other => bail!("unknown benchmark `{other}` (known: steer, codec)"),
         },
     }
 }
