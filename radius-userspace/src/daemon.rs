@@ -7,7 +7,10 @@
 //! child socket (registered in `CHILDREN` on the fast path, `connect()`ed otherwise) and a
 //! task. Packets that still reach the wildcard for a known flow (its first one, and those
 //! queued before the child existed) are injected into the flow's task over a channel, as if
-//! read from the child. For now a flow task only counts; the proxy issues fill it in.
+//! read from the child. A flow belongs to the client whose prefix holds its source (none:
+//! dropped and counted). Its task hands each request, prepared by [`crate::proxy`], to the
+//! client's upstream task, which owns the Identifier space and the upstream sockets, and
+//! gets the finished reply back to send from the child.
 
 use std::{
     collections::HashMap,
@@ -33,8 +36,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    client::{Client, ClientTable},
+    config::Config,
     fastpath::{FastPath, FastPathOptions},
     metrics::{self, Metrics, Refusal, Via},
+    proxy::{self, IdPool, InFlight, Prepared, Upstream},
     socket::{self, SteeringPath},
 };
 
@@ -101,6 +107,11 @@ const FD_RESERVE: u64 = 128;
 /// What a running daemon shares between its tasks.
 struct Shared {
     path: SteeringPath,
+    clients: ClientTable,
+    /// One channel per upstream task, by upstream name.
+    upstreams: HashMap<String, mpsc::Sender<ToUpstream>>,
+    /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
+    proxy_state: [u8; 8],
     fastpath: Option<Mutex<FastPath>>,
     metrics: Arc<Metrics>,
     active: AtomicUsize,
@@ -111,7 +122,12 @@ struct Shared {
 }
 
 /// Sets up the fast path (or says why not), serves until `cancel`, then drains and detaches.
-pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    let Config {
+        daemon: config,
+        upstreams,
+        clients,
+    } = full;
     let metrics = Metrics::new();
     let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
     let fd_bound = nofile.saturating_sub(FD_RESERVE) as usize;
@@ -131,8 +147,25 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     };
     metrics.fast_path.set(i64::from(fastpath.is_some()));
 
+    let mut proxy_state = [0u8; 8];
+    crate::codec::auth::fill_random(&mut proxy_state);
+    let mut upstream_txs = HashMap::new();
+    let mut upstream_rxs = Vec::new();
+    for u in &upstreams {
+        let (tx, rx) = mpsc::channel(4096);
+        upstream_txs.insert(u.name.clone(), tx);
+        upstream_rxs.push((u.clone(), rx));
+    }
+    info!(
+        clients = clients.len(),
+        upstreams = upstreams.len(),
+        "configuration loaded"
+    );
     let shared = Arc::new(Shared {
         path,
+        clients,
+        upstreams: upstream_txs,
+        proxy_state,
         fastpath: fastpath.map(Mutex::new),
         metrics: metrics.clone(),
         active: AtomicUsize::new(0),
@@ -143,6 +176,12 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     });
 
     let mut tasks = JoinSet::new();
+    for (u, rx) in upstream_rxs {
+        let socks = UpstreamSockets::bind(&u)
+            .await
+            .with_context(|| format!("opening sockets to upstream {}", u.name))?;
+        tasks.spawn(upstream_task(shared.clone(), u, socks, rx));
+    }
     for &addr in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
             .with_context(|| format!("binding the wildcard sockets of {addr}"))?;
@@ -356,6 +395,15 @@ fn on_wildcard_packet(
         inject(shared, &flow.tx, data);
         return;
     }
+    let Some(client) = shared.clients.lookup(rx.remote.ip()) else {
+        shared.metrics.refuse(Refusal::UnknownClient);
+        debug!(remote = %rx.remote, "no client for this source: dropped");
+        return;
+    };
+    let Some(to_upstream) = shared.upstreams.get(&client.upstream.name).cloned() else {
+        shared.metrics.refuse(Refusal::UnknownClient);
+        return;
+    };
     if shared.active.load(Ordering::Relaxed) >= shared.max_flows {
         shared.metrics.refuse(Refusal::MaxFlows);
         debug!(remote = %rx.remote, "max_flows reached: packet of a new flow dropped");
@@ -399,10 +447,14 @@ fn on_wildcard_packet(
     inject(shared, &tx, data);
     flows.insert(key, FlowEntry { tx });
     tasks.spawn(flow_task(
-        shared.clone(),
-        key,
-        rx.remote,
-        rx.local,
+        FlowCtx {
+            shared: shared.clone(),
+            key,
+            remote: rx.remote,
+            local: rx.local,
+            client,
+            to_upstream,
+        },
         child,
         rx_chan,
         senders.clone(),
@@ -416,17 +468,28 @@ fn inject(shared: &Shared, tx: &mpsc::Sender<Bytes>, data: Bytes) {
     }
 }
 
-/// One flow: reads its child and its injection channel. Ends when idle (after its worker
-/// has forgotten it, so no injected packet is lost) or at shutdown.
-async fn flow_task(
+/// What a flow task knows about its flow.
+struct FlowCtx {
     shared: Arc<Shared>,
     key: FlowKey,
     remote: SocketAddr,
     local: SocketAddr,
+    client: Arc<Client>,
+    to_upstream: mpsc::Sender<ToUpstream>,
+}
+
+/// One flow: reads its child and its injection channel, forwards requests, sends replies
+/// from the child. Ends when idle (after its worker has forgotten it, so no injected packet
+/// is lost) or at shutdown.
+async fn flow_task(
+    ctx: FlowCtx,
     child: UdpSocket,
     mut injected: mpsc::Receiver<Bytes>,
     back: FlowSenders,
 ) {
+    let shared = ctx.shared.clone();
+    let (remote, local) = (ctx.remote, ctx.local);
+    let (reply_tx, mut replies) = mpsc::channel::<Bytes>(1024);
     let mut buf = vec![0u8; 4096];
     let (mut from_child, mut from_wildcard) = (0u64, 0u64);
     let mut deadline = Instant::now() + shared.idle_timeout;
@@ -438,25 +501,37 @@ async fn flow_task(
                     let rx = socket::Received { len: n, remote: from, local };
                     let _ = back.foreign.send((rx, Bytes::copy_from_slice(&buf[..n])));
                 }
-                Ok(_) => {
+                Ok((n, _)) => {
                     from_child += 1;
                     shared.metrics.packet(Via::Child);
                     deadline = Instant::now() + shared.idle_timeout;
+                    forward(&ctx, &reply_tx, &mut buf, n);
                 }
                 Err(_) => {}
             },
             m = injected.recv() => match m {
-                Some(_packet) => {
+                Some(packet) => {
                     from_wildcard += 1;
                     shared.metrics.packet(Via::Wildcard);
                     deadline = Instant::now() + shared.idle_timeout;
+                    let n = packet.len().min(buf.len());
+                    buf[..n].copy_from_slice(&packet[..n]);
+                    forward(&ctx, &reply_tx, &mut buf, n);
                 }
                 // The worker forgot us: nothing more will be injected.
                 None => break,
             },
+            Some(reply) = replies.recv() => {
+                if let Err(e) = child.send_to(&reply, remote).await {
+                    shared.metrics.proxy_drop("send_to_nas");
+                    debug!(%remote, error = %e, "reply not sent");
+                } else {
+                    shared.metrics.relayed.inc();
+                }
+            }
             () = sleep_until(deadline), if !ending => {
                 ending = true;
-                if back.ended.send(key).is_err() {
+                if back.ended.send(ctx.key).is_err() {
                     break;
                 }
             }
@@ -480,5 +555,193 @@ async fn flow_task(
     shared.active.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.flows_ended.inc();
     shared.metrics.flows_active.dec();
-    debug!(%remote, from_child, from_wildcard, "flow ended");
+    debug!(%remote, client = %ctx.client.name, from_child, from_wildcard, "flow ended");
+}
+
+/// Prepares the request in `buf[..n]` for the client's upstream and hands it over.
+fn forward(ctx: &FlowCtx, reply_tx: &mpsc::Sender<Bytes>, buf: &mut [u8], n: usize) {
+    let shared = &ctx.shared;
+    match proxy::prepare_request(&ctx.client, &shared.proxy_state, buf, n) {
+        Ok(prepared) => {
+            let msg = ToUpstream {
+                packet: Bytes::copy_from_slice(&buf[..prepared.len]),
+                prepared,
+                client: ctx.client.clone(),
+                reply_to: reply_tx.clone(),
+            };
+            if ctx.to_upstream.try_send(msg).is_err() {
+                shared.metrics.proxy_drop("upstream_queue_full");
+            }
+        }
+        Err(e) => {
+            shared.metrics.proxy_drop(e.reason());
+            debug!(remote = %ctx.remote, client = %ctx.client.name, error = %e, "request not forwarded");
+        }
+    }
+}
+
+/// A prepared request on its way to an upstream task.
+struct ToUpstream {
+    packet: Bytes,
+    prepared: Prepared,
+    client: Arc<Client>,
+    reply_to: mpsc::Sender<Bytes>,
+}
+
+/// The upstream's sockets: one connected socket per port (auth, acct), each with its own
+/// Identifier space.
+struct UpstreamSockets {
+    auth: UdpSocket,
+    acct: Option<UdpSocket>,
+}
+
+impl UpstreamSockets {
+    async fn bind(u: &Upstream) -> std::io::Result<Self> {
+        async fn one(to: SocketAddr) -> std::io::Result<UdpSocket> {
+            let any: SocketAddr = if to.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let s = UdpSocket::bind(any).await?;
+            s.connect(to).await?;
+            Ok(s)
+        }
+        Ok(Self {
+            auth: one(u.auth).await?,
+            acct: match u.acct {
+                Some(a) => Some(one(a).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+type Pending = InFlight<mpsc::Sender<Bytes>>;
+
+/// Owns one upstream: its sockets and Identifier spaces. Signs requests, checks replies.
+async fn upstream_task(
+    shared: Arc<Shared>,
+    upstream: Arc<Upstream>,
+    socks: UpstreamSockets,
+    mut requests: mpsc::Receiver<ToUpstream>,
+) {
+    let mut auth_ids: IdPool<Pending> = IdPool::default();
+    let mut acct_ids: IdPool<Pending> = IdPool::default();
+    let mut buf = vec![0u8; 4096];
+    let mut rbuf = vec![0u8; 4096];
+    let mut abuf = vec![0u8; 4096];
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let acct_sock = socks.acct.as_ref();
+    loop {
+        tokio::select! {
+            Some(req) = requests.recv() => {
+                let is_acct = req.prepared.code == crate::codec::Code::AccountingRequest;
+                let (pool, sock) = match (is_acct, acct_sock) {
+                    (false, _) => (&mut auth_ids, &socks.auth),
+                    (true, Some(a)) => (&mut acct_ids, a),
+                    (true, None) => {
+                        shared.metrics.proxy_drop("no_acct_upstream");
+                        continue;
+                    }
+                };
+                send_upstream(&shared, &upstream, pool, sock, req, &mut buf).await;
+            }
+            r = socks.auth.recv(&mut rbuf) => {
+                if let Ok(n) = r {
+                    on_reply(&shared, &upstream, &mut auth_ids, &mut rbuf, n);
+                }
+            }
+            r = async { acct_sock?.recv(&mut abuf).await.ok() } , if acct_sock.is_some() => {
+                if let Some(n) = r {
+                    on_reply(&shared, &upstream, &mut acct_ids, &mut abuf, n);
+                }
+            }
+            _ = tick.tick() => {
+                let now = std::time::Instant::now();
+                let timeout = upstream.timeout;
+                for pool in [&mut auth_ids, &mut acct_ids] {
+                    for _ in pool.expire(|p| now.duration_since(p.sent_at) > timeout) {
+                        shared.metrics.proxy_drop("upstream_timeout");
+                    }
+                }
+            }
+            () = shared.cancel.cancelled() => break,
+        }
+    }
+}
+
+async fn send_upstream(
+    shared: &Shared,
+    upstream: &Upstream,
+    pool: &mut IdPool<Pending>,
+    sock: &UdpSocket,
+    req: ToUpstream,
+    buf: &mut [u8],
+) {
+    let len = req.packet.len();
+    buf[..len].copy_from_slice(&req.packet);
+    let pending = InFlight {
+        client: req.client,
+        prepared: req.prepared,
+        up_auth: [0; 16],
+        sent_at: std::time::Instant::now(),
+        reply_to: req.reply_to,
+    };
+    let Ok(id) = pool.allocate(pending) else {
+        // 256 in flight on this socket; more sockets per upstream come with the proxy issue.
+        shared.metrics.proxy_drop("upstream_ids_exhausted");
+        return;
+    };
+    match proxy::finalize_request(buf, len, id, upstream) {
+        Ok(up_auth) => {
+            if let Some(p) = pool.get_mut(id) {
+                p.up_auth = up_auth;
+            }
+            if sock.send(&buf[..len]).await.is_ok() {
+                shared.metrics.forwarded.inc();
+            } else {
+                pool.take(id);
+                shared.metrics.proxy_drop("send_to_upstream");
+            }
+        }
+        Err(e) => {
+            pool.take(id);
+            shared.metrics.proxy_drop(e.reason());
+        }
+    }
+}
+
+fn on_reply(
+    shared: &Shared,
+    upstream: &Upstream,
+    pool: &mut IdPool<Pending>,
+    buf: &mut [u8],
+    n: usize,
+) {
+    if n < 20 {
+        shared.metrics.proxy_drop("reply_malformed");
+        return;
+    }
+    let id = buf[1];
+    let Some(pending) = pool.get(id) else {
+        shared.metrics.proxy_drop("reply_unknown_id");
+        return;
+    };
+    match proxy::process_reply(buf, n, upstream, pending, &shared.proxy_state) {
+        Ok(len) => {
+            if let Some(p) = pool.take(id)
+                && p.reply_to
+                    .try_send(Bytes::copy_from_slice(&buf[..len]))
+                    .is_err()
+            {
+                shared.metrics.proxy_drop("flow_gone");
+            }
+        }
+        // A forged or broken reply does not cancel the request: the real one may follow.
+        Err(e) => {
+            shared.metrics.proxy_drop(e.reason());
+            warn!(upstream = %upstream.name, error = %e, "reply dropped");
+        }
+    }
 }

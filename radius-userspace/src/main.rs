@@ -1,10 +1,15 @@
-//! `radius-sidecar`: the daemon's command line. Flags map onto [`DaemonConfig`]; SIGINT and
-//! SIGTERM drain and detach the eBPF programs before exit.
-use std::{net::SocketAddr, time::Duration};
+//! `radius-sidecar`: the daemon's command line. A TOML file (`--config`, or the embedded
+//! default) gives the configuration; flags given on the command line override it.
+//! `radius-sidecar check-config` checks a file and names file, line and key on error.
+//! SIGINT and SIGTERM drain and detach the eBPF programs before exit.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
-use radius_sidecar::daemon::{self, DaemonConfig, EbpfMode};
+use clap::{Parser, Subcommand};
+use radius_sidecar::{
+    config::{self, Config},
+    daemon::{self, EbpfMode},
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -14,15 +19,20 @@ use tokio_util::sync::CancellationToken;
     about = "A RADIUS proxy beside your AAA server, with an eBPF fast path"
 )]
 struct Cli {
-    /// UDP address to serve (repeat for several). Default: 127.0.0.1:1812 and 127.0.0.1:1813.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Configuration file (TOML). Default: the embedded one (loopback, see config/default.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// UDP address to serve (repeat for several); replaces `server.listen`.
     #[arg(long = "listen", value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
-    /// Wildcard sockets (workers) per listen address. Default: one per core.
+    /// Wildcard sockets (workers) per listen address.
     #[arg(long)]
     workers: Option<usize>,
     /// NIC to attach the XDP guard to ("none" for no XDP).
-    #[arg(long, default_value = "lo")]
-    iface: String,
+    #[arg(long)]
+    iface: Option<String>,
     /// Never load the eBPF programs: steer in user space.
     #[arg(long, conflicts_with = "require_ebpf")]
     no_ebpf: bool,
@@ -30,20 +40,71 @@ struct Cli {
     #[arg(long)]
     require_ebpf: bool,
     /// Seconds without a packet after which a flow ends.
-    #[arg(long, default_value_t = 300)]
-    idle_timeout: u64,
+    #[arg(long)]
+    idle_timeout: Option<u64>,
     /// Most flows at once (also bounded by the open-file limit).
     #[arg(long)]
     max_flows: Option<usize>,
     /// Packets per second allowed per source that has no flow yet, in XDP (0: no limit).
-    #[arg(long, default_value_t = 2000)]
-    new_source_pps: u64,
+    #[arg(long)]
+    new_source_pps: Option<u64>,
     /// Burst allowed per source that has no flow yet.
-    #[arg(long, default_value_t = 4000)]
-    new_source_burst: u64,
+    #[arg(long)]
+    new_source_burst: Option<u64>,
     /// Address of the Prometheus endpoint ("none" to disable).
-    #[arg(long, default_value = "127.0.0.1:9812")]
-    metrics: String,
+    #[arg(long)]
+    metrics: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check the configuration and exit (non-zero with file:line: key: problem on error).
+    CheckConfig,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut c = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::from_toml(config::DEFAULT, "<embedded default>")?,
+    };
+    let d = &mut c.daemon;
+    if !cli.listen.is_empty() {
+        d.listen = cli.listen.clone();
+    }
+    if let Some(w) = cli.workers {
+        d.workers = w.max(1);
+    }
+    if let Some(i) = &cli.iface {
+        d.iface = (i != "none").then(|| i.clone());
+    }
+    if cli.no_ebpf {
+        d.ebpf = EbpfMode::Off;
+    } else if cli.require_ebpf {
+        d.ebpf = EbpfMode::Require;
+    }
+    if let Some(t) = cli.idle_timeout {
+        d.idle_timeout = Duration::from_secs(t.max(1));
+    }
+    if cli.max_flows.is_some() {
+        d.max_flows = cli.max_flows;
+    }
+    if let Some(p) = cli.new_source_pps {
+        d.new_source_pps = p;
+    }
+    if let Some(b) = cli.new_source_burst {
+        d.new_source_burst = b;
+    }
+    if let Some(m) = &cli.metrics {
+        d.metrics_listen = if m == "none" {
+            None
+        } else {
+            Some(
+                m.parse()
+                    .with_context(|| format!("--metrics: `{m}` is not an address:port"))?,
+            )
+        };
+    }
+    Ok(c)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,34 +117,16 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let mut config = DaemonConfig::default();
-    if !cli.listen.is_empty() {
-        config.listen = cli.listen;
+    let config = load(&cli)?;
+    if let Some(Cmd::CheckConfig) = cli.cmd {
+        println!(
+            "configuration OK: {} listener(s), {} upstream(s), {} client(s)",
+            config.daemon.listen.len(),
+            config.upstreams.len(),
+            config.clients.len()
+        );
+        return Ok(());
     }
-    if let Some(w) = cli.workers {
-        config.workers = w.max(1);
-    }
-    config.iface = (cli.iface != "none").then_some(cli.iface);
-    config.ebpf = if cli.no_ebpf {
-        EbpfMode::Off
-    } else if cli.require_ebpf {
-        EbpfMode::Require
-    } else {
-        EbpfMode::Auto
-    };
-    config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
-    config.max_flows = cli.max_flows;
-    config.new_source_pps = cli.new_source_pps;
-    config.new_source_burst = cli.new_source_burst;
-    config.metrics_listen = if cli.metrics == "none" {
-        None
-    } else {
-        Some(
-            cli.metrics
-                .parse()
-                .with_context(|| format!("--metrics: `{}` is not an address:port", cli.metrics))?,
-        )
-    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

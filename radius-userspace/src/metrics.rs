@@ -35,6 +35,8 @@ pub enum Refusal {
     Register,
     /// The flow's queue was full.
     QueueFull,
+    /// The source is in no client's prefix.
+    UnknownClient,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +47,11 @@ pub struct ViaLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
     pub reason: Refusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +72,11 @@ pub struct Metrics {
     pub refused: Family<RefusalLabel, Counter>,
     pub kernel: Family<KernelLabel, Counter>,
     pub misdelivered: Counter,
+    /// Requests sent upstream and replies relayed to NASes.
+    pub forwarded: Counter,
+    pub relayed: Counter,
+    /// Requests or replies not relayed, by reason (ProxyError::reason and the upstream's).
+    pub proxy_drops: Family<ReasonLabel, Counter>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -103,6 +115,20 @@ impl Metrics {
             "Datagrams a connecting child got from another peer, handed back to the listener",
             misdelivered.clone(),
         );
+        let forwarded = Counter::default();
+        registry.register(
+            "forwarded",
+            "Requests sent to an upstream",
+            forwarded.clone(),
+        );
+        let relayed = Counter::default();
+        registry.register("relayed", "Replies relayed to a NAS", relayed.clone());
+        let proxy_drops = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "proxy_drops",
+            "Requests and replies not relayed, by reason",
+            proxy_drops.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -136,6 +162,9 @@ impl Metrics {
             refused,
             kernel,
             misdelivered,
+            forwarded,
+            relayed,
+            proxy_drops,
             open_files_limit,
             max_flows,
             fast_path,
@@ -147,6 +176,12 @@ impl Metrics {
             Via::Child => self.packets_child.inc(),
             Via::Wildcard => self.packets_wildcard.inc(),
         };
+    }
+
+    pub fn proxy_drop(&self, reason: &'static str) {
+        self.proxy_drops
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn refuse(&self, reason: Refusal) {

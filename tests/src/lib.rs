@@ -279,7 +279,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `radius-sidecar` in `ns` with `args`, as `user` (None: root).
-    pub fn start(ns: &NetNs, user: Option<&str>, args: &[&str]) -> Self {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(ns: &NetNs, user: Option<&str>, args: &[S]) -> Self {
         let bin = sidecar_bin();
         let mut cmd = match user {
             None => ns.command(bin.to_str().expect("utf-8 path")),
@@ -402,7 +402,13 @@ pub struct FreeRadius {
 
 impl FreeRadius {
     /// `clients`: (address or prefix, secret). `users`: the `files` module's authorize file.
+    /// Listens on the namespace's loopback, ports 1812 and 1813.
     pub fn start(ns: &NetNs, clients: &[(&str, &str)], users: &str) -> Self {
+        Self::start_on(ns, clients, users, 1812)
+    }
+
+    /// As [`FreeRadius::start`], on loopback ports `auth_port` and `auth_port + 1`.
+    pub fn start_on(ns: &NetNs, clients: &[(&str, &str)], users: &str, auth_port: u16) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("rs-freeradius-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -432,6 +438,21 @@ impl FreeRadius {
             .join("\n");
         std::fs::write(&conf, text).expect("write radiusd.conf");
         std::fs::create_dir_all(dir.join("log/radacct")).expect("log dir");
+        // Loopback only, on our ports: the listen blocks are auth, acct, auth (v6), acct (v6).
+        let site = dir.join("sites-enabled/default");
+        let text = std::fs::read_to_string(&site).expect("sites-enabled/default");
+        let mut ports = [auth_port, auth_port + 1, auth_port, auth_port + 1].into_iter();
+        let text = text
+            .lines()
+            .map(|l| match l.trim() {
+                "ipaddr = *" => "\tipaddr = 127.0.0.1".to_owned(),
+                t if t.starts_with("ipv6addr = ::") => "\tipv6addr = ::1".to_owned(),
+                "port = 0" => format!("\tport = {}", ports.next().unwrap_or(auth_port)),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&site, text).expect("write site");
         let mut c = String::new();
         for (i, (addr, secret)) in clients.iter().enumerate() {
             c.push_str(&format!(

@@ -9,18 +9,35 @@ use tests::*;
 
 const METRICS: &str = "127.0.0.1:9812";
 
-fn args(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut v = vec![
-        "--listen",
-        "0.0.0.0:1812",
-        "--workers",
-        "2",
-        "--metrics",
-        METRICS,
-        "--iface",
-        "sc1",
-    ];
-    v.extend_from_slice(extra);
+/// A configuration whose client covers NAS1's network; its upstream is not there (these
+/// tests look at flows, not answers).
+fn config_file() -> String {
+    let path = std::env::temp_dir().join(format!("rs-daemon-test-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[[upstream]]\nname = \"none\"\nauth = \"127.0.0.1:11812\"\nsecret = \"up\"\n\n\
+         [[client]]\nprefix = \"192.0.2.0/24\"\nsecret = \"nas\"\n",
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn args(extra: &[&'static str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--config".into(), config_file()];
+    v.extend(
+        [
+            "--listen",
+            "0.0.0.0:1812",
+            "--workers",
+            "2",
+            "--metrics",
+            METRICS,
+            "--iface",
+            "sc1",
+        ]
+        .map(String::from),
+    );
+    v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
 

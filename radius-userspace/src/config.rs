@@ -1,0 +1,331 @@
+//! The configuration model: one TOML file (`--config`), or the embedded default. Every
+//! error names the file, the line and the key. Parsing is separate from the daemon so
+//! `radius-sidecar check-config` and the tests cover it.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    client::{Client, ClientTable},
+    codec::auth::Secret,
+    daemon::{DaemonConfig, EbpfMode},
+    proxy::Upstream,
+};
+
+/// The configuration `cargo xtask run` uses when no file is given.
+pub const DEFAULT: &str = include_str!("../config/default.toml");
+
+/// A configuration error: where and what.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    server: Option<Spanned<Server>>,
+    #[serde(default, rename = "upstream")]
+    upstreams: Vec<Spanned<UpstreamSection>>,
+    #[serde(default, rename = "client")]
+    clients: Vec<Spanned<ClientSection>>,
+}
+
+/// `[server]`: listeners and the data path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Server {
+    /// UDP addresses to serve (auth and acct).
+    listen: Vec<SocketAddr>,
+    /// Wildcard sockets per address; 0 = one per core.
+    workers: usize,
+    /// NIC for the XDP guard; "none" for no XDP.
+    iface: String,
+    /// "auto", "off" or "require".
+    ebpf: String,
+    /// Seconds without a packet after which a flow ends.
+    idle_timeout: u64,
+    /// Most flows (also bounded by the open-file limit); 0 = that limit.
+    max_flows: usize,
+    /// Packets per second and burst allowed per source without a flow (XDP).
+    new_source_pps: u64,
+    new_source_burst: u64,
+    /// Prometheus endpoint, or "none".
+    metrics: String,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        let d = DaemonConfig::default();
+        Self {
+            listen: d.listen,
+            workers: 0,
+            iface: "lo".into(),
+            ebpf: "auto".into(),
+            idle_timeout: d.idle_timeout.as_secs(),
+            max_flows: 0,
+            new_source_pps: d.new_source_pps,
+            new_source_burst: d.new_source_burst,
+            metrics: "127.0.0.1:9812".into(),
+        }
+    }
+}
+
+/// `[[upstream]]`: an AAA server the sidecar forwards to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    name: String,
+    /// Where Access-Requests go.
+    auth: SocketAddr,
+    /// Where Accounting-Requests go.
+    acct: Option<SocketAddr>,
+    secret: String,
+    /// Milliseconds before a request without an answer is given up.
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+/// `[[client]]`: NASes allowed to talk to the sidecar.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientSection {
+    /// An address or prefix ("192.0.2.0/24", "2001:db8::/48").
+    prefix: Spanned<String>,
+    secret: String,
+    /// Short name for logs and metrics (default: the prefix).
+    name: Option<String>,
+    /// Upstream name (default: the first upstream).
+    upstream: Option<Spanned<String>>,
+    /// Drop Access-Requests without a Message-Authenticator (BlastRADIUS).
+    #[serde(default)]
+    require_message_authenticator: bool,
+}
+
+/// A loaded, checked configuration.
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub clients: ClientTable,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            key: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses `text` as if read from `file`.
+    pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let err = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError {
+            file: file.to_owned(),
+            line: line_of(text, span.start),
+            key: key.to_owned(),
+            message,
+        };
+        let f: File = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            // toml names the field in its message ("unknown field `x`", "missing field").
+            err(span, "-", e.message().to_owned())
+        })?;
+        let (server_span, server) = match f.server {
+            Some(s) => (s.span(), s.into_inner()),
+            None => (0..0, Server::default()),
+        };
+        let mut daemon = DaemonConfig::default();
+        if !server.listen.is_empty() {
+            daemon.listen = server.listen;
+        }
+        if server.workers > 0 {
+            daemon.workers = server.workers;
+        }
+        daemon.iface = (server.iface != "none").then_some(server.iface);
+        daemon.ebpf = match server.ebpf.as_str() {
+            "auto" => EbpfMode::Auto,
+            "off" => EbpfMode::Off,
+            "require" => EbpfMode::Require,
+            other => {
+                return Err(err(
+                    server_span,
+                    "server.ebpf",
+                    format!("`{other}`: expected \"auto\", \"off\" or \"require\""),
+                ));
+            }
+        };
+        daemon.idle_timeout = Duration::from_secs(server.idle_timeout.max(1));
+        daemon.max_flows = (server.max_flows > 0).then_some(server.max_flows);
+        daemon.new_source_pps = server.new_source_pps;
+        daemon.new_source_burst = server.new_source_burst;
+        daemon.metrics_listen = if server.metrics == "none" {
+            None
+        } else {
+            Some(server.metrics.parse().map_err(|_| {
+                err(
+                    server_span.clone(),
+                    "server.metrics",
+                    format!("`{}` is not an address:port", server.metrics),
+                )
+            })?)
+        };
+
+        let mut upstreams = Vec::new();
+        for u in f.upstreams {
+            let span = u.span();
+            let u = u.into_inner();
+            if u.secret.is_empty() {
+                return Err(err(span, "upstream.secret", "must not be empty".into()));
+            }
+            if upstreams.iter().any(|x: &Arc<Upstream>| x.name == u.name) {
+                return Err(err(
+                    span,
+                    "upstream.name",
+                    format!("`{}` defined twice", u.name),
+                ));
+            }
+            upstreams.push(Arc::new(Upstream {
+                name: u.name,
+                auth: u.auth,
+                acct: u.acct,
+                secret: Secret::new(u.secret.as_bytes()),
+                timeout: Duration::from_millis(u.timeout_ms.max(1)),
+            }));
+        }
+
+        let mut clients = ClientTable::default();
+        for c in f.clients {
+            let span = c.span();
+            let c = c.into_inner();
+            let prefix_span = c.prefix.span();
+            let prefix: IpNet = match c.prefix.get_ref().parse::<IpNet>() {
+                Ok(p) => p.trunc(),
+                Err(_) => match c.prefix.get_ref().parse::<std::net::IpAddr>() {
+                    Ok(ip) => IpNet::from(ip),
+                    Err(_) => {
+                        return Err(err(
+                            prefix_span,
+                            "client.prefix",
+                            format!("`{}` is not an address or prefix", c.prefix.get_ref()),
+                        ));
+                    }
+                },
+            };
+            if c.secret.is_empty() {
+                return Err(err(span, "client.secret", "must not be empty".into()));
+            }
+            let upstream = match &c.upstream {
+                Some(name) => upstreams
+                    .iter()
+                    .find(|u| u.name == *name.get_ref())
+                    .cloned()
+                    .ok_or_else(|| {
+                        err(
+                            name.span(),
+                            "client.upstream",
+                            format!("no [[upstream]] named `{}`", name.get_ref()),
+                        )
+                    })?,
+                None => upstreams.first().cloned().ok_or_else(|| {
+                    err(
+                        span.clone(),
+                        "client.upstream",
+                        "no [[upstream]] is defined".into(),
+                    )
+                })?,
+            };
+            let client = Client {
+                name: c.name.unwrap_or_else(|| prefix.to_string()),
+                prefix,
+                secret: Secret::new(c.secret.as_bytes()),
+                upstream,
+                require_message_authenticator: c.require_message_authenticator,
+            };
+            if !clients.insert(client) {
+                return Err(err(
+                    prefix_span,
+                    "client.prefix",
+                    format!("{prefix} is defined twice"),
+                ));
+            }
+        }
+        Ok(Config {
+            daemon,
+            upstreams,
+            clients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_loads() {
+        let c = Config::from_toml(DEFAULT, "default.toml").unwrap();
+        assert_eq!(c.daemon.listen.len(), 2);
+        assert_eq!(c.upstreams.len(), 1);
+        assert!(c.clients.lookup("127.0.0.1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let bad = "[server]\nlisten = [\"127.0.0.1:1812\"]\n\n[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n\n[[client]]\nprefix = \"10.0.0.300/8\"\nsecret = \"x\"\n";
+        let e = Config::from_toml(bad, "sidecar.toml").err().unwrap();
+        assert_eq!((e.line, e.key.as_str()), (10, "client.prefix"));
+        assert!(
+            e.to_string().starts_with("sidecar.toml:10: client.prefix:"),
+            "{e}"
+        );
+
+        let e = Config::from_toml("[server]\nworkerz = 2\n", "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("unknown field `workerz`"), "{e}");
+
+        let e = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n[[client]]\nprefix = \"10.0.0.0/8\"\nsecret = \"x\"\nupstream = \"b\"\n",
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (8, "client.upstream"));
+
+        let e = Config::from_toml("[server]\nebpf = \"sometimes\"\n", "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!(e.key, "server.ebpf");
+    }
+
+    #[test]
+    fn secrets_never_reach_an_error_message() {
+        let e = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nauth = \"nonsense\"\nsecret = \"hunter2-very-secret\"\n",
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}
