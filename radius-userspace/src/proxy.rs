@@ -17,7 +17,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use crate::{
     client::Client,
     codec::{
-        Code, EditError, Packet, PacketMut, ParseError,
+        Code, EditError, Packet, PacketMut, ParseError, attr,
         auth::{self, Secret, SharedSecret, VerifyError},
     },
 };
@@ -80,7 +80,7 @@ pub fn prepare_request(
     buf: &mut [u8],
     len: usize,
 ) -> Result<Prepared, ProxyError> {
-    let (code, nas_id, nas_auth, has_ma) = {
+    let (code, nas_id, nas_auth, has_ma, chap_without_challenge) = {
         let p = Packet::parse(&buf[..len])?;
         let code = p.code();
         if !matches!(code, Code::AccessRequest | Code::AccountingRequest) {
@@ -92,6 +92,7 @@ pub fn prepare_request(
             p.identifier(),
             *p.authenticator(),
             p.message_authenticator_offset().is_some(),
+            p.get(attr::CHAP_PASSWORD).is_some() && p.get(attr::CHAP_CHALLENGE).is_none(),
         )
     };
     if code == Code::AccessRequest && client.require_message_authenticator && !has_ma {
@@ -101,6 +102,11 @@ pub fn prepare_request(
     m.add_proxy_state(proxy_state)?;
     m.message_authenticator_first()?;
     if code == Code::AccessRequest {
+        // CHAP without CHAP-Challenge uses the Request Authenticator as its challenge
+        // (RFC 2865 2.2): it must survive the new authenticator.
+        if chap_without_challenge {
+            m.push(attr::CHAP_CHALLENGE, &nas_auth)?;
+        }
         let up_auth = auth::random_authenticator();
         m.set_authenticator(&up_auth);
         m.rehide(
@@ -250,7 +256,7 @@ impl<T> IdPool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{attr, hide};
+    use crate::codec::hide;
 
     fn client() -> Client {
         Client {
