@@ -12,6 +12,7 @@ use crate::{
     client::{Client, ClientTable},
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode},
+    dynamic::{Directory, DynamicClients, FileDirectory},
     proxy::Upstream,
 };
 
@@ -36,6 +37,59 @@ struct File {
     upstreams: Vec<Spanned<UpstreamSection>>,
     #[serde(default, rename = "client")]
     clients: Vec<Spanned<ClientSection>>,
+    dynamic: Option<Spanned<DynamicSection>>,
+}
+
+/// `[dynamic]`: prefixes whose NASes are defined at run time by a directory.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DynamicSection {
+    prefixes: Vec<IpNet>,
+    /// "file" or "http".
+    directory: String,
+    /// For "file": a TOML file of `[[client]]` entries (relative to this file).
+    file: Option<String>,
+    /// For "http": `GET <url>?address=<ip>`, JSON answer, 404 to refuse.
+    url: Option<String>,
+    #[serde(default = "d_timeout")]
+    timeout_ms: u64,
+    /// Seconds a definition is kept.
+    #[serde(default = "d_lifetime")]
+    lifetime: u64,
+    /// Seconds a refusal is kept (also the XDP negative entry).
+    #[serde(default = "d_nak")]
+    nak_lifetime: u64,
+    #[serde(default = "d_max_clients")]
+    max_clients: usize,
+    #[serde(default = "d_concurrent")]
+    max_concurrent: usize,
+    /// Packets kept per flow, and in all, while sources are being defined.
+    #[serde(default = "d_per_flow")]
+    max_pending_per_flow: usize,
+    #[serde(default = "d_pending")]
+    max_pending_packets: usize,
+}
+
+fn d_timeout() -> u64 {
+    2_000
+}
+fn d_lifetime() -> u64 {
+    3_600
+}
+fn d_nak() -> u64 {
+    60
+}
+fn d_max_clients() -> usize {
+    10_000
+}
+fn d_concurrent() -> usize {
+    16
+}
+fn d_per_flow() -> usize {
+    256
+}
+fn d_pending() -> usize {
+    10_000
 }
 
 /// `[server]`: listeners and the data path.
@@ -118,6 +172,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub upstreams: Vec<Arc<Upstream>>,
     pub clients: ClientTable,
+    pub dynamic: Option<DynamicClients>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -133,7 +188,18 @@ impl Config {
             key: "-".into(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut c = Self::from_toml(&text, &path.display().to_string())?;
+        // A relative directory file is relative to the configuration file.
+        if let Some(DynamicClients {
+            directory: Directory::File(f),
+            ..
+        }) = &mut c.dynamic
+            && f.path.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            *f = FileDirectory::new(dir.join(&f.path));
+        }
+        Ok(c)
     }
 
     /// Parses `text` as if read from `file`.
@@ -268,10 +334,62 @@ impl Config {
                 ));
             }
         }
+        let dynamic = match f.dynamic {
+            None => None,
+            Some(d) => {
+                let span = d.span();
+                let d = d.into_inner();
+                let directory = match d.directory.as_str() {
+                    "file" => Directory::File(FileDirectory::new(
+                        d.file
+                            .ok_or_else(|| {
+                                err(
+                                    span.clone(),
+                                    "dynamic.file",
+                                    "required for directory = \"file\"".into(),
+                                )
+                            })?
+                            .into(),
+                    )),
+                    "http" => Directory::Http {
+                        url: d.url.ok_or_else(|| {
+                            err(
+                                span.clone(),
+                                "dynamic.url",
+                                "required for directory = \"http\"".into(),
+                            )
+                        })?,
+                    },
+                    other => {
+                        return Err(err(
+                            span,
+                            "dynamic.directory",
+                            format!("`{other}`: expected \"file\" or \"http\""),
+                        ));
+                    }
+                };
+                if upstreams.is_empty() {
+                    return Err(err(span, "dynamic", "no [[upstream]] is defined".into()));
+                }
+                Some(DynamicClients::new(
+                    d.prefixes.into_iter().map(|p| p.trunc()).collect(),
+                    directory,
+                    Duration::from_secs(d.lifetime.max(1)),
+                    Duration::from_secs(d.nak_lifetime.max(1)),
+                    d.max_clients,
+                    d.max_concurrent,
+                    Duration::from_millis(d.timeout_ms.max(1)),
+                    d.max_pending_per_flow.max(1),
+                    d.max_pending_packets.max(1),
+                    upstreams.clone(),
+                ))
+            }
+        };
         Ok(Config {
             daemon,
             upstreams,
             clients,
+            dynamic,
         })
     }
 }

@@ -108,6 +108,11 @@ const FD_RESERVE: u64 = 128;
 struct Shared {
     path: SteeringPath,
     clients: ClientTable,
+    dynamic: Option<crate::dynamic::DynamicClients>,
+    /// One channel per worker, for the outcome of dynamic definitions.
+    defined: Vec<mpsc::UnboundedSender<Defined>>,
+    /// Packets kept, in all workers, while their sources are being defined.
+    pending_packets: AtomicUsize,
     /// One channel per upstream task, by upstream name.
     upstreams: HashMap<String, mpsc::Sender<ToUpstream>>,
     /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
@@ -127,6 +132,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         daemon: config,
         upstreams,
         clients,
+        dynamic,
     } = full;
     let metrics = Metrics::new();
     let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
@@ -161,9 +167,18 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         upstreams = upstreams.len(),
         "configuration loaded"
     );
+    // Every worker hears about every definition: a source's flows can land on any of them.
+    let workers_per_listener = config.workers.max(1);
+    let n_workers = config.listen.len() * workers_per_listener;
+    let (defined_txs, mut defined_rxs): (Vec<_>, Vec<_>) = (0..n_workers)
+        .map(|_| mpsc::unbounded_channel::<Defined>())
+        .unzip();
     let shared = Arc::new(Shared {
         path,
         clients,
+        dynamic,
+        defined: defined_txs,
+        pending_packets: AtomicUsize::new(0),
         upstreams: upstream_txs,
         proxy_state,
         fastpath: fastpath.map(Mutex::new),
@@ -194,7 +209,10 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         info!(listen = %bound, workers = wildcards.len(), path = path.as_str(), "listening");
         for (i, w) in wildcards.into_iter().enumerate() {
             let socket = UdpSocket::from_std(w)?;
-            tasks.spawn(worker(shared.clone(), socket, bound, i));
+            let defined = defined_rxs
+                .pop()
+                .context("more wildcards than worker channels")?;
+            tasks.spawn(worker(shared.clone(), socket, bound, i, defined));
         }
     }
     if let Some(addr) = config.metrics_listen {
@@ -336,16 +354,51 @@ struct FlowEntry {
     tx: mpsc::Sender<Bytes>,
 }
 
+/// The outcome of a dynamic definition, sent to every worker.
+#[derive(Clone, Debug)]
+struct Defined {
+    ip: std::net::IpAddr,
+    outcome: Result<Arc<Client>, String>,
+}
+
+/// A flow whose source is being defined: its packets in arrival order.
+struct PendingFlow {
+    remote: SocketAddr,
+    local: SocketAddr,
+    packets: Vec<Bytes>,
+}
+
+/// One wildcard's state: its flows, the flows waiting for a definition, their tasks.
+struct Worker {
+    shared: Arc<Shared>,
+    bound: SocketAddr,
+    flows: HashMap<FlowKey, FlowEntry>,
+    pending: HashMap<FlowKey, PendingFlow>,
+    senders: FlowSenders,
+    tasks: JoinSet<()>,
+}
+
 /// Reads one wildcard: creates flows and injects packets into them.
-async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index: usize) {
-    let mut flows: HashMap<FlowKey, FlowEntry> = HashMap::new();
+async fn worker(
+    shared: Arc<Shared>,
+    socket: UdpSocket,
+    bound: SocketAddr,
+    index: usize,
+    mut defined: mpsc::UnboundedReceiver<Defined>,
+) {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<FlowKey>();
     let (foreign_tx, mut foreign_rx) = mpsc::unbounded_channel::<(socket::Received, Bytes)>();
-    let senders = FlowSenders {
-        ended: ended_tx,
-        foreign: foreign_tx,
+    let mut w = Worker {
+        shared: shared.clone(),
+        bound,
+        flows: HashMap::new(),
+        pending: HashMap::new(),
+        senders: FlowSenders {
+            ended: ended_tx,
+            foreign: foreign_tx,
+        },
+        tasks: JoinSet::new(),
     };
-    let mut tasks = JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
@@ -355,7 +408,7 @@ async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index
                 match r {
                     Ok(rx) => {
                         let data = Bytes::copy_from_slice(&buf[..rx.len]);
-                        on_wildcard_packet(&shared, &mut flows, &senders, &mut tasks, bound, rx, data);
+                        w.on_packet(rx, data);
                     }
                     Err(e) => debug!(worker = index, error = %e, "wildcard receive failed"),
                 }
@@ -366,99 +419,207 @@ async fn worker(shared: Arc<Shared>, socket: UdpSocket, bound: SocketAddr, index
                 if let Some(fp) = &shared.fastpath {
                     lock(fp).unregister_child(&key);
                 }
-                flows.remove(&key);
+                w.flows.remove(&key);
             }
             Some((rx, data)) = foreign_rx.recv() => {
                 // A child's datagram from another peer (see socket::is_own_datagram).
                 shared.metrics.misdelivered.inc();
-                on_wildcard_packet(&shared, &mut flows, &senders, &mut tasks, bound, rx, data);
+                w.on_packet(rx, data);
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(d) = defined.recv() => w.on_defined(d),
+            Some(_) = w.tasks.join_next(), if !w.tasks.is_empty() => {}
             () = shared.cancel.cancelled() => break,
         }
     }
-    drop(flows);
-    while tasks.join_next().await.is_some() {}
+    drop(w.flows);
+    while w.tasks.join_next().await.is_some() {}
 }
 
-fn on_wildcard_packet(
-    shared: &Arc<Shared>,
-    flows: &mut HashMap<FlowKey, FlowEntry>,
-    senders: &FlowSenders,
-    tasks: &mut JoinSet<()>,
-    bound: SocketAddr,
-    rx: socket::Received,
-    data: Bytes,
-) {
-    let key = socket::flow_key(rx.remote, rx.local);
-    if let Some(flow) = flows.get(&key) {
-        inject(shared, &flow.tx, data);
-        return;
-    }
-    let Some(client) = shared.clients.lookup(rx.remote.ip()) else {
-        shared.metrics.refuse(Refusal::UnknownClient);
-        debug!(remote = %rx.remote, "no client for this source: dropped");
-        return;
-    };
-    let Some(to_upstream) = shared.upstreams.get(&client.upstream.name).cloned() else {
-        shared.metrics.refuse(Refusal::UnknownClient);
-        return;
-    };
-    if shared.active.load(Ordering::Relaxed) >= shared.max_flows {
-        shared.metrics.refuse(Refusal::MaxFlows);
-        debug!(remote = %rx.remote, "max_flows reached: packet of a new flow dropped");
-        return;
-    }
-    let child = match socket::bind_child(shared.path, bound, rx.local, rx.remote) {
-        Ok(c) => c,
-        Err(e) => {
-            shared.metrics.refuse(Refusal::ChildSocket);
-            warn!(remote = %rx.remote, local = %rx.local, error = %e, "no child socket for a new flow");
+impl Worker {
+    fn on_packet(&mut self, rx: socket::Received, data: Bytes) {
+        let shared = self.shared.clone();
+        let key = socket::flow_key(rx.remote, rx.local);
+        if let Some(flow) = self.flows.get(&key) {
+            inject(&shared, &flow.tx, data);
             return;
         }
-    };
-    if let Some(fp) = &shared.fastpath {
-        use std::os::fd::AsRawFd;
-        if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
-            shared.metrics.refuse(Refusal::Register);
-            warn!(remote = %rx.remote, error = %e, "steer cannot take a new flow");
+        if let Some(p) = self.pending.get_mut(&key) {
+            keep_pending(&shared, p, data);
             return;
         }
-    }
-    let child = match child
-        .set_nonblocking(true)
-        .and_then(|()| UdpSocket::from_std(child))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            if let Some(fp) = &shared.fastpath {
-                lock(fp).unregister_child(&key);
+        if let Some(client) = shared.clients.lookup(rx.remote.ip()) {
+            self.create_flow(rx.remote, rx.local, client, vec![data]);
+            return;
+        }
+        let Some(dynamic) = &shared.dynamic else {
+            shared.metrics.refuse(Refusal::UnknownClient);
+            debug!(remote = %rx.remote, "no client for this source: dropped");
+            return;
+        };
+        use crate::dynamic::Resolution;
+        match dynamic.resolve(rx.remote.ip(), std::time::Instant::now()) {
+            Resolution::Client(client) => self.create_flow(rx.remote, rx.local, client, vec![data]),
+            Resolution::Refused => shared.metrics.refuse(Refusal::DirectoryRefused),
+            Resolution::NotDynamic => {
+                shared.metrics.refuse(Refusal::UnknownClient);
+                debug!(remote = %rx.remote, "no client for this source: dropped");
             }
-            shared.metrics.refuse(Refusal::ChildSocket);
-            warn!(remote = %rx.remote, error = %e, "child socket not usable");
+            Resolution::Defining { start } => {
+                let mut p = PendingFlow {
+                    remote: rx.remote,
+                    local: rx.local,
+                    packets: Vec::new(),
+                };
+                keep_pending(&shared, &mut p, data);
+                self.pending.insert(key, p);
+                if start {
+                    let shared = shared.clone();
+                    let ip = rx.remote.ip();
+                    info!(%ip, "defining a dynamic client");
+                    // Not in the worker's JoinSet: a definition outlives no shutdown wait.
+                    tokio::spawn(async move {
+                        let Some(dynamic) = &shared.dynamic else {
+                            return;
+                        };
+                        let outcome = dynamic.define(ip).await;
+                        match &outcome {
+                            Ok(c) => info!(%ip, client = %c.name, "dynamic client defined"),
+                            Err(reason) => {
+                                warn!(%ip, %reason, "dynamic client refused");
+                                if let Some(fp) = &shared.fastpath
+                                    && let Err(e) = lock(fp).add_negative(ip, dynamic.nak_lifetime)
+                                {
+                                    debug!(%ip, error = %e, "no negative entry");
+                                }
+                            }
+                        }
+                        for tx in &shared.defined {
+                            let _ = tx.send(Defined {
+                                ip,
+                                outcome: outcome.clone(),
+                            });
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// A definition finished: make the flows that waited for it, and inject their packets
+    /// in arrival order; or drop them, counted, on a refusal.
+    fn on_defined(&mut self, d: Defined) {
+        let keys: Vec<FlowKey> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.remote.ip() == d.ip)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            self.shared
+                .pending_packets
+                .fetch_sub(p.packets.len(), Ordering::Relaxed);
+            match &d.outcome {
+                Ok(client) => self.create_flow(p.remote, p.local, client.clone(), p.packets),
+                Err(_) => {
+                    for _ in &p.packets {
+                        self.shared.metrics.refuse(Refusal::DirectoryRefused);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes a flow: its child socket (registered with steer on the fast path), its task,
+    /// and the packets that reached the wildcard for it, injected in order.
+    fn create_flow(
+        &mut self,
+        remote: SocketAddr,
+        local: SocketAddr,
+        client: Arc<Client>,
+        packets: Vec<Bytes>,
+    ) {
+        let shared = &self.shared;
+        let key = socket::flow_key(remote, local);
+        let Some(to_upstream) = shared.upstreams.get(&client.upstream.name).cloned() else {
+            shared.metrics.refuse(Refusal::UnknownClient);
+            return;
+        };
+        if shared.active.load(Ordering::Relaxed) >= shared.max_flows {
+            shared.metrics.refuse(Refusal::MaxFlows);
+            debug!(%remote, "max_flows reached: packet of a new flow dropped");
             return;
         }
+        let child = match socket::bind_child(shared.path, self.bound, local, remote) {
+            Ok(c) => c,
+            Err(e) => {
+                shared.metrics.refuse(Refusal::ChildSocket);
+                warn!(%remote, %local, error = %e, "no child socket for a new flow");
+                return;
+            }
+        };
+        if let Some(fp) = &shared.fastpath {
+            use std::os::fd::AsRawFd;
+            if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
+                shared.metrics.refuse(Refusal::Register);
+                warn!(%remote, error = %e, "steer cannot take a new flow");
+                return;
+            }
+        }
+        let child = match child
+            .set_nonblocking(true)
+            .and_then(|()| UdpSocket::from_std(child))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(fp) = &shared.fastpath {
+                    lock(fp).unregister_child(&key);
+                }
+                shared.metrics.refuse(Refusal::ChildSocket);
+                warn!(%remote, error = %e, "child socket not usable");
+                return;
+            }
+        };
+        let (tx, rx_chan) = mpsc::channel(shared.flow_queue.max(packets.len()));
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.flows_created.inc();
+        shared.metrics.flows_active.inc();
+        debug!(%remote, %local, client = %client.name, path = shared.path.as_str(), "flow created");
+        for data in packets {
+            inject(shared, &tx, data);
+        }
+        self.flows.insert(key, FlowEntry { tx });
+        self.tasks.spawn(flow_task(
+            FlowCtx {
+                shared: shared.clone(),
+                key,
+                remote,
+                local,
+                client,
+                to_upstream,
+            },
+            child,
+            rx_chan,
+            self.senders.clone(),
+        ));
+    }
+}
+
+/// Keeps a packet of a source being defined, within the per-flow and global bounds.
+fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: Bytes) {
+    let Some(dynamic) = &shared.dynamic else {
+        return;
     };
-    let (tx, rx_chan) = mpsc::channel(shared.flow_queue);
-    shared.active.fetch_add(1, Ordering::Relaxed);
-    shared.metrics.flows_created.inc();
-    shared.metrics.flows_active.inc();
-    debug!(remote = %rx.remote, local = %rx.local, path = shared.path.as_str(), "flow created");
-    inject(shared, &tx, data);
-    flows.insert(key, FlowEntry { tx });
-    tasks.spawn(flow_task(
-        FlowCtx {
-            shared: shared.clone(),
-            key,
-            remote: rx.remote,
-            local: rx.local,
-            client,
-            to_upstream,
-        },
-        child,
-        rx_chan,
-        senders.clone(),
-    ));
+    if p.packets.len() >= dynamic.max_pending_per_flow
+        || shared.pending_packets.load(Ordering::Relaxed) >= dynamic.max_pending_packets
+    {
+        shared.metrics.refuse(Refusal::PendingFull);
+        return;
+    }
+    shared.pending_packets.fetch_add(1, Ordering::Relaxed);
+    p.packets.push(data);
 }
 
 fn inject(shared: &Shared, tx: &mpsc::Sender<Bytes>, data: Bytes) {

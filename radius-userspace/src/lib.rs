@@ -5,12 +5,13 @@
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
 //! - [`daemon`]: listeners, the flow table and per-flow tasks (the thin tokio driver).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
-//! - [`config`], [`client`], [`proxy`]: the configuration model, the client table, and
-//!   forwarding (sans-IO).
+//! - [`config`], [`client`], [`dynamic`], [`proxy`]: the configuration model, static and
+//!   dynamic clients, and forwarding (sans-IO).
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod dynamic;
 pub mod fastpath;
 pub mod metrics;
 pub mod proxy;

@@ -37,6 +37,10 @@ pub enum Refusal {
     QueueFull,
     /// The source is in no client's prefix.
     UnknownClient,
+    /// The directory refused the source (or failed); counted once per packet.
+    DirectoryRefused,
+    /// The packet queue of a source being defined was full.
+    PendingFull,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

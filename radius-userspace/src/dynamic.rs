@@ -1,0 +1,428 @@
+//! Dynamic clients: NASes in prefixes marked dynamic are defined at run time by a
+//! *directory* (a TOML file reloaded when it changes, or an HTTP endpoint). Definitions are
+//! cached for `lifetime`, refusals for `nak_lifetime`; at most `max_concurrent` run at once
+//! and at most `max_clients` are kept. The worker keeps the packets of a source being
+//! defined and injects them, in arrival order, once it is (see `daemon`).
+//!
+//! SQL directories (SQLite, PostgreSQL with FreeRADIUS's `nas` table) come next.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{client::Client, codec::auth::Secret, proxy::Upstream};
+
+/// What a directory says about one source address.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub secret: String,
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub require_message_authenticator: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("directory file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("HTTP directory: {0}")]
+    Http(String),
+    #[error("the directory took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+/// Where definitions come from.
+#[derive(Debug)]
+pub enum Directory {
+    /// A TOML file of `[[client]] prefix = "...", secret = "..."` entries.
+    File(FileDirectory),
+    /// `GET <url>?address=<ip>`: 200 with a JSON definition, 404 for a refusal.
+    Http { url: String },
+}
+
+/// The entries of a directory file, most specific prefix first, and the file's mtime.
+type Loaded = (SystemTime, Vec<(IpNet, Definition)>);
+
+#[derive(Debug)]
+pub struct FileDirectory {
+    pub path: PathBuf,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntries {
+    #[serde(default)]
+    client: Vec<FileEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    prefix: IpNet,
+    #[serde(flatten)]
+    def: Definition,
+}
+
+impl FileDirectory {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// The most specific entry holding `ip`; the file is re-read when its mtime changes.
+    fn lookup(&self, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
+        let err = |message: String| DirectoryError::File {
+            path: self.path.display().to_string(),
+            message,
+        };
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .map_err(|e| err(e.to_string()))?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.as_ref().is_none_or(|(t, _)| *t != mtime) {
+            let text = std::fs::read_to_string(&self.path).map_err(|e| err(e.to_string()))?;
+            let entries: FileEntries = toml::from_str(&text).map_err(|e| {
+                let line = e.span().map_or(0, |s| {
+                    text[..s.start.min(text.len())].matches('\n').count() + 1
+                });
+                err(format!("line {line}: {}", e.message()))
+            })?;
+            let mut v: Vec<(IpNet, Definition)> = entries
+                .client
+                .into_iter()
+                .map(|e| (e.prefix.trunc(), e.def))
+                .collect();
+            v.sort_by_key(|(p, _)| std::cmp::Reverse(p.prefix_len()));
+            *loaded = Some((mtime, v));
+        }
+        Ok(loaded
+            .as_ref()
+            .and_then(|(_, v)| v.iter().find(|(p, _)| p.contains(&ip)))
+            .map(|(_, d)| d.clone()))
+    }
+}
+
+impl Directory {
+    /// Asks the directory about `ip`: `Ok(None)` is a refusal.
+    pub async fn define(&self, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
+        match self {
+            Directory::File(f) => f.lookup(ip),
+            Directory::Http { url } => http_define(url, ip).await,
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no TLS): the directory is a service next to the sidecar.
+async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
+    let e = |m: String| DirectoryError::Http(m);
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| e(format!("`{url}`: only http:// is supported")))?;
+    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr: SocketAddr = hostport
+        .parse()
+        .map_err(|_| e(format!("`{hostport}` is not an address:port")))?;
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|x| e(format!("connect {addr}: {x}")))?;
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let req = format!(
+        "GET /{path}{sep}address={ip} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes())
+        .await
+        .map_err(|x| e(x.to_string()))?;
+    let mut resp = Vec::new();
+    conn.take(64 * 1024)
+        .read_to_end(&mut resp)
+        .await
+        .map_err(|x| e(x.to_string()))?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| e("no HTTP header".into()))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| e("no HTTP status".into()))?;
+    match status {
+        200 => serde_json::from_str(body.trim())
+            .map(Some)
+            .map_err(|x| e(format!("JSON answer: {x}"))),
+        404 | 403 => Ok(None),
+        s => Err(e(format!("status {s}"))),
+    }
+}
+
+/// The cache state of one source address.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Defining,
+    Defined { client: Arc<Client>, until: Instant },
+    Refused { until: Instant },
+}
+
+/// What the worker should do with a packet from an unknown source.
+#[derive(Debug)]
+pub enum Resolution {
+    /// Defined (cached): make the flow with this client.
+    Client(Arc<Client>),
+    /// A definition runs (`start`: this call must start it): keep the packet.
+    Defining { start: bool },
+    /// Refused (cached), or over `max_clients`.
+    Refused,
+    /// Not in a dynamic prefix.
+    NotDynamic,
+}
+
+/// Dynamic client settings and state, shared by the workers.
+#[derive(Debug)]
+pub struct DynamicClients {
+    pub prefixes: Vec<IpNet>,
+    pub directory: Directory,
+    pub lifetime: Duration,
+    pub nak_lifetime: Duration,
+    pub max_clients: usize,
+    pub timeout: Duration,
+    pub max_pending_per_flow: usize,
+    pub max_pending_packets: usize,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub concurrency: tokio::sync::Semaphore,
+    cache: Mutex<HashMap<IpAddr, Entry>>,
+}
+
+impl DynamicClients {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "built once from the configuration"
+    )]
+    pub fn new(
+        prefixes: Vec<IpNet>,
+        directory: Directory,
+        lifetime: Duration,
+        nak_lifetime: Duration,
+        max_clients: usize,
+        max_concurrent: usize,
+        timeout: Duration,
+        max_pending_per_flow: usize,
+        max_pending_packets: usize,
+        upstreams: Vec<Arc<Upstream>>,
+    ) -> Self {
+        Self {
+            prefixes,
+            directory,
+            lifetime,
+            nak_lifetime,
+            max_clients,
+            timeout,
+            max_pending_per_flow,
+            max_pending_packets,
+            upstreams,
+            concurrency: tokio::sync::Semaphore::new(max_concurrent.max(1)),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks `ip` up and, when nobody is defining it yet, marks it as being defined.
+    /// Taken once per new flow, never per packet of a flow.
+    pub fn resolve(&self, ip: IpAddr, now: Instant) -> Resolution {
+        if !self.prefixes.iter().any(|p| p.contains(&ip)) {
+            return Resolution::NotDynamic;
+        }
+        let mut cache = self.cache();
+        match cache.get(&ip) {
+            Some(Entry::Defined { client, until }) if *until > now => {
+                Resolution::Client(client.clone())
+            }
+            Some(Entry::Refused { until }) if *until > now => Resolution::Refused,
+            Some(Entry::Defining) => Resolution::Defining { start: false },
+            _ => {
+                let live = cache
+                    .values()
+                    .filter(|e| matches!(e, Entry::Defined { until, .. } if *until > now))
+                    .count();
+                if live >= self.max_clients {
+                    cache.retain(|_, e| match e {
+                        Entry::Defined { until, .. } | Entry::Refused { until } => *until > now,
+                        Entry::Defining => true,
+                    });
+                    if live >= self.max_clients {
+                        return Resolution::Refused;
+                    }
+                }
+                cache.insert(ip, Entry::Defining);
+                Resolution::Defining { start: true }
+            }
+        }
+    }
+
+    /// Runs the directory for `ip` (bounded in concurrency and time) and records the
+    /// outcome: the client, or `None` for a refusal (with its reason).
+    pub async fn define(&self, ip: IpAddr) -> Result<Arc<Client>, String> {
+        let _permit = self.concurrency.acquire().await;
+        let answer = match tokio::time::timeout(self.timeout, self.directory.define(ip)).await {
+            Ok(r) => r,
+            Err(_) => Err(DirectoryError::Timeout(self.timeout)),
+        };
+        let now = Instant::now();
+        let outcome = match answer {
+            Ok(Some(d)) => self.client_of(ip, d),
+            Ok(None) => Err("refused by the directory".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        let entry = match &outcome {
+            Ok(c) => Entry::Defined {
+                client: c.clone(),
+                until: now + self.lifetime,
+            },
+            Err(_) => Entry::Refused {
+                until: now + self.nak_lifetime,
+            },
+        };
+        self.cache().insert(ip, entry);
+        outcome
+    }
+
+    fn client_of(&self, ip: IpAddr, d: Definition) -> Result<Arc<Client>, String> {
+        if d.secret.is_empty() {
+            return Err("the directory gave an empty secret".into());
+        }
+        let upstream = match &d.upstream {
+            Some(name) => self.upstreams.iter().find(|u| u.name == *name).cloned(),
+            None => self.upstreams.first().cloned(),
+        }
+        .ok_or_else(|| format!("the directory named an unknown upstream {:?}", d.upstream))?;
+        Ok(Arc::new(Client {
+            name: d.name.unwrap_or_else(|| ip.to_string()),
+            prefix: IpNet::from(ip),
+            secret: Secret::new(d.secret.as_bytes()),
+            upstream,
+            require_message_authenticator: d.require_message_authenticator,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream() -> Arc<Upstream> {
+        Arc::new(Upstream {
+            name: "u".into(),
+            auth: "127.0.0.1:1".parse().unwrap(),
+            acct: None,
+            secret: Secret::new(b"u"),
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    fn dynamic(path: PathBuf, max_clients: usize) -> DynamicClients {
+        DynamicClients::new(
+            vec!["203.0.113.0/24".parse().unwrap()],
+            Directory::File(FileDirectory::new(path)),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            max_clients,
+            4,
+            Duration::from_secs(1),
+            16,
+            100,
+            vec![upstream()],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_file_directory_defines_refuses_and_is_reloaded() {
+        let path = std::env::temp_dir().join(format!("rs-dir-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[[client]]\nprefix = \"203.0.113.0/28\"\nsecret = \"s1\"\nname = \"ap\"\n",
+        )
+        .unwrap();
+        let d = dynamic(path.clone(), 10);
+        let now = Instant::now();
+        let ip: IpAddr = "203.0.113.5".parse().unwrap();
+        assert!(matches!(
+            d.resolve("192.0.2.1".parse().unwrap(), now),
+            Resolution::NotDynamic
+        ));
+        assert!(matches!(
+            d.resolve(ip, now),
+            Resolution::Defining { start: true }
+        ));
+        assert!(matches!(
+            d.resolve(ip, now),
+            Resolution::Defining { start: false }
+        ));
+        let c = d.define(ip).await.unwrap();
+        assert_eq!(c.name, "ap");
+        assert!(matches!(
+            d.resolve(ip, Instant::now()),
+            Resolution::Client(_)
+        ));
+        let other: IpAddr = "203.0.113.200".parse().unwrap();
+        assert!(matches!(
+            d.resolve(other, now),
+            Resolution::Defining { start: true }
+        ));
+        assert!(d.define(other).await.is_err());
+        assert!(matches!(
+            d.resolve(other, Instant::now()),
+            Resolution::Refused
+        ));
+        // After the refusal expires, a changed file is read again.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(
+            &path,
+            "[[client]]\nprefix = \"203.0.113.0/24\"\nsecret = \"s2\"\n",
+        )
+        .unwrap();
+        let later = Instant::now() + Duration::from_secs(6);
+        assert!(matches!(
+            d.resolve(other, later),
+            Resolution::Defining { start: true }
+        ));
+        assert!(d.define(other).await.is_ok());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test]
+    async fn max_clients_bounds_the_cache() {
+        let path = std::env::temp_dir().join(format!("rs-dir2-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[[client]]\nprefix = \"203.0.113.0/24\"\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        let d = dynamic(path.clone(), 1);
+        let (a, b): (IpAddr, IpAddr) = (
+            "203.0.113.1".parse().unwrap(),
+            "203.0.113.2".parse().unwrap(),
+        );
+        assert!(matches!(
+            d.resolve(a, Instant::now()),
+            Resolution::Defining { start: true }
+        ));
+        d.define(a).await.unwrap();
+        assert!(matches!(d.resolve(b, Instant::now()), Resolution::Refused));
+        let _ = std::fs::remove_file(&path);
+    }
+}
