@@ -12,7 +12,7 @@ use crate::{
     client::{Client, ClientTable},
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode},
-    dynamic::{Directory, DynamicClients, FileDirectory},
+    dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
     proxy::Upstream,
 };
 
@@ -49,7 +49,9 @@ struct DynamicSection {
     directory: String,
     /// For "file": a TOML file of `[[client]]` entries (relative to this file).
     file: Option<String>,
-    /// For "http": `GET <url>?address=<ip>`, JSON answer, 404 to refuse.
+    /// For "http": `GET <url>?address=<ip>`, JSON answer, 404 to refuse. For "sql":
+    /// `sqlite:///path/radius.db` or `postgres://user:pass@host/radius` (FreeRADIUS's `nas`
+    /// table).
     url: Option<String>,
     #[serde(default = "d_timeout")]
     timeout_ms: u64,
@@ -360,11 +362,21 @@ impl Config {
                             )
                         })?,
                     },
+                    "sql" => Directory::Sql(SqlDirectory::new(
+                        d.url.ok_or_else(|| {
+                            err(
+                                span.clone(),
+                                "dynamic.url",
+                                "required for directory = \"sql\"".into(),
+                            )
+                        })?,
+                        upstreams.iter().map(|u| u.name.clone()).collect(),
+                    )),
                     other => {
                         return Err(err(
                             span,
                             "dynamic.directory",
-                            format!("`{other}`: expected \"file\" or \"http\""),
+                            format!("`{other}`: expected \"file\", \"http\" or \"sql\""),
                         ));
                     }
                 };

@@ -1,10 +1,9 @@
 //! Dynamic clients: NASes in prefixes marked dynamic are defined at run time by a
-//! *directory* (a TOML file reloaded when it changes, or an HTTP endpoint). Definitions are
+//! *directory*: a TOML file reloaded when it changes, an HTTP endpoint, or SQL (SQLite, or
+//! PostgreSQL shared between sidecars) reading FreeRADIUS's own `nas` table as it is. Definitions are
 //! cached for `lifetime`, refusals for `nak_lifetime`; at most `max_concurrent` run at once
 //! and at most `max_clients` are kept. The worker keeps the packets of a source being
 //! defined and injects them, in arrival order, once it is (see `daemon`).
-//!
-//! SQL directories (SQLite, PostgreSQL with FreeRADIUS's `nas` table) come next.
 
 use std::{
     collections::HashMap,
@@ -37,6 +36,8 @@ pub enum DirectoryError {
     File { path: String, message: String },
     #[error("HTTP directory: {0}")]
     Http(String),
+    #[error("SQL directory: {0}")]
+    Sql(String),
     #[error("the directory took longer than {0:?}")]
     Timeout(Duration),
 }
@@ -48,6 +49,104 @@ pub enum Directory {
     File(FileDirectory),
     /// `GET <url>?address=<ip>`: 200 with a JSON definition, 404 for a refusal.
     Http { url: String },
+    /// FreeRADIUS's `nas` table (nasname as address or prefix, shortname, secret, server).
+    Sql(SqlDirectory),
+}
+
+/// A connection pool, opened on first use (`sqlite:` or `postgres://` URL).
+#[derive(Debug)]
+pub struct SqlDirectory {
+    pub url: String,
+    /// Upstream names: a row's `server` column picks one when it names one.
+    upstreams: Vec<String>,
+    pool: tokio::sync::OnceCell<SqlPool>,
+}
+
+#[derive(Debug)]
+enum SqlPool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+type NasRow = (String, Option<String>, String, Option<String>);
+
+impl SqlDirectory {
+    pub fn new(url: String, upstreams: Vec<String>) -> Self {
+        Self {
+            url,
+            upstreams,
+            pool: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn pool(&self) -> Result<&SqlPool, DirectoryError> {
+        let e = |m: String| DirectoryError::Sql(m);
+        self.pool
+            .get_or_try_init(|| async {
+                if self.url.starts_with("sqlite:") {
+                    sqlx::sqlite::SqlitePoolOptions::new()
+                        .max_connections(4)
+                        .connect(&self.url)
+                        .await
+                        .map(SqlPool::Sqlite)
+                        .map_err(|x| e(x.to_string()))
+                } else if self.url.starts_with("postgres://")
+                    || self.url.starts_with("postgresql://")
+                {
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(4)
+                        .connect(&self.url)
+                        .await
+                        .map(SqlPool::Postgres)
+                        .map_err(|x| e(x.to_string()))
+                } else {
+                    Err(e("url must start with sqlite: or postgres://".into()))
+                }
+            })
+            .await
+    }
+
+    /// The row whose nasname (an address, or a prefix) holds `ip` most specifically.
+    async fn lookup(&self, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
+        let e = |x: sqlx::Error| DirectoryError::Sql(x.to_string());
+        // Exact addresses through the index; prefixes are few and matched here.
+        let rows: Vec<NasRow> = match self.pool().await? {
+            SqlPool::Sqlite(p) => sqlx::query_as(
+                "SELECT nasname, shortname, secret, server FROM nas \
+                 WHERE nasname = ?1 OR nasname LIKE '%/%'",
+            )
+            .bind(ip.to_string())
+            .fetch_all(p)
+            .await
+            .map_err(e)?,
+            SqlPool::Postgres(p) => sqlx::query_as(
+                "SELECT nasname, shortname, secret, server FROM nas \
+                 WHERE nasname = $1 OR nasname LIKE '%/%'",
+            )
+            .bind(ip.to_string())
+            .fetch_all(p)
+            .await
+            .map_err(e)?,
+        };
+        let best = rows
+            .into_iter()
+            .filter_map(|r| {
+                let net =
+                    r.0.parse::<IpNet>()
+                        .ok()
+                        .or_else(|| r.0.parse::<IpAddr>().ok().map(IpNet::from))?;
+                net.contains(&ip).then_some((net.prefix_len(), r))
+            })
+            .max_by_key(|(len, _)| *len);
+        Ok(best.map(|(_, (_, shortname, secret, server))| Definition {
+            secret,
+            name: shortname.filter(|s| !s.is_empty()),
+            // FreeRADIUS's `server` is a virtual server; it picks an upstream only when one
+            // has that name.
+            upstream: server.filter(|s| self.upstreams.contains(s)),
+            require_message_authenticator: false,
+        }))
+    }
 }
 
 /// The entries of a directory file, most specific prefix first, and the file's mtime.
@@ -121,6 +220,7 @@ impl Directory {
         match self {
             Directory::File(f) => f.lookup(ip),
             Directory::Http { url } => http_define(url, ip).await,
+            Directory::Sql(sql) => sql.lookup(ip).await,
         }
     }
 }

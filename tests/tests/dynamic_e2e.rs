@@ -64,6 +64,17 @@ fn directory(ns: &NetNs, delay: Duration) -> (u16, Arc<Mutex<HashMap<String, usi
 }
 
 fn start(topo: &Topology, fast: bool, directory_port: u16) -> Daemon {
+    start_with(
+        topo,
+        fast,
+        &format!(
+            "directory = \"http\"\nurl = \"http://127.0.0.1:{directory_port}/nas\"\ntimeout_ms = 3000\n"
+        ),
+    )
+}
+
+/// The sidecar with a `[dynamic]` section over NAS1's network using `directory`.
+fn start_with(topo: &Topology, fast: bool, directory: &str) -> Daemon {
     let config = std::env::temp_dir().join(format!(
         "rs-dyn-{}-{}.toml",
         std::process::id(),
@@ -86,11 +97,8 @@ secret = "{UPSTREAM_SECRET}"
 
 [dynamic]
 prefixes = ["192.0.2.0/24"]
-directory = "http"
-url = "http://127.0.0.1:{directory_port}/nas"
-timeout_ms = 3000
 nak_lifetime = 30
-"#,
+{directory}"#,
             if fast { "require" } else { "off" }
         ),
     )
@@ -244,4 +252,221 @@ fn a_refused_nas_is_not_served_and_xdp_drops_it_afterwards() {
         "the negative entry drops the refused source in XDP"
     );
     assert_eq!(asked.lock().unwrap().get(REFUSED_IP), Some(&1));
+}
+
+/// Sends 10 requests from `ip` and returns how many verified Access-Accepts came back.
+fn accepted_from(topo: &Topology, ip: &'static str) -> usize {
+    let nas = topo.nas1.run(move || {
+        let s = UdpSocket::bind((ip, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s
+    });
+    let to = format!("{SIDECAR1_V4}:1812");
+    let mut sent = HashMap::new();
+    for id in 0..10u8 {
+        let (p, a) = access_request(id, NAS_SECRET);
+        nas.send_to(&p, &to).unwrap();
+        sent.insert(id, a);
+    }
+    let mut buf = [0u8; 4096];
+    let mut ok = 0;
+    while let Ok(n) = nas.recv(&mut buf) {
+        let r = Packet::parse(&buf[..n]).unwrap();
+        if let Some(a) = sent.get(&r.identifier())
+            && r.code() == Code::AccessAccept
+            && auth::verify(&r, NAS_SECRET.as_bytes(), Some(a)).is_ok()
+        {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// Rows of FreeRADIUS's `nas` table: NAS1 by address, with its own secret; REFUSED_IP is in
+/// no row.
+const NAS_ROWS: &str = "INSERT INTO nas (nasname, shortname, type, secret, server) VALUES \
+     ('192.0.2.2', 'nas1-sql', 'other', 'dynamic-nas-secret', NULL), \
+     ('192.0.2.128/25', 'other-half', 'other', 'x', NULL);";
+
+fn sql_directory(url: String, topo: &Topology) {
+    topo.nas1
+        .ip(&["addr", "add", &format!("{REFUSED_IP}/24"), "dev", "nas"]);
+    let _fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        "alice\tCleartext-Password := \"alice-pw\"\n",
+        11812,
+    );
+    let _d = start_with(
+        topo,
+        true,
+        &format!("directory = \"sql\"\nurl = \"{url}\"\n"),
+    );
+    assert_eq!(
+        accepted_from(topo, NAS1_V4),
+        10,
+        "a NAS in the nas table is defined and served"
+    );
+    assert_eq!(
+        accepted_from(topo, REFUSED_IP),
+        0,
+        "a NAS in no row is refused"
+    );
+}
+
+#[test]
+fn sqlite_directory_reads_freeradius_nas_table() {
+    if !require_root("sqlite directory") {
+        return;
+    }
+    let topo = Topology::new();
+    let db = std::env::temp_dir().join(format!("rs-nas-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let schema =
+        std::fs::read_to_string("/etc/freeradius/3.0/mods-config/sql/main/sqlite/schema.sql")
+            .expect("FreeRADIUS's SQLite schema (package freeradius)");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&schema).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(NAS_ROWS).execute(&mut c).await.unwrap();
+        });
+    sql_directory(format!("sqlite://{}", db.display()), &topo);
+    let _ = std::fs::remove_file(&db);
+}
+
+/// A private PostgreSQL in the sidecar's namespace, from Debian's package; stopped on drop.
+struct Postgres {
+    dir: std::path::PathBuf,
+    ns: String,
+}
+
+impl Postgres {
+    const PORT: u16 = 15432;
+
+    fn start(ns: &NetNs) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL (package postgresql)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!("rs-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = |args: &[&str]| {
+            let st = ns
+                .command("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "{args:?}");
+        };
+        assert!(
+            std::process::Command::new("chown")
+                .args(["postgres:postgres", dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let data = dir.join("data");
+        run(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "--auth=trust",
+            "-U",
+            "postgres",
+        ]);
+        run(&[
+            bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-w",
+            "-l",
+            dir.join("log").to_str().unwrap(),
+            "-o",
+            &format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                Self::PORT,
+                dir.display()
+            ),
+            "start",
+        ]);
+        let pg = Self {
+            dir,
+            ns: ns.name.clone(),
+        };
+        // FreeRADIUS's own schema, copied where the postgres user may read it.
+        let schema = pg.dir.join("schema.sql");
+        std::fs::copy(
+            "/etc/freeradius/3.0/mods-config/sql/main/postgresql/schema.sql",
+            &schema,
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&schema, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let port = Self::PORT.to_string();
+        run(&[
+            "psql",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-f",
+            schema.to_str().unwrap(),
+        ]);
+        run(&[
+            "psql",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-c",
+            NAS_ROWS,
+        ]);
+        pg
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "runuser", "-u", "postgres", "--", "sh", "-c",
+            ])
+            .arg(format!(
+                "$(ls -d /usr/lib/postgresql/*/bin | head -1)/pg_ctl -D {} -m immediate stop",
+                self.dir.join("data").display()
+            ))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn postgresql_directory_reads_freeradius_nas_table() {
+    if !require_root("postgresql directory") {
+        return;
+    }
+    let topo = Topology::new();
+    let _pg = Postgres::start(&topo.sidecar);
+    sql_directory(
+        format!("postgres://postgres@127.0.0.1:{}/postgres", Postgres::PORT),
+        &topo,
+    );
 }

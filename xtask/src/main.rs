@@ -18,13 +18,15 @@ use clap::{Parser, Subcommand};
 /// The bpf-linker that works with the nightly's LLVM here (see shared ebpf-toolchain notes).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the tests need: ip, setpriv, and the real RADIUS peers (FreeRADIUS,
-/// radclient, eapol_test; ssl-cert gives FreeRADIUS's EAP module its snakeoil certificate).
+/// radclient, eapol_test, PostgreSQL for the shared directory; ssl-cert gives FreeRADIUS's
+/// EAP module its snakeoil certificate).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "freeradius",
     "freeradius-utils",
     "eapoltest",
+    "postgresql",
     "ssl-cert",
     "ca-certificates",
 ];
