@@ -547,14 +547,24 @@ impl Worker {
             shared.metrics.refuse(Refusal::UnknownClient);
             return;
         };
-        if shared.active.load(Ordering::Relaxed) >= shared.max_flows {
+        // Reserve the slot atomically: workers create flows concurrently.
+        let max = shared.max_flows;
+        if shared
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
             shared.metrics.refuse(Refusal::MaxFlows);
             debug!(%remote, "max_flows reached: packet of a new flow dropped");
             return;
         }
+        let release = || shared.active.fetch_sub(1, Ordering::AcqRel);
         let child = match socket::bind_child(shared.path, self.bound, local, remote) {
             Ok(c) => c,
             Err(e) => {
+                release();
                 shared.metrics.refuse(Refusal::ChildSocket);
                 warn!(%remote, %local, error = %e, "no child socket for a new flow");
                 return;
@@ -563,6 +573,7 @@ impl Worker {
         if let Some(fp) = &shared.fastpath {
             use std::os::fd::AsRawFd;
             if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
+                release();
                 shared.metrics.refuse(Refusal::Register);
                 warn!(%remote, error = %e, "steer cannot take a new flow");
                 return;
@@ -577,13 +588,13 @@ impl Worker {
                 if let Some(fp) = &shared.fastpath {
                     lock(fp).unregister_child(&key);
                 }
+                release();
                 shared.metrics.refuse(Refusal::ChildSocket);
                 warn!(%remote, error = %e, "child socket not usable");
                 return;
             }
         };
         let (tx, rx_chan) = mpsc::channel(shared.flow_queue.max(packets.len()));
-        shared.active.fetch_add(1, Ordering::Relaxed);
         shared.metrics.flows_created.inc();
         shared.metrics.flows_active.inc();
         debug!(%remote, %local, client = %client.name, path = shared.path.as_str(), "flow created");
