@@ -3,11 +3,26 @@
 //! around it). Transport-neutral: UDP flows, and later TCP/TLS connections, ask the same
 //! table.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
-use crate::{codec::auth::Secret, proxy::Upstream};
+use crate::{
+    codec::{Packet, attr, auth, auth::Secret},
+    proxy::Upstream,
+};
+
+/// Which NAS behind a shared address (NAT) an entry is: the flow learns it from its first
+/// request whose Message-Authenticator proves the entry's secret and that carries this
+/// attribute value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NasKey {
+    Identifier(String),
+    IpAddress(Ipv4Addr),
+}
 
 /// One client definition.
 #[derive(Debug)]
@@ -17,6 +32,40 @@ pub struct Client {
     pub secret: Secret,
     pub upstream: Arc<Upstream>,
     pub require_message_authenticator: bool,
+    /// Set when several NASes share the prefix, each with its own secret.
+    pub nas_key: Option<NasKey>,
+}
+
+/// What a new flow knows of its client.
+#[derive(Clone, Debug)]
+pub enum Binding {
+    One(Arc<Client>),
+    /// Several NASes behind one address: the first proven request decides.
+    Nat(Arc<[Arc<Client>]>),
+}
+
+/// Which of `candidates` sent `packet`: a Message-Authenticator that verifies under its
+/// secret, and its NAS-Identifier or NAS-IP-Address. Without a Message-Authenticator nothing
+/// is proven (NAT mode requires one).
+pub fn identify(candidates: &[Arc<Client>], packet: &[u8]) -> Option<Arc<Client>> {
+    let p = Packet::parse(packet).ok()?;
+    p.message_authenticator_offset()?;
+    let ident = p.get(attr::NAS_IDENTIFIER).map(|a| a.value);
+    let ip = p
+        .get(attr::NAS_IP_ADDRESS)
+        .and_then(|a| <[u8; 4]>::try_from(a.value).ok())
+        .map(Ipv4Addr::from);
+    candidates
+        .iter()
+        .find(|c| {
+            let named = match &c.nas_key {
+                Some(NasKey::Identifier(id)) => ident == Some(id.as_bytes()),
+                Some(NasKey::IpAddress(a)) => ip == Some(*a),
+                None => true,
+            };
+            named && auth::verify(&p, &c.secret, None).is_ok()
+        })
+        .cloned()
 }
 
 /// Static clients, longest prefix first.
@@ -26,9 +75,13 @@ pub struct ClientTable {
 }
 
 impl ClientTable {
-    /// Adds a client; false when its prefix is already defined.
+    /// Adds a client; false when its prefix is already defined, unless every entry of the
+    /// prefix names its NAS (NAT) and this name is new.
     pub fn insert(&mut self, c: Client) -> bool {
-        if self.by_len.iter().any(|x| x.prefix == c.prefix) {
+        if self.by_len.iter().any(|x| {
+            x.prefix == c.prefix
+                && (x.nas_key.is_none() || c.nas_key.is_none() || x.nas_key == c.nas_key)
+        }) {
             return false;
         }
         let pos = self
@@ -42,11 +95,29 @@ impl ClientTable {
 
     /// The most specific client whose prefix holds `ip` (IPv4-mapped IPv6 counts as IPv4).
     pub fn lookup(&self, ip: IpAddr) -> Option<Arc<Client>> {
+        match self.binding(ip)? {
+            Binding::One(c) => Some(c),
+            Binding::Nat(_) => None,
+        }
+    }
+
+    /// The client of a new flow from `ip`, or the NASes that share its prefix.
+    pub fn binding(&self, ip: IpAddr) -> Option<Binding> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        self.by_len.iter().find(|c| c.prefix.contains(&ip)).cloned()
+        let first = self.by_len.iter().find(|c| c.prefix.contains(&ip))?;
+        if first.nas_key.is_none() {
+            return Some(Binding::One(first.clone()));
+        }
+        let same: Vec<Arc<Client>> = self
+            .by_len
+            .iter()
+            .filter(|c| c.prefix == first.prefix)
+            .cloned()
+            .collect();
+        Some(Binding::Nat(same.into()))
     }
 
     pub fn len(&self) -> usize {
@@ -76,7 +147,57 @@ mod tests {
                 timeout: Duration::from_secs(1),
             }),
             require_message_authenticator: false,
+            nas_key: None,
         }
+    }
+
+    #[test]
+    fn nas_behind_one_address_are_told_apart_by_their_proven_secret() {
+        use crate::codec::{Code, PacketMut, auth::SharedSecret};
+        let mut t = ClientTable::default();
+        let mut a = client("198.51.100.0/24", "secret-a");
+        a.nas_key = Some(NasKey::Identifier("ap-a".into()));
+        let mut b = client("198.51.100.0/24", "secret-b");
+        b.nas_key = Some(NasKey::Identifier("ap-b".into()));
+        assert!(t.insert(a));
+        assert!(t.insert(b));
+        assert!(!t.insert(client("198.51.100.0/24", "keyless")));
+        let Some(Binding::Nat(cands)) = t.binding("198.51.100.9".parse().unwrap()) else {
+            panic!("a NAT binding");
+        };
+        let packet = |id: &str, secret: &[u8], ma: bool| {
+            let mut buf = [0u8; 4096];
+            let mut p = PacketMut::new(&mut buf, Code::AccessRequest, 1).unwrap();
+            p.set_authenticator(&crate::codec::auth::random_authenticator());
+            if ma {
+                p.message_authenticator_first().unwrap();
+            }
+            p.push(attr::NAS_IDENTIFIER, id.as_bytes()).unwrap();
+            p.sign(secret, None).unwrap();
+            p.as_bytes().to_vec()
+        };
+        assert_eq!(
+            identify(&cands, &packet("ap-b", b"secret-b", true))
+                .unwrap()
+                .secret
+                .bytes(),
+            b"secret-b"
+        );
+        assert_eq!(
+            identify(&cands, &packet("ap-a", b"secret-a", true))
+                .unwrap()
+                .secret
+                .bytes(),
+            b"secret-a"
+        );
+        assert!(
+            identify(&cands, &packet("ap-a", b"secret-b", true)).is_none(),
+            "name and secret must agree"
+        );
+        assert!(
+            identify(&cands, &packet("ap-a", b"secret-a", false)).is_none(),
+            "no MA, no proof"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    client::{Client, ClientTable},
+    client::{Client, ClientTable, NasKey},
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
@@ -167,6 +167,10 @@ struct ClientSection {
     /// Drop Access-Requests without a Message-Authenticator (BlastRADIUS).
     #[serde(default)]
     require_message_authenticator: bool,
+    /// NAT: several NASes share `prefix`, each entry with its own secret and one of these;
+    /// a flow learns its NAS from its first request whose Message-Authenticator proves it.
+    nas_identifier: Option<String>,
+    nas_ip_address: Option<std::net::Ipv4Addr>,
 }
 
 /// A loaded, checked configuration.
@@ -326,13 +330,31 @@ impl Config {
                 prefix,
                 secret: Secret::new(c.secret.as_bytes()),
                 upstream,
-                require_message_authenticator: c.require_message_authenticator,
+                // NAT entries are told apart by a proven Message-Authenticator.
+                require_message_authenticator: c.require_message_authenticator
+                    || c.nas_identifier.is_some()
+                    || c.nas_ip_address.is_some(),
+                nas_key: match (c.nas_identifier, c.nas_ip_address) {
+                    (Some(id), None) => Some(NasKey::Identifier(id)),
+                    (None, Some(ip)) => Some(NasKey::IpAddress(ip)),
+                    (None, None) => None,
+                    (Some(_), Some(_)) => {
+                        return Err(err(
+                            span,
+                            "client.nas_identifier",
+                            "give nas_identifier or nas_ip_address, not both".into(),
+                        ));
+                    }
+                },
             };
             if !clients.insert(client) {
                 return Err(err(
                     prefix_span,
                     "client.prefix",
-                    format!("{prefix} is defined twice"),
+                    format!(
+                        "{prefix} is defined twice (several NASes behind one address: give \
+                         each entry its own nas_identifier or nas_ip_address)"
+                    ),
                 ));
             }
         }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    client::{Client, ClientTable},
+    client::{self as clients, Binding, Client, ClientTable},
     config::Config,
     fastpath::{FastPath, FastPathOptions},
     metrics::{self, Metrics, Refusal, Via},
@@ -447,8 +447,8 @@ impl Worker {
             keep_pending(&shared, p, data);
             return;
         }
-        if let Some(client) = shared.clients.lookup(rx.remote.ip()) {
-            self.create_flow(rx.remote, rx.local, client, vec![data]);
+        if let Some(binding) = shared.clients.binding(rx.remote.ip()) {
+            self.create_flow(rx.remote, rx.local, binding, vec![data]);
             return;
         }
         let Some(dynamic) = &shared.dynamic else {
@@ -458,7 +458,9 @@ impl Worker {
         };
         use crate::dynamic::Resolution;
         match dynamic.resolve(rx.remote.ip(), std::time::Instant::now()) {
-            Resolution::Client(client) => self.create_flow(rx.remote, rx.local, client, vec![data]),
+            Resolution::Client(client) => {
+                self.create_flow(rx.remote, rx.local, Binding::One(client), vec![data])
+            }
             Resolution::Refused => shared.metrics.refuse(Refusal::DirectoryRefused),
             Resolution::NotDynamic => {
                 shared.metrics.refuse(Refusal::UnknownClient);
@@ -522,7 +524,9 @@ impl Worker {
                 .pending_packets
                 .fetch_sub(p.packets.len(), Ordering::Relaxed);
             match &d.outcome {
-                Ok(client) => self.create_flow(p.remote, p.local, client.clone(), p.packets),
+                Ok(client) => {
+                    self.create_flow(p.remote, p.local, Binding::One(client.clone()), p.packets)
+                }
                 Err(_) => {
                     for _ in &p.packets {
                         self.shared.metrics.refuse(Refusal::DirectoryRefused);
@@ -538,15 +542,11 @@ impl Worker {
         &mut self,
         remote: SocketAddr,
         local: SocketAddr,
-        client: Arc<Client>,
+        binding: Binding,
         packets: Vec<Bytes>,
     ) {
         let shared = &self.shared;
         let key = socket::flow_key(remote, local);
-        let Some(to_upstream) = shared.upstreams.get(&client.upstream.name).cloned() else {
-            shared.metrics.refuse(Refusal::UnknownClient);
-            return;
-        };
         // Reserve the slot atomically: workers create flows concurrently.
         let max = shared.max_flows;
         if shared
@@ -597,7 +597,7 @@ impl Worker {
         let (tx, rx_chan) = mpsc::channel(shared.flow_queue.max(packets.len()));
         shared.metrics.flows_created.inc();
         shared.metrics.flows_active.inc();
-        debug!(%remote, %local, client = %client.name, path = shared.path.as_str(), "flow created");
+        debug!(%remote, %local, path = shared.path.as_str(), "flow created");
         for data in packets {
             inject(shared, &tx, data);
         }
@@ -608,8 +608,8 @@ impl Worker {
                 key,
                 remote,
                 local,
-                client,
-                to_upstream,
+                binding,
+                bound: None,
             },
             child,
             rx_chan,
@@ -646,15 +646,36 @@ struct FlowCtx {
     key: FlowKey,
     remote: SocketAddr,
     local: SocketAddr,
-    client: Arc<Client>,
-    to_upstream: mpsc::Sender<ToUpstream>,
+    binding: Binding,
+    /// The flow's client and its upstream's channel, once known (at once, or for NAT from
+    /// the first proven request; the flow keeps it).
+    bound: Option<(Arc<Client>, mpsc::Sender<ToUpstream>)>,
+}
+
+impl FlowCtx {
+    /// The flow's client: known, or learnt from this request (NAT).
+    fn client_for(&mut self, packet: &[u8]) -> Option<(Arc<Client>, mpsc::Sender<ToUpstream>)> {
+        if let Some(b) = &self.bound {
+            return Some(b.clone());
+        }
+        let client = match &self.binding {
+            Binding::One(c) => c.clone(),
+            Binding::Nat(candidates) => clients::identify(candidates, packet)?,
+        };
+        let tx = self.shared.upstreams.get(&client.upstream.name)?.clone();
+        if let Binding::Nat(_) = self.binding {
+            info!(remote = %self.remote, client = %client.name, "NAS behind a shared address identified");
+        }
+        self.bound = Some((client, tx));
+        self.bound.clone()
+    }
 }
 
 /// One flow: reads its child and its injection channel, forwards requests, sends replies
 /// from the child. Ends when idle (after its worker has forgotten it, so no injected packet
 /// is lost) or at shutdown.
 async fn flow_task(
-    ctx: FlowCtx,
+    mut ctx: FlowCtx,
     child: UdpSocket,
     mut injected: mpsc::Receiver<Bytes>,
     back: FlowSenders,
@@ -677,7 +698,7 @@ async fn flow_task(
                     from_child += 1;
                     shared.metrics.packet(Via::Child);
                     deadline = Instant::now() + shared.idle_timeout;
-                    forward(&ctx, &reply_tx, &mut buf, n);
+                    forward(&mut ctx, &reply_tx, &mut buf, n);
                 }
                 Err(_) => {}
             },
@@ -688,7 +709,7 @@ async fn flow_task(
                     deadline = Instant::now() + shared.idle_timeout;
                     let n = packet.len().min(buf.len());
                     buf[..n].copy_from_slice(&packet[..n]);
-                    forward(&ctx, &reply_tx, &mut buf, n);
+                    forward(&mut ctx, &reply_tx, &mut buf, n);
                 }
                 // The worker forgot us: nothing more will be injected.
                 None => break,
@@ -727,27 +748,31 @@ async fn flow_task(
     shared.active.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.flows_ended.inc();
     shared.metrics.flows_active.dec();
-    debug!(%remote, client = %ctx.client.name, from_child, from_wildcard, "flow ended");
+    debug!(%remote, from_child, from_wildcard, "flow ended");
 }
 
 /// Prepares the request in `buf[..n]` for the client's upstream and hands it over.
-fn forward(ctx: &FlowCtx, reply_tx: &mpsc::Sender<Bytes>, buf: &mut [u8], n: usize) {
+fn forward(ctx: &mut FlowCtx, reply_tx: &mpsc::Sender<Bytes>, buf: &mut [u8], n: usize) {
+    let Some((client, to_upstream)) = ctx.client_for(&buf[..n]) else {
+        ctx.shared.metrics.proxy_drop("nat_unproven");
+        return;
+    };
     let shared = &ctx.shared;
-    match proxy::prepare_request(&ctx.client, &shared.proxy_state, buf, n) {
+    match proxy::prepare_request(&client, &shared.proxy_state, buf, n) {
         Ok(prepared) => {
             let msg = ToUpstream {
                 packet: Bytes::copy_from_slice(&buf[..prepared.len]),
                 prepared,
-                client: ctx.client.clone(),
+                client: client.clone(),
                 reply_to: reply_tx.clone(),
             };
-            if ctx.to_upstream.try_send(msg).is_err() {
+            if to_upstream.try_send(msg).is_err() {
                 shared.metrics.proxy_drop("upstream_queue_full");
             }
         }
         Err(e) => {
             shared.metrics.proxy_drop(e.reason());
-            debug!(remote = %ctx.remote, client = %ctx.client.name, error = %e, "request not forwarded");
+            debug!(remote = %ctx.remote, client = %client.name, error = %e, "request not forwarded");
         }
     }
 }

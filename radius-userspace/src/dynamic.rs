@@ -416,6 +416,7 @@ impl DynamicClients {
             secret: Secret::new(d.secret.as_bytes()),
             upstream,
             require_message_authenticator: d.require_message_authenticator,
+            nas_key: None,
         }))
     }
 }

@@ -271,6 +271,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
             }),
             require_message_authenticator: false,
+            nas_key: None,
         }
     }
 
