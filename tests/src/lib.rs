@@ -494,3 +494,45 @@ impl Drop for FreeRadius {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Starts the sidecar in `ns` on the configuration `toml` (written to a temporary file) and
+/// waits until it listens.
+pub fn sidecar_with_config(ns: &NetNs, tag: &str, toml: &str) -> Daemon {
+    let path = std::env::temp_dir().join(format!("rs-{tag}-{}.toml", std::process::id()));
+    std::fs::write(&path, toml).expect("write the configuration");
+    let mut d = Daemon::start(ns, None, &["--config", path.to_str().expect("utf-8")]);
+    assert!(
+        d.wait_for_log("listening", Duration::from_secs(20)),
+        "the sidecar starts on {}",
+        path.display()
+    );
+    d
+}
+
+/// A PAP Access-Request built by the codec: Message-Authenticator first, User-Name,
+/// User-Password hidden with `secret`, then `extra` attributes; signed. Returns the bytes and
+/// the Request Authenticator a reply verifies against.
+pub fn pap_request(
+    id: u8,
+    user: &str,
+    password: &str,
+    secret: &str,
+    extra: &[(u8, &[u8])],
+) -> (Vec<u8>, [u8; 16]) {
+    use radius_sidecar::codec::{Code, PacketMut, attr, auth, hide};
+    let mut buf = [0u8; 4096];
+    let mut p = PacketMut::new(&mut buf, Code::AccessRequest, id).expect("header");
+    let a = auth::random_authenticator();
+    p.set_authenticator(&a);
+    p.message_authenticator_first().expect("room");
+    p.push(attr::USER_NAME, user.as_bytes()).expect("room");
+    let mut h = [0u8; 128];
+    let n = hide::hide_user_password(password.as_bytes(), secret.as_bytes(), &a, &mut h)
+        .expect("a short password");
+    p.push(attr::USER_PASSWORD, &h[..n]).expect("room");
+    for (t, v) in extra {
+        p.push(*t, v).expect("room");
+    }
+    p.sign(secret.as_bytes(), None).expect("sign");
+    (p.as_bytes().to_vec(), a)
+}

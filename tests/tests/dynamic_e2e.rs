@@ -12,11 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use radius_sidecar::codec::{
-    Code, Packet, PacketMut, attr,
-    auth::{self, random_authenticator},
-    hide,
-};
+use radius_sidecar::codec::{Code, Packet, auth};
 use tests::*;
 
 const METRICS: &str = "127.0.0.1:9812";
@@ -75,14 +71,10 @@ fn start(topo: &Topology, fast: bool, directory_port: u16) -> Daemon {
 
 /// The sidecar with a `[dynamic]` section over NAS1's network using `directory`.
 fn start_with(topo: &Topology, fast: bool, directory: &str) -> Daemon {
-    let config = std::env::temp_dir().join(format!(
-        "rs-dyn-{}-{}.toml",
-        std::process::id(),
-        u8::from(fast)
-    ));
-    std::fs::write(
-        &config,
-        format!(
+    sidecar_with_config(
+        &topo.sidecar,
+        if fast { "dyn-fast" } else { "dyn-user" },
+        &format!(
             r#"[server]
 listen = ["0.0.0.0:1812"]
 workers = 2
@@ -102,24 +94,10 @@ nak_lifetime = 30
             if fast { "require" } else { "off" }
         ),
     )
-    .unwrap();
-    let mut d = Daemon::start(&topo.sidecar, None, &["--config", config.to_str().unwrap()]);
-    assert!(d.wait_for_log("listening", Duration::from_secs(20)));
-    d
 }
 
 fn access_request(id: u8, secret: &str) -> (Vec<u8>, [u8; 16]) {
-    let mut buf = [0u8; 4096];
-    let mut p = PacketMut::new(&mut buf, Code::AccessRequest, id).unwrap();
-    let a = random_authenticator();
-    p.set_authenticator(&a);
-    p.message_authenticator_first().unwrap();
-    p.push(attr::USER_NAME, b"alice").unwrap();
-    let mut h = [0u8; 128];
-    let n = hide::hide_user_password(b"alice-pw", secret.as_bytes(), &a, &mut h).unwrap();
-    p.push(attr::USER_PASSWORD, &h[..n]).unwrap();
-    p.sign(secret.as_bytes(), None).unwrap();
-    (p.as_bytes().to_vec(), a)
+    pap_request(id, "alice", "alice-pw", secret, &[])
 }
 
 fn setup_window(fast: bool) {

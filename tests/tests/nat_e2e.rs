@@ -5,40 +5,27 @@
 
 use std::{collections::HashMap, net::UdpSocket, time::Duration};
 
-use radius_sidecar::codec::{
-    Code, Packet, PacketMut, attr,
-    auth::{self, random_authenticator},
-    hide,
-};
+use radius_sidecar::codec::{Code, Packet, attr, auth};
 use tests::*;
 
 const UPSTREAM_SECRET: &str = "nat-upstream";
 const USERS: &str = "alice\tCleartext-Password := \"alice-pw\"\n";
 
 fn request(id: u8, secret: &str, nas_id: &str) -> (Vec<u8>, [u8; 16]) {
-    let mut buf = [0u8; 4096];
-    let mut p = PacketMut::new(&mut buf, Code::AccessRequest, id).unwrap();
-    let a = random_authenticator();
-    p.set_authenticator(&a);
-    p.message_authenticator_first().unwrap();
-    p.push(attr::USER_NAME, b"alice").unwrap();
-    let mut h = [0u8; 128];
-    let n = hide::hide_user_password(b"alice-pw", secret.as_bytes(), &a, &mut h).unwrap();
-    p.push(attr::USER_PASSWORD, &h[..n]).unwrap();
-    p.push(attr::NAS_IDENTIFIER, nas_id.as_bytes()).unwrap();
-    p.sign(secret.as_bytes(), None).unwrap();
-    (p.as_bytes().to_vec(), a)
+    pap_request(
+        id,
+        "alice",
+        "alice-pw",
+        secret,
+        &[(attr::NAS_IDENTIFIER, nas_id.as_bytes())],
+    )
 }
 
 fn start(topo: &Topology, fast: bool) -> Daemon {
-    let config = std::env::temp_dir().join(format!(
-        "rs-nat-{}-{}.toml",
-        std::process::id(),
-        u8::from(fast)
-    ));
-    std::fs::write(
-        &config,
-        format!(
+    sidecar_with_config(
+        &topo.sidecar,
+        if fast { "nat-fast" } else { "nat-user" },
+        &format!(
             r#"[server]
 listen = ["0.0.0.0:1812"]
 workers = 2
@@ -67,10 +54,6 @@ secret = "blue-secret"
             if fast { "require" } else { "off" }
         ),
     )
-    .unwrap();
-    let mut d = Daemon::start(&topo.sidecar, None, &["--config", config.to_str().unwrap()]);
-    assert!(d.wait_for_log("listening", Duration::from_secs(20)));
-    d
 }
 
 fn nat(fast: bool) {
