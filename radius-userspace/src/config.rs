@@ -325,8 +325,13 @@ impl Config {
                     )
                 })?,
             };
+            let default_name = match (&c.nas_identifier, &c.nas_ip_address) {
+                (Some(id), _) => format!("{prefix}/{id}"),
+                (None, Some(ip)) => format!("{prefix}/{ip}"),
+                (None, None) => prefix.to_string(),
+            };
             let client = Client {
-                name: c.name.unwrap_or_else(|| prefix.to_string()),
+                name: c.name.unwrap_or(default_name),
                 prefix,
                 secret: Secret::new(c.secret.as_bytes()),
                 upstream,

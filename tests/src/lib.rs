@@ -305,6 +305,8 @@ impl Daemon {
         let mut err = child.stderr.take().expect("stderr");
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = log.clone();
+        // Tests echo the daemon's log (captured by libtest); the demo turns it off.
+        let echo = std::env::var("RADIUS_SIDECAR_LOG").map_or(true, |v| v != "0");
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
@@ -312,7 +314,9 @@ impl Daemon {
                     break;
                 }
                 let s = String::from_utf8_lossy(&buf[..n]).to_string();
-                eprint!("[sidecar] {s}");
+                if echo {
+                    eprint!("[sidecar] {s}");
+                }
                 sink.lock().expect("log").push_str(&s);
             }
         });

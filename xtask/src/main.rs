@@ -6,6 +6,7 @@
 //! - `build`: the eBPF object (through radius-userspace's build.rs), then the daemon.
 //! - `run`: setup + build, then the daemon with the given flags.
 //! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build.
+//! - `demo`: the newcomer's tour (FreeRADIUS, the sidecar, NASes in namespaces).
 //! - `bench steer` / `bench codec`: benchmarks; their tables go into BENCHMARKS.md.
 use std::{
     path::{Path, PathBuf},
@@ -62,6 +63,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The newcomer's tour: FreeRADIUS, the sidecar and NASes in namespaces (root).
+    Demo,
     /// Run a benchmark: `steer` or `codec`.
     Bench {
         which: String,
@@ -276,6 +279,16 @@ fn main() -> anyhow::Result<()> {
                     .args(args)
                     .env("RADIUS_SIDECAR_BIN", bin),
             )
+        }
+        Cmd::Demo => {
+            setup(true)?;
+            build()?;
+            run(Command::new(root().join("target/release/demo"))
+                .env(
+                    "RADIUS_SIDECAR_BIN",
+                    root().join("target/release/radius-sidecar"),
+                )
+                .env("RADIUS_SIDECAR_LOG", "0"))
         }
         Cmd::Bench { which, flows } => match which.as_str() {
             "steer" => {
