@@ -195,7 +195,8 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         let socks = UpstreamSockets::bind(&u)
             .await
             .with_context(|| format!("opening sockets to upstream {}", u.name))?;
-        tasks.spawn(upstream_task(shared.clone(), u, socks, rx));
+        tasks.spawn(upstream_task(shared.clone(), u.clone(), socks, rx));
+        tokio::spawn(probe_upstream(u));
     }
     for &addr in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
@@ -815,6 +816,46 @@ impl UpstreamSockets {
 }
 
 type Pending = InFlight<mpsc::Sender<Bytes>>;
+
+/// Asks an upstream once, at start, whether it is there (RFC 5997 Status-Server), and says
+/// so plainly either way: a missing or misconfigured AAA server should not look like NASes
+/// timing out.
+async fn probe_upstream(u: Arc<Upstream>) {
+    let outcome = async {
+        let any: SocketAddr = if u.auth.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = UdpSocket::bind(any).await.map_err(|e| e.to_string())?;
+        sock.connect(u.auth).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        let (req, auth) = {
+            let p = crate::codec::edit::status_server(&mut buf, 0, &u.secret)
+                .map_err(|e| e.to_string())?;
+            (p.as_bytes().to_vec(), p.authenticator())
+        };
+        sock.send(&req).await.map_err(|e| e.to_string())?;
+        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .map_err(|_| "no answer in 2 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let reply = crate::codec::Packet::parse(&buf[..n]).map_err(|e| e.to_string())?;
+        crate::codec::auth::verify(&reply, &u.secret, Some(&auth))
+            .map_err(|e| format!("an answer that does not verify ({e}): check the secret"))?;
+        Ok::<_, String>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => info!(upstream = %u.name, addr = %u.auth, "upstream answers Status-Server"),
+        Err(why) => warn!(
+            upstream = %u.name,
+            addr = %u.auth,
+            "upstream did not answer Status-Server: {why}; is it running, does it list the \
+             sidecar as a client with this secret, and is status_server enabled?"
+        ),
+    }
+}
 
 /// Owns one upstream: its sockets and Identifier spaces. Signs requests, checks replies.
 async fn upstream_task(

@@ -189,6 +189,15 @@ fn max_flows_is_enforced_and_counted() {
         "both packets of the 3 flows over the limit are refused and counted"
     );
     assert_eq!(metric(&topo.sidecar, METRICS, "radius_max_flows"), 3);
+    // Nothing listens where the upstream should be: the sidecar says so plainly.
+    assert!(
+        d.wait_for_log(
+            "upstream did not answer Status-Server",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        d.log()
+    );
     let status = d
         .stop(libc::SIGTERM, Duration::from_secs(10))
         .expect("stops");

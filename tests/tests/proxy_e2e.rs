@@ -75,6 +75,11 @@ require_message_authenticator = true
         daemon.wait_for_log("listening", Duration::from_secs(20)),
         "the sidecar starts"
     );
+    assert!(
+        daemon.wait_for_log("upstream answers Status-Server", Duration::from_secs(5)),
+        "the start-up probe reaches FreeRADIUS: {}",
+        daemon.log()
+    );
     Setup {
         topo,
         _fr: fr,

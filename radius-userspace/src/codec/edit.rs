@@ -276,10 +276,10 @@ impl<'a> PacketMut<'a> {
 }
 
 /// A Status-Server (RFC 5997): random authenticator, Message-Authenticator, signed.
-pub fn status_server<'a>(
+pub fn status_server<'a, S: SharedSecret + ?Sized>(
     buf: &'a mut [u8],
     id: u8,
-    secret: &[u8],
+    secret: &S,
 ) -> Result<PacketMut<'a>, EditError> {
     let mut p = PacketMut::new(buf, Code::StatusServer, id)?;
     p.set_authenticator(&auth::random_authenticator());
