@@ -448,3 +448,86 @@ fn postgresql_directory_reads_freeradius_nas_table() {
         &topo,
     );
 }
+
+/// While a new NAS's definition takes 300 ms, a known NAS at steady load never waits for it:
+/// its slowest answers stay far below the definition's delay.
+#[test]
+fn a_known_nas_does_not_wait_for_definitions() {
+    if !require_root("known NAS during definitions") {
+        return;
+    }
+    let topo = Topology::new();
+    let _fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        "alice\tCleartext-Password := \"alice-pw\"\n",
+        11812,
+    );
+    let (port, _asked) = directory(&topo.sidecar, Duration::from_millis(300));
+    let _d = sidecar_with_config(
+        &topo.sidecar,
+        "dyn-known",
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 2
+iface = "sc1"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius"
+auth = "127.0.0.1:11812"
+secret = "{UPSTREAM_SECRET}"
+
+[[client]]
+prefix = "198.51.100.0/24"
+secret = "known-secret"
+
+[dynamic]
+prefixes = ["192.0.2.0/24"]
+directory = "http"
+url = "http://127.0.0.1:{port}/nas"
+"#
+        ),
+    );
+    let known = topo.nas2.run(|| {
+        let s = nas_socket(NAS2_V4);
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let newcomers: Vec<UdpSocket> = topo
+        .nas1
+        .run(|| (0..5).map(|_| nas_socket(NAS1_V4)).collect());
+    let to_known = format!("{SIDECAR2_V4}:1812");
+    let to_new = format!("{SIDECAR1_V4}:1812");
+    let mut latencies = Vec::new();
+    let mut buf = [0u8; 4096];
+    // 150 requests, one at a time, over ~1.5 s; new NASes keep arriving meanwhile.
+    for i in 0..150u32 {
+        if i % 30 == 0 {
+            let s = &newcomers[(i / 30) as usize % newcomers.len()];
+            s.send_to(&access_request(1, NAS_SECRET).0, &to_new)
+                .unwrap();
+        }
+        let (p, a) = pap_request((i % 256) as u8, "alice", "alice-pw", "known-secret", &[]);
+        let t = Instant::now();
+        known.send_to(&p, &to_known).unwrap();
+        let n = known.recv(&mut buf).expect("the known NAS is answered");
+        latencies.push(t.elapsed());
+        let r = Packet::parse(&buf[..n]).unwrap();
+        auth::verify(&r, b"known-secret", Some(&a)).unwrap();
+        std::thread::sleep(Duration::from_millis(8));
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100 - 1];
+    eprintln!(
+        "known NAS during definitions: p50 {:?}, p99 {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        p99,
+        latencies[latencies.len() - 1]
+    );
+    assert!(
+        p99 < Duration::from_millis(150),
+        "p99 {p99:?}: the known NAS waited for a 300 ms definition"
+    );
+}
