@@ -540,3 +540,22 @@ pub fn pap_request(
     p.sign(secret.as_bytes(), None).expect("sign");
     (p.as_bytes().to_vec(), a)
 }
+
+/// Starts radclient in `ns` with `args`, writes `input` (its attribute list) to its stdin and
+/// returns the running child; stdout and stderr are piped.
+pub fn spawn_radclient(ns: &NetNs, args: &[&str], input: &str) -> Child {
+    let mut child = ns
+        .command("radclient")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("radclient (package freeradius-utils)");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .expect("radclient's stdin");
+    }
+    child
+}

@@ -2,7 +2,7 @@
 //! FreeRADIUS, whose replies verify; packets radclient sends are captured, verify, and are
 //! rebuilt byte for byte. Run as root (a private namespace for FreeRADIUS's ports).
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
 use radius_sidecar::codec::{
     Code, Packet, PacketMut, attr,
@@ -148,23 +148,7 @@ fn capture_radclient(ns: &NetNs, kind: &str, input: &str) -> Vec<u8> {
         s
     });
     let target = server.local_addr().unwrap().to_string();
-    let mut child = ns
-        .command("radclient")
-        .args(["-r", "1", "-t", "1", &target, kind, SECRET])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("radclient (freeradius-utils)");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
+    let mut child = spawn_radclient(ns, &["-r", "1", "-t", "1", &target, kind, SECRET], input);
     let mut buf = [0u8; 4096];
     let n = server.recv(&mut buf).expect("radclient sends");
     let _ = child.kill();

@@ -96,6 +96,16 @@ nak_lifetime = 30
     )
 }
 
+/// The real FreeRADIUS behind the sidecar, on the sidecar host's loopback.
+fn upstream(topo: &Topology) -> FreeRadius {
+    FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        "alice\tCleartext-Password := \"alice-pw\"\n",
+        11812,
+    )
+}
+
 fn access_request(id: u8, secret: &str) -> (Vec<u8>, [u8; 16]) {
     pap_request(id, "alice", "alice-pw", secret, &[])
 }
@@ -105,12 +115,7 @@ fn setup_window(fast: bool) {
         return;
     }
     let topo = Topology::new();
-    let _fr = FreeRadius::start_on(
-        &topo.sidecar,
-        &[("127.0.0.1", UPSTREAM_SECRET)],
-        "alice\tCleartext-Password := \"alice-pw\"\n",
-        11812,
-    );
+    let _fr = upstream(&topo);
     let (port, asked) = directory(&topo.sidecar, Duration::from_millis(300));
     let _d = start(&topo, fast, port);
 
@@ -189,12 +194,7 @@ fn a_refused_nas_is_not_served_and_xdp_drops_it_afterwards() {
     let topo = Topology::new();
     topo.nas1
         .ip(&["addr", "add", &format!("{REFUSED_IP}/24"), "dev", "nas"]);
-    let _fr = FreeRadius::start_on(
-        &topo.sidecar,
-        &[("127.0.0.1", UPSTREAM_SECRET)],
-        "alice\tCleartext-Password := \"alice-pw\"\n",
-        11812,
-    );
+    let _fr = upstream(&topo);
     let (port, asked) = directory(&topo.sidecar, Duration::from_millis(50));
     let _d = start(&topo, true, port);
     let nas = topo.nas1.run(|| {
@@ -270,12 +270,7 @@ const NAS_ROWS: &str = "INSERT INTO nas (nasname, shortname, type, secret, serve
 fn sql_directory(url: String, topo: &Topology) {
     topo.nas1
         .ip(&["addr", "add", &format!("{REFUSED_IP}/24"), "dev", "nas"]);
-    let _fr = FreeRadius::start_on(
-        &topo.sidecar,
-        &[("127.0.0.1", UPSTREAM_SECRET)],
-        "alice\tCleartext-Password := \"alice-pw\"\n",
-        11812,
-    );
+    let _fr = upstream(topo);
     let _d = start_with(
         topo,
         true,
@@ -457,12 +452,7 @@ fn a_known_nas_does_not_wait_for_definitions() {
         return;
     }
     let topo = Topology::new();
-    let _fr = FreeRadius::start_on(
-        &topo.sidecar,
-        &[("127.0.0.1", UPSTREAM_SECRET)],
-        "alice\tCleartext-Password := \"alice-pw\"\n",
-        11812,
-    );
+    let _fr = upstream(&topo);
     let (port, _asked) = directory(&topo.sidecar, Duration::from_millis(300));
     let _d = sidecar_with_config(
         &topo.sidecar,

@@ -3,7 +3,7 @@
 //! NAS and upstream secrets differ; every answer the clients accept was verified by them
 //! under their own secret. Run as root.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use tests::*;
 
@@ -90,23 +90,11 @@ require_message_authenticator = true
 
 /// Runs radclient in `ns` and returns (exit success, stdout).
 fn radclient(ns: &NetNs, target: &str, kind: &str, secret: &str, input: &str) -> (bool, String) {
-    let mut child = ns
-        .command("radclient")
-        .args(["-x", "-r", "2", "-t", "2", target, kind, secret])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("radclient");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
+    let child = spawn_radclient(
+        ns,
+        &["-x", "-r", "2", "-t", "2", target, kind, secret],
+        input,
+    );
     let out = child.wait_with_output().unwrap();
     let text = format!(
         "{}{}",
