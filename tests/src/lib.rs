@@ -48,6 +48,9 @@ fn sh(args: &[&str]) {
     );
 }
 
+pub mod loadgen;
+pub mod responder;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A named network namespace, deleted on drop.
@@ -397,10 +400,23 @@ pub fn program_loaded(name: &str) -> bool {
     })
 }
 
+/// What a private FreeRADIUS is given on top of Debian's configuration.
+#[derive(Clone, Copy)]
+pub struct FreeRadiusSetup<'a> {
+    /// (address or prefix, secret).
+    pub clients: &'a [(&'a str, &'a str)],
+    /// The `files` module's authorize file.
+    pub users: &'a str,
+    /// Loopback ports `auth_port` (auth) and `auth_port + 1` (acct).
+    pub auth_port: u16,
+    /// A whole `proxy.conf` (home servers, pools, realms), for FreeRADIUS as a proxy.
+    pub proxy_conf: Option<&'a str>,
+}
+
 /// A private FreeRADIUS (Debian's package) in a namespace: the packaged configuration copied
 /// to a temporary directory, with our clients, users and no reject delay. Killed on drop.
 pub struct FreeRadius {
-    child: Child,
+    pub child: Child,
     pub dir: PathBuf,
 }
 
@@ -413,6 +429,26 @@ impl FreeRadius {
 
     /// As [`FreeRadius::start`], on loopback ports `auth_port` and `auth_port + 1`.
     pub fn start_on(ns: &NetNs, clients: &[(&str, &str)], users: &str, auth_port: u16) -> Self {
+        Self::start_with(
+            ns,
+            &FreeRadiusSetup {
+                clients,
+                users,
+                auth_port,
+                proxy_conf: None,
+            },
+        )
+    }
+
+    /// The general form: [`FreeRadiusSetup`] says what differs from Debian's configuration.
+    /// Every listener gets an 8 MB receive buffer, so that bursts are not lost in the kernel.
+    pub fn start_with(ns: &NetNs, setup: &FreeRadiusSetup<'_>) -> Self {
+        let FreeRadiusSetup {
+            clients,
+            users,
+            auth_port,
+            proxy_conf,
+        } = *setup;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("rs-freeradius-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -449,14 +485,23 @@ impl FreeRadius {
         let text = text
             .lines()
             .map(|l| match l.trim() {
-                "ipaddr = *" => "\tipaddr = 127.0.0.1".to_owned(),
-                t if t.starts_with("ipv6addr = ::") => "\tipv6addr = ::1".to_owned(),
+                "ipaddr = *" => "\tipaddr = 127.0.0.1\n\trecv_buff = 8388608".to_owned(),
+                t if t.starts_with("ipv6addr = ::") => {
+                    "\tipv6addr = ::1\n\trecv_buff = 8388608".to_owned()
+                }
                 "port = 0" => format!("\tport = {}", ports.next().unwrap_or(auth_port)),
                 _ => l.to_owned(),
             })
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(&site, text).expect("write site");
+        // The inner tunnel's loopback listener, moved with the ports so that instances can
+        // run side by side (Debian: 18120 for 1812).
+        let inner = dir.join("sites-enabled/inner-tunnel");
+        let text = std::fs::read_to_string(&inner).expect("sites-enabled/inner-tunnel");
+        let inner_port = 18120 + u32::from(auth_port.saturating_sub(1812)) % 40000;
+        let text = text.replace("port = 18120", &format!("port = {inner_port}"));
+        std::fs::write(&inner, text).expect("write inner-tunnel");
         let mut c = String::new();
         for (i, (addr, secret)) in clients.iter().enumerate() {
             c.push_str(&format!(
@@ -465,6 +510,9 @@ impl FreeRadius {
         }
         std::fs::write(dir.join("clients.conf"), c).expect("clients.conf");
         std::fs::write(dir.join("mods-config/files/authorize"), users).expect("users");
+        if let Some(p) = proxy_conf {
+            std::fs::write(dir.join("proxy.conf"), p).expect("proxy.conf");
+        }
         let log = File::create(dir.join("stdout.log")).expect("log file");
         let child = ns
             .command("freeradius")
@@ -558,4 +606,23 @@ pub fn spawn_radclient(ns: &NetNs, args: &[&str], input: &str) -> Child {
             .expect("radclient's stdin");
     }
     child
+}
+
+/// Replaces the text between the `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` lines
+/// of the Markdown file `path` with `table`, or appends a section titled `heading`.
+pub fn splice_markdown(
+    path: &str,
+    marker: &str,
+    heading: &str,
+    table: &str,
+) -> std::io::Result<()> {
+    let begin = format!("<!-- {marker}:begin -->");
+    let end = format!("<!-- {marker}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let block = format!("{begin}\n{table}{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
+        _ => format!("{}\n\n## {heading}\n\n{block}\n", old.trim_end()),
+    };
+    std::fs::write(path, new)
 }

@@ -126,7 +126,12 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{table}");
     if let Some(path) = write {
-        splice(&path, &table)?;
+        tests::splice_markdown(
+            &path,
+            "steer",
+            "steer: packets to the right child (`cargo xtask bench steer`)",
+            &table,
+        )?;
         eprintln!("written to {path}");
     }
     Ok(())
@@ -576,21 +581,4 @@ fn render(rows: &[Row], nofile: u64) -> String {
         );
     }
     t
-}
-
-/// Replaces the text between the steer markers of `path` (or appends a section).
-fn splice(path: &str, table: &str) -> anyhow::Result<()> {
-    const BEGIN: &str = "<!-- steer:begin -->";
-    const END: &str = "<!-- steer:end -->";
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let block = format!("{BEGIN}\n{table}{END}");
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], block, &old[e + END.len()..]),
-        _ => format!(
-            "{}\n## steer: packets to the right child (`cargo xtask bench steer`)\n\n{block}\n",
-            old.trim_end()
-        ),
-    };
-    std::fs::write(path, new)?;
-    Ok(())
 }

@@ -1,0 +1,523 @@
+//! `cargo xtask bench proxy`: the sidecar against its peers, in one run on one machine.
+//!
+//! In a private network namespace (loopback only), the project's load generator
+//! ([`tests::loadgen`]) sends PAP Access-Requests from many NAS addresses (127.0.2.x) to:
+//! FreeRADIUS directly; the sidecar (fast path, and user-space path) in front of it;
+//! radsecproxy and FreeRADIUS-as-a-proxy in front of it; and, for ceilings, the project's
+//! own batching responder directly, through the sidecar and through radsecproxy. Each row
+//! gives answered requests/s, p50/p99, losses and the CPU (user + system, from /proc) the
+//! proxy spent per request. Rounds are interleaved; each row is the median round by rate.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tests::{
+    Daemon, FreeRadius, FreeRadiusSetup, NetNs,
+    loadgen::{self, LoadResult, LoadSpec},
+    responder::{Behaviour, Responder},
+};
+
+const NAS_SECRET: &str = "bench-nas-secret";
+const UP_SECRET: &str = "bench-upstream-secret";
+const FR_PORT: u16 = 11812;
+const FR_PROXY_PORT: u16 = 21812;
+const RADSEC_PORT: u16 = 31812;
+const RESPONDER_PORT: u16 = 41812;
+/// The responder NASes reach directly (their secret, not the upstream one).
+const RESPONDER_DIRECT_PORT: u16 = 41912;
+const SIDECAR_PORT: u16 = 1812;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proxy {
+    None,
+    SidecarFast,
+    SidecarUser,
+    Radsecproxy,
+    FreeRadiusHop,
+}
+
+impl Proxy {
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::None => "direct",
+            Proxy::SidecarFast => "radius-sidecar, fast path",
+            Proxy::SidecarUser => "radius-sidecar, user-space path",
+            Proxy::Radsecproxy => "radsecproxy 1.9",
+            Proxy::FreeRadiusHop => "FreeRADIUS 3.2 as proxy",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upstream {
+    FreeRadius,
+    Responder,
+}
+
+impl Upstream {
+    fn name(self) -> &'static str {
+        match self {
+            Upstream::FreeRadius => "FreeRADIUS 3.2.1",
+            Upstream::Responder => "own responder",
+        }
+    }
+    fn port(self) -> u16 {
+        match self {
+            Upstream::FreeRadius => FR_PORT,
+            Upstream::Responder => RESPONDER_PORT,
+        }
+    }
+}
+
+struct Row {
+    proxy: Proxy,
+    upstream: Upstream,
+    outstanding: usize,
+    load: LoadResult,
+    /// CPU the proxy process spent per answered request, microseconds.
+    proxy_us: f64,
+    /// CPU the upstream spent per answered request (FreeRADIUS only), microseconds.
+    upstream_us: f64,
+    rcvbuf_errors: u64,
+}
+
+struct Opts {
+    seconds: u64,
+    outstanding: usize,
+    ceiling_outstanding: usize,
+    sources: usize,
+    rounds: usize,
+    write: Option<String>,
+    /// Only the rows whose proxy name contains this (and the direct rows).
+    only: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut o = Opts {
+        seconds: 5,
+        outstanding: 64,
+        ceiling_outstanding: 256,
+        sources: 64,
+        rounds: 3,
+        write: None,
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = || -> anyhow::Result<u64> {
+            args.next().context("a number")?.parse().context("a number")
+        };
+        match a.as_str() {
+            "--seconds" => o.seconds = num()?,
+            "--outstanding" => o.outstanding = num()? as usize,
+            "--ceiling-outstanding" => o.ceiling_outstanding = num()? as usize,
+            "--sources" => o.sources = num()?.clamp(1, 250) as usize,
+            "--rounds" => o.rounds = num()?.max(1) as usize,
+            "--write" => o.write = args.next(),
+            "--only" => o.only = args.next(),
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("proxy-bench needs root (a network namespace and eBPF)");
+    }
+    for tool in ["freeradius", "radsecproxy"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            anyhow::bail!("{tool} is not installed (`cargo xtask bench proxy` installs it)");
+        }
+    }
+    let ns = NetNs::new("pbench");
+    let fr = FreeRadius::start_with(
+        &ns,
+        &FreeRadiusSetup {
+            clients: &[("127.0.0.1", UP_SECRET), ("127.0.2.0/24", NAS_SECRET)],
+            users: "bench Cleartext-Password := \"bench-pw\"\n",
+            auth_port: FR_PORT,
+            proxy_conf: None,
+        },
+    );
+    let responders = ns.run(|| {
+        let up: SocketAddr = ([127, 0, 0, 1], RESPONDER_PORT).into();
+        let direct: SocketAddr = ([127, 0, 0, 1], RESPONDER_DIRECT_PORT).into();
+        Ok::<_, std::io::Error>((
+            Responder::start(up, UP_SECRET.as_bytes(), Behaviour::Correct)?,
+            Responder::start(direct, NAS_SECRET.as_bytes(), Behaviour::Correct)?,
+        ))
+    })?;
+    let plan: Vec<(Proxy, Upstream, usize)> = [
+        (Proxy::None, Upstream::FreeRadius),
+        (Proxy::SidecarFast, Upstream::FreeRadius),
+        (Proxy::SidecarUser, Upstream::FreeRadius),
+        (Proxy::Radsecproxy, Upstream::FreeRadius),
+        (Proxy::FreeRadiusHop, Upstream::FreeRadius),
+    ]
+    .into_iter()
+    .map(|(p, u)| (p, u, o.outstanding))
+    .chain(
+        [
+            (Proxy::None, Upstream::Responder),
+            (Proxy::SidecarFast, Upstream::Responder),
+            (Proxy::SidecarUser, Upstream::Responder),
+            (Proxy::Radsecproxy, Upstream::Responder),
+        ]
+        .into_iter()
+        .map(|(p, u)| (p, u, o.ceiling_outstanding)),
+    )
+    .filter(|(p, _, _)| {
+        *p == Proxy::None
+            || o.only
+                .as_ref()
+                .is_none_or(|w| p.name().contains(w.as_str()))
+    })
+    .collect();
+    let mut runs: Vec<Vec<Row>> = plan.iter().map(|_| Vec::new()).collect();
+    for round in 0..o.rounds {
+        for (i, &(proxy, upstream, outstanding)) in plan.iter().enumerate() {
+            let row = measure(&ns, &fr, &o, proxy, upstream, outstanding)
+                .with_context(|| format!("{} -> {}", proxy.name(), upstream.name()))?;
+            eprintln!(
+                "round {round}: {:<32} -> {:<17} {:>4} out: {:>8.0} req/s, p50 {:.2} p99 {:.2} ms, lost {}, bad {}, proxy {:.1} us/req, upstream {:.1} us/req, generator {:.1} us/req, rcvbuf errors {}",
+                row.proxy.name(),
+                row.upstream.name(),
+                row.outstanding,
+                row.load.rate(),
+                row.load.latency_ms(0.5),
+                row.load.latency_ms(0.99),
+                row.load.lost,
+                row.load.bad,
+                row.proxy_us,
+                row.upstream_us,
+                per_req_us(row.load.own_cpu, row.load.answered),
+                row.rcvbuf_errors
+            );
+            runs[i].push(row);
+        }
+    }
+    drop(responders);
+    let rows: Vec<Row> = runs
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by(|a, b| a.load.rate().total_cmp(&b.load.rate()));
+            r.swap_remove(r.len() / 2)
+        })
+        .collect();
+    let table = render(&rows, &o);
+    println!("{table}");
+    if let Some(path) = &o.write {
+        tests::splice_markdown(
+            path,
+            "proxy",
+            "proxy: NAS -> proxy -> AAA server (`cargo xtask bench proxy`)",
+            &table,
+        )?;
+        eprintln!("written to {path}");
+    }
+    Ok(())
+}
+
+fn per_req_us(cpu: Duration, answered: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / (answered.max(1) as f64)
+}
+
+/// A proxy process under test, stopped on drop.
+enum Running {
+    None,
+    Sidecar(Daemon),
+    Process(Child, std::path::PathBuf),
+    FreeRadius(FreeRadius),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::None => None,
+            Running::Sidecar(d) => Some(d.child.id()),
+            Running::Process(c, _) => Some(c.id()),
+            Running::FreeRadius(f) => Some(f.child.id()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Running::Process(c, dir) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn start_proxy(ns: &NetNs, proxy: Proxy, upstream: Upstream) -> anyhow::Result<(Running, u16)> {
+    let up = upstream.port();
+    Ok(match proxy {
+        Proxy::None if upstream == Upstream::Responder => (Running::None, RESPONDER_DIRECT_PORT),
+        Proxy::None => (Running::None, up),
+        Proxy::SidecarFast | Proxy::SidecarUser => {
+            let ebpf = if proxy == Proxy::SidecarFast {
+                "require"
+            } else {
+                "off"
+            };
+            let toml = format!(
+                r#"
+[server]
+listen = ["127.0.0.1:{SIDECAR_PORT}"]
+iface = "lo"
+ebpf = "{ebpf}"
+metrics = "none"
+
+[[upstream]]
+name = "up"
+auth = "127.0.0.1:{up}"
+secret = "{UP_SECRET}"
+timeout_ms = 5000
+
+[[client]]
+prefix = "127.0.2.0/24"
+name = "bench-nases"
+secret = "{NAS_SECRET}"
+upstream = "up"
+"#
+            );
+            let d = tests::sidecar_with_config(ns, "pbench", &toml);
+            (Running::Sidecar(d), SIDECAR_PORT)
+        }
+        Proxy::Radsecproxy => {
+            let dir = temp_dir("radsecproxy");
+            let conf = dir.join("radsecproxy.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "ListenUDP 127.0.0.1:{RADSEC_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
+                     client nases {{\n host 127.0.2.0/24\n type udp\n secret {NAS_SECRET}\n}}\n\
+                     server up {{\n host 127.0.0.1\n port {up}\n type udp\n secret {UP_SECRET}\n}}\n\
+                     realm * {{\n server up\n}}\n",
+                    dir.display()
+                ),
+            )?;
+            let child = ns
+                .command("radsecproxy")
+                .args(["-f", "-c"])
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting radsecproxy")?;
+            let r = Running::Process(child, dir);
+            wait_udp_listening(ns, RADSEC_PORT)?;
+            (r, RADSEC_PORT)
+        }
+        Proxy::FreeRadiusHop => {
+            let proxy_conf = format!(
+                "proxy server {{\n default_fallback = no\n}}\n\
+                 home_server up {{\n type = auth\n ipaddr = 127.0.0.1\n port = {up}\n secret = {UP_SECRET}\n \
+                 response_window = 20\n status_check = none\n}}\n\
+                 home_server_pool up_pool {{\n type = fail-over\n home_server = up\n}}\n\
+                 realm bench_up {{\n auth_pool = up_pool\n nostrip\n}}\n"
+            );
+            let fr = FreeRadius::start_with(
+                ns,
+                &FreeRadiusSetup {
+                    clients: &[("127.0.2.0/24", NAS_SECRET)],
+                    users: "DEFAULT Proxy-To-Realm := \"bench_up\"\n",
+                    auth_port: FR_PROXY_PORT,
+                    proxy_conf: Some(&proxy_conf),
+                },
+            );
+            (Running::FreeRadius(fr), FR_PROXY_PORT)
+        }
+    })
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rs-pbench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+fn wait_udp_listening(ns: &NetNs, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = ns.command("ss").args(["-uln"]).output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("nothing listens on UDP port {port} after 10 s")
+}
+
+fn rcvbuf_errors(ns: &NetNs) -> u64 {
+    let out = ns
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // Two "Udp:" lines: names, then values.
+    let mut udp = out.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn measure(
+    ns: &NetNs,
+    fr: &FreeRadius,
+    o: &Opts,
+    proxy: Proxy,
+    upstream: Upstream,
+    outstanding: usize,
+) -> anyhow::Result<Row> {
+    let (running, port) = start_proxy(ns, proxy, upstream)?;
+    let spec = LoadSpec {
+        target: ([127, 0, 0, 1], port).into(),
+        sources: (0..o.sources)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1 + i as u8)))
+            .collect(),
+        sockets_per_source: 1,
+        outstanding,
+        duration: Duration::from_secs(1),
+        max_requests: 2_000_000,
+        secret: NAS_SECRET.as_bytes().to_vec(),
+        user: "bench".into(),
+        password: "bench-pw".into(),
+        timeout: Duration::from_secs(2),
+    };
+    // Warm-up: flows created, clients known, caches hot.
+    let warm = spec.clone();
+    ns.run(move || loadgen::run(&warm))?;
+    let fr_pid = fr.child.id();
+    let proxy_pid = running.pid();
+    let before = (
+        proxy_pid.map(loadgen::process_cpu),
+        loadgen::process_cpu(fr_pid),
+        rcvbuf_errors(ns),
+    );
+    let mut spec = spec;
+    spec.duration = Duration::from_secs(o.seconds);
+    let load = ns.run(move || loadgen::run(&spec))?;
+    let after = (
+        proxy_pid.map(loadgen::process_cpu),
+        loadgen::process_cpu(fr_pid),
+        rcvbuf_errors(ns),
+    );
+    let proxy_us = match (before.0, after.0) {
+        (Some(b), Some(a)) => per_req_us(a.saturating_sub(b), load.answered),
+        _ => 0.0,
+    };
+    let upstream_us = if upstream == Upstream::FreeRadius {
+        per_req_us(after.1.saturating_sub(before.1), load.answered)
+    } else {
+        0.0
+    };
+    drop(running);
+    Ok(Row {
+        proxy,
+        upstream,
+        outstanding,
+        load,
+        proxy_us,
+        upstream_us,
+        rcvbuf_errors: after.2.saturating_sub(before.2),
+    })
+}
+
+fn render(rows: &[Row], o: &Opts) -> String {
+    let mut t = String::new();
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = writeln!(
+        t,
+        "Machine: {cores} cores, Linux {uname}. Loopback in a private network namespace; the \
+         generator, the proxy and the upstream share the cores. PAP Access-Requests from {} \
+         NAS addresses (one flow each), closed loop, {} s per run after a 1 s warm-up; each \
+         row is the median of {} interleaved rounds by rate. CPU per request: user + system \
+         time of the proxy process (from /proc) over answered requests.\n",
+        o.sources, o.seconds, o.rounds
+    );
+    let _ = writeln!(
+        t,
+        "| proxy | upstream | outstanding | answered req/s | vs direct | p50 ms | p99 ms | lost | bad | proxy CPU us/req | upstream CPU us/req | RcvbufErrors |"
+    );
+    let _ = writeln!(
+        t,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in rows {
+        let direct = rows
+            .iter()
+            .find(|d| d.proxy == Proxy::None && d.upstream == r.upstream)
+            .map_or(f64::NAN, |d| d.load.rate());
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.0} | {:.0} % | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            r.proxy.name(),
+            r.upstream.name(),
+            r.outstanding,
+            r.load.rate(),
+            100.0 * r.load.rate() / direct,
+            r.load.latency_ms(0.5),
+            r.load.latency_ms(0.99),
+            r.load.lost,
+            r.load.bad,
+            if r.proxy == Proxy::None {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", r.proxy_us)
+            },
+            if r.upstream == Upstream::FreeRadius {
+                format!("{:.1}", r.upstream_us)
+            } else {
+                "-".to_owned()
+            },
+            r.rcvbuf_errors
+        );
+    }
+    let ratio = |p: Proxy, q: Proxy, u: Upstream| -> Option<(f64, f64)> {
+        let a = rows.iter().find(|r| r.proxy == p && r.upstream == u)?;
+        let b = rows.iter().find(|r| r.proxy == q && r.upstream == u)?;
+        Some((
+            a.load.rate() / b.load.rate(),
+            b.proxy_us / a.proxy_us.max(1e-9),
+        ))
+    };
+    let _ = writeln!(t);
+    for (q, u) in [
+        (Proxy::Radsecproxy, Upstream::FreeRadius),
+        (Proxy::FreeRadiusHop, Upstream::FreeRadius),
+        (Proxy::Radsecproxy, Upstream::Responder),
+    ] {
+        if let Some((rate, cpu)) = ratio(Proxy::SidecarFast, q, u) {
+            let _ = writeln!(
+                t,
+                "- sidecar (fast path) vs {} behind {}: {rate:.2}x the rate, {cpu:.2}x less CPU per request.",
+                q.name(),
+                u.name()
+            );
+        }
+    }
+    t
+}

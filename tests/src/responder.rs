@@ -1,0 +1,226 @@
+//! A minimal RADIUS upstream of the project's own: answers every Access-Request with an
+//! Access-Accept and every Accounting-Request with an Accounting-Response, echoing
+//! Proxy-State, signed with its secret. One thread, `recvmmsg`/`sendmmsg` batches: it measures
+//! the ceiling of whatever sits in front of it, and, with [`Behaviour`], plays a broken or
+//! hostile AAA server for the tests.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use radius_sidecar::codec::{Code, Packet, PacketMut, attr, auth};
+
+/// How the responder signs its Access replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Message-Authenticator first, then the Response Authenticator: a correct server.
+    Correct,
+    /// No Message-Authenticator (as FreeRADIUS 3.2.1 on PAP).
+    NoMessageAuthenticator,
+    /// A Message-Authenticator that does not verify, under a valid Response Authenticator
+    /// (what a BlastRADIUS forger can produce).
+    ForgedMessageAuthenticator,
+}
+
+/// A running responder; stops on drop.
+pub struct Responder {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Responder {
+    /// Binds `addr` in the current namespace and answers on a thread of its own.
+    pub fn start(addr: SocketAddr, secret: &[u8], behaviour: Behaviour) -> std::io::Result<Self> {
+        let sock = UdpSocket::bind(addr)?;
+        let s2 = socket2::SockRef::from(&sock);
+        let _ = s2.set_recv_buffer_size(8 << 20);
+        let _ = s2.set_send_buffer_size(8 << 20);
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let addr = sock.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let (st, an, secret) = (stop.clone(), answered.clone(), secret.to_vec());
+        let thread = std::thread::spawn(move || serve(&sock, &secret, behaviour, &st, &an));
+        Ok(Self {
+            addr,
+            stop,
+            answered,
+            thread: Some(thread),
+        })
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const BATCH: usize = 64;
+
+fn serve(sock: &UdpSocket, secret: &[u8], b: Behaviour, stop: &AtomicBool, answered: &AtomicU64) {
+    let mut inb = vec![[0u8; 4096]; BATCH];
+    let mut outb = vec![[0u8; 4096]; BATCH];
+    let mut names: Vec<libc::sockaddr_storage> =
+        // SAFETY: sockaddr_storage is plain data.
+        (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    while !stop.load(Ordering::Relaxed) {
+        let mut iov: Vec<libc::iovec> = inb
+            .iter_mut()
+            .map(|x| libc::iovec {
+                iov_base: x.as_mut_ptr().cast(),
+                iov_len: x.len(),
+            })
+            .collect();
+        // SAFETY: zeroed mmsghdr is valid.
+        let mut msgs: Vec<libc::mmsghdr> =
+            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for i in 0..BATCH {
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+            msgs[i].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        }
+        // SAFETY: every pointer refers to live buffers of the given sizes. MSG_WAITFORONE:
+        // block for the first datagram (up to the read timeout), then take what is queued.
+        let rc = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc <= 0 {
+            continue;
+        }
+        let got = rc as usize;
+        let mut out_iov = Vec::with_capacity(got);
+        let mut out_names = Vec::with_capacity(got);
+        for i in 0..got {
+            let len = msgs[i].msg_len as usize;
+            if let Some(n) = answer(&inb[i][..len], secret, b, &mut outb[i]) {
+                out_iov.push(libc::iovec {
+                    iov_base: outb[i].as_mut_ptr().cast(),
+                    iov_len: n,
+                });
+                out_names.push((names[i], msgs[i].msg_hdr.msg_namelen));
+            }
+        }
+        // SAFETY: zeroed mmsghdr is valid.
+        let mut out: Vec<libc::mmsghdr> = (0..out_iov.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        for (i, m) in out.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut out_iov[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (&mut out_names[i].0 as *mut libc::sockaddr_storage).cast();
+            m.msg_hdr.msg_namelen = out_names[i].1;
+        }
+        let mut done = 0;
+        while done < out.len() {
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    out[done..].as_mut_ptr(),
+                    (out.len() - done) as u32,
+                    0,
+                )
+            };
+            if rc <= 0 {
+                break;
+            }
+            done += rc as usize;
+        }
+        answered.fetch_add(done as u64, Ordering::Relaxed);
+    }
+}
+
+/// The reply to `req`, in `out`; `None` for what it does not answer.
+pub fn answer(req: &[u8], secret: &[u8], b: Behaviour, out: &mut [u8]) -> Option<usize> {
+    let p = Packet::parse(req).ok()?;
+    let code = match p.code() {
+        Code::AccessRequest | Code::StatusServer => Code::AccessAccept,
+        Code::AccountingRequest => Code::AccountingResponse,
+        _ => return None,
+    };
+    let req_auth = *p.authenticator();
+    let mut m = PacketMut::new(out, code, p.identifier()).ok()?;
+    let access = code == Code::AccessAccept;
+    if access && b == Behaviour::Correct {
+        m.message_authenticator_first().ok()?;
+    }
+    if access && p.code() == Code::AccessRequest {
+        m.push(attr::REPLY_MESSAGE, b"ok").ok()?;
+    }
+    for ps in p.get_all(attr::PROXY_STATE) {
+        m.push(attr::PROXY_STATE, ps.value).ok()?;
+    }
+    if access && b == Behaviour::ForgedMessageAuthenticator {
+        // A wrong MAC under a correct Response Authenticator.
+        m.push(attr::MESSAGE_AUTHENTICATOR, &[0x5a; 16]).ok()?;
+        let n = m.len();
+        let a = auth::response_authenticator(&out[..n], &req_auth, secret);
+        out[4..20].copy_from_slice(&a);
+        return Some(n);
+    }
+    m.sign(secret, Some(&req_auth)).ok()?;
+    Some(m.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(secret: &[u8]) -> Vec<u8> {
+        let mut b = [0u8; 4096];
+        let mut p = PacketMut::new(&mut b, Code::AccessRequest, 3).expect("header");
+        p.set_authenticator(&[1; 16]);
+        p.push(attr::USER_NAME, b"u").expect("room");
+        p.add_proxy_state(b"px").expect("room");
+        p.sign(secret, None).expect("sign");
+        p.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn answers_verify_or_fail_as_their_behaviour_says() {
+        let req = request(b"s");
+        for b in [
+            Behaviour::Correct,
+            Behaviour::NoMessageAuthenticator,
+            Behaviour::ForgedMessageAuthenticator,
+        ] {
+            let mut out = [0u8; 4096];
+            let n = answer(&req, b"s", b, &mut out).expect("an answer");
+            let r = Packet::parse(&out[..n]).expect("parses");
+            assert_eq!(r.identifier(), 3);
+            assert_eq!(r.get(attr::PROXY_STATE).map(|a| a.value), Some(&b"px"[..]));
+            let ok = auth::verify(&r, b"s".as_slice(), Some(&[1; 16])).is_ok();
+            assert_eq!(ok, b != Behaviour::ForgedMessageAuthenticator, "{b:?}");
+            assert_eq!(
+                r.message_authenticator_offset().is_some(),
+                b != Behaviour::NoMessageAuthenticator
+            );
+        }
+    }
+}
