@@ -3,7 +3,8 @@
 //! - [`codec`]: the only RADIUS parser and signer (sans-IO).
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
-//! - [`daemon`]: listeners, the flow table and per-flow tasks (the thin tokio driver).
+//! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
+//! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`config`], [`client`], [`dynamic`], [`proxy`]: the configuration model, static and
 //!   dynamic clients, and forwarding (sans-IO).
@@ -16,3 +17,4 @@ pub mod fastpath;
 pub mod metrics;
 pub mod proxy;
 pub mod socket;
+pub mod worker;

@@ -384,3 +384,139 @@ mod tests {
         assert_eq!(lim.rlim_cur, lim.rlim_max);
     }
 }
+
+/// A level-triggered epoll set: a worker's wildcard, its flows' children, its upstream
+/// sockets and its [`Wake`]. The worker thread blocks in one `epoll_wait` and gets every
+/// ready socket at once: one wake-up serves many flows, where a task per flow costs a
+/// wake-up (and often a cross-thread unpark) per packet. Level-triggered, so one read per
+/// ready socket per round is enough: what is left is reported again, and no read is spent
+/// on `EAGAIN`.
+#[derive(Debug)]
+pub struct Poller {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no pointers.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(Self {
+            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `fd` for input; `token` comes back with its events.
+    pub fn add(&self, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: a valid event for the duration of the call.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `fd` (closing it does the same).
+    pub fn remove(&self, fd: &impl AsRawFd) {
+        // SAFETY: a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            );
+        }
+    }
+
+    /// Waits up to `timeout` for ready sockets; their tokens go to `out` (empty on timeout).
+    pub fn wait(
+        &self,
+        out: &mut Vec<u64>,
+        max: usize,
+        timeout: std::time::Duration,
+    ) -> io::Result<()> {
+        const N: usize = 256;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; N];
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: evs has room for max.min(N) events.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                evs.as_mut_ptr(),
+                max.clamp(1, N) as i32,
+                ms,
+            )
+        };
+        out.clear();
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        out.extend(evs[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
+impl AsRawFd for Poller {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// An eventfd that wakes a worker blocked in [`Poller::wait`] (put it in the set).
+#[derive(Debug)]
+pub struct Wake {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Wake {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no pointers.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(Self {
+            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64. A full counter (EAGAIN) is still awake.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the counter, so the set stops reporting it.
+    pub fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl AsRawFd for Wake {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}

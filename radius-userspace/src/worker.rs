@@ -1,0 +1,846 @@
+//! A worker: one wildcard socket, the flows that land on it, and its own sockets to every
+//! upstream, all driven by one thread from one level-triggered epoll set ([`Poller`]).
+//!
+//! Shared-nothing per worker, so a request crosses no channel, no lock and no other thread
+//! between the NAS and the upstream: the child's datagram is read, prepared
+//! ([`proxy::prepare_request`]), given an Identifier of this worker's upstream socket and sent;
+//! the upstream's reply, read from that socket, is checked ([`proxy::process_reply`]) and
+//! sent from the flow's child. Steer (or the reuseport filter) keeps a flow on one worker,
+//! and the worker owns its flow table, so injection of a packet that reached the wildcard for
+//! a known flow is a plain call of the same handler a child read uses.
+//!
+//! Flows end after `idle_timeout` without traffic and nothing in flight: the worker
+//! unregisters the child from steer first (later packets reach the wildcard), drains it,
+//! closes it, and handles what it drained as wildcard packets, so nothing is lost.
+//! Upstream sockets: one per (upstream, port) to start; another is opened when all 256
+//! Identifiers of the existing ones are in flight, up to a bound, and closed when idle.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use radius_common::FlowKey;
+use tracing::{debug, info, warn};
+
+use crate::{
+    client::{self as clients, Binding, Client},
+    codec::Code,
+    daemon::{Shared, lock},
+    dynamic::Resolution,
+    metrics::{Refusal, Via},
+    proxy::{self, IdPool, InFlight, Upstream},
+    socket::{self, Poller, Wake},
+};
+
+/// The outcome of a dynamic definition, sent to every worker.
+#[derive(Clone, Debug)]
+pub(crate) struct Defined {
+    pub ip: IpAddr,
+    pub outcome: Result<Arc<Client>, String>,
+}
+
+/// Upstream sockets a worker may open per (upstream, port): 16 x 256 requests in flight.
+const MAX_UPSTREAM_SOCKETS: usize = 16;
+/// An extra upstream socket with nothing in flight for this long is closed.
+const UPSTREAM_SOCKET_IDLE: Duration = Duration::from_secs(30);
+/// Datagrams a wildcard gives per round before the other sockets get their turn.
+const WILDCARD_BUDGET: usize = 64;
+
+// Epoll tokens: the kind in the top byte, an index below.
+const KIND_SHIFT: u32 = 56;
+const WILDCARD: u64 = 0;
+const UPSTREAM: u64 = 1;
+const CHILD: u64 = 2;
+const WAKE: u64 = 3;
+
+fn token(kind: u64, index: usize) -> u64 {
+    (kind << KIND_SHIFT) | index as u64
+}
+
+/// Which flow a request in flight belongs to; the generation tells a reused slot apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlowRef {
+    slot: u32,
+    generation: u32,
+}
+
+type Pending = InFlight<FlowRef>;
+
+/// One flow: its child socket, its client (once known) and its counters.
+struct Flow {
+    key: FlowKey,
+    remote: SocketAddr,
+    local: SocketAddr,
+    child: UdpSocket,
+    binding: Binding,
+    /// The flow's client and its upstream's index, once known (at once, or for NAT from the
+    /// first proven request; the flow keeps it).
+    bound: Option<(Arc<Client>, usize)>,
+    generation: u32,
+    last_seen: Instant,
+    in_flight: u32,
+}
+
+/// A flow whose source is being defined: its packets in arrival order.
+struct PendingFlow {
+    remote: SocketAddr,
+    local: SocketAddr,
+    packets: Vec<Bytes>,
+}
+
+/// One socket to an upstream port, with its Identifier space.
+struct UpSock {
+    sock: UdpSocket,
+    ids: IdPool<Pending>,
+    idle_since: Instant,
+}
+
+/// The sockets to one upstream port.
+struct UpPort {
+    to: SocketAddr,
+    socks: Vec<Option<UpSock>>,
+}
+
+/// This worker's way to one upstream.
+struct Link {
+    upstream: Arc<Upstream>,
+    auth: UpPort,
+    acct: Option<UpPort>,
+}
+
+fn up_index(link: usize, acct: bool, sock: usize) -> usize {
+    (link * 2 + usize::from(acct)) * MAX_UPSTREAM_SOCKETS + sock
+}
+
+fn split_up_index(i: usize) -> (usize, bool, usize) {
+    let s = i % MAX_UPSTREAM_SOCKETS;
+    let p = i / MAX_UPSTREAM_SOCKETS;
+    (p / 2, p % 2 == 1, s)
+}
+
+fn open_upstream_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any)?;
+    s.connect(to)?;
+    s.set_nonblocking(true)?;
+    // Replies of up to 256 requests can arrive in one burst.
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(1 << 20);
+    Ok(s)
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    index: usize,
+    bound: SocketAddr,
+    wildcard: UdpSocket,
+    poller: Poller,
+    runtime: tokio::runtime::Handle,
+    flows: Vec<Option<Flow>>,
+    free_slots: Vec<usize>,
+    by_key: HashMap<FlowKey, usize>,
+    next_generation: u32,
+    pending: HashMap<FlowKey, PendingFlow>,
+    links: Vec<Link>,
+    /// Receive buffer, and the buffer a request or reply is edited in.
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+/// What reaches a worker from other threads: the outcome of definitions, and the eventfd
+/// that wakes it for them.
+pub(crate) struct Inbox {
+    pub tx: std::sync::mpsc::Sender<Defined>,
+    pub wake: Arc<Wake>,
+}
+
+impl Inbox {
+    pub fn send(&self, d: Defined) {
+        if self.tx.send(d).is_ok() {
+            self.wake.wake();
+        }
+    }
+}
+
+/// A worker's end of its [`Inbox`].
+pub(crate) struct InboxRx {
+    pub rx: std::sync::mpsc::Receiver<Defined>,
+    pub wake: Arc<Wake>,
+}
+
+/// A new inbox: the sending half for [`Shared`], the receiving half for the worker.
+pub(crate) fn inbox() -> std::io::Result<(Inbox, InboxRx)> {
+    let wake = Arc::new(Wake::new()?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    Ok((
+        Inbox {
+            tx,
+            wake: wake.clone(),
+        },
+        InboxRx { rx, wake },
+    ))
+}
+
+/// How often a worker looks at timeouts, idle flows and cancellation.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs one worker on the calling (dedicated) thread until the daemon is cancelled.
+/// `runtime` runs what must be async: dynamic definitions.
+pub(crate) fn run(
+    shared: Arc<Shared>,
+    wildcard: UdpSocket,
+    bound: SocketAddr,
+    index: usize,
+    inbox: InboxRx,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    let poller = Poller::new()?;
+    wildcard.set_nonblocking(true)?;
+    poller.add(&wildcard, token(WILDCARD, 0))?;
+    poller.add(&*inbox.wake, token(WAKE, 0))?;
+    let mut links = Vec::new();
+    for (li, u) in shared.upstreams.iter().enumerate() {
+        let port = |to: SocketAddr, acct: bool| -> std::io::Result<UpPort> {
+            let sock = open_upstream_socket(to)?;
+            poller.add(&sock, token(UPSTREAM, up_index(li, acct, 0)))?;
+            Ok(UpPort {
+                to,
+                socks: vec![Some(UpSock {
+                    sock,
+                    ids: IdPool::default(),
+                    idle_since: Instant::now(),
+                })],
+            })
+        };
+        links.push(Link {
+            upstream: u.clone(),
+            auth: port(u.auth, false)?,
+            acct: match u.acct {
+                Some(a) => Some(port(a, true)?),
+                None => None,
+            },
+        });
+    }
+    let mut w = Worker {
+        shared: shared.clone(),
+        index,
+        bound,
+        wildcard,
+        poller,
+        runtime,
+        flows: Vec::new(),
+        free_slots: Vec::new(),
+        by_key: HashMap::new(),
+        next_generation: 0,
+        pending: HashMap::new(),
+        links,
+        rbuf: vec![0u8; 65_536],
+        wbuf: vec![0u8; crate::codec::MAX_PACKET_LEN],
+    };
+    let mut ready = Vec::with_capacity(256);
+    let mut next_tick = Instant::now() + TICK;
+    while !shared.cancel.is_cancelled() {
+        let now = Instant::now();
+        if now >= next_tick {
+            w.on_tick(now);
+            next_tick = now + TICK;
+        }
+        w.poller
+            .wait(&mut ready, 256, next_tick.saturating_duration_since(now))?;
+        for &t in &ready {
+            if t >> KIND_SHIFT == WAKE {
+                inbox.wake.clear();
+                while let Ok(d) = inbox.rx.try_recv() {
+                    w.on_defined(d);
+                }
+            } else {
+                w.on_ready(t);
+            }
+        }
+    }
+    w.shutdown();
+    Ok(())
+}
+
+impl Worker {
+    fn on_ready(&mut self, t: u64) {
+        let index = (t & ((1 << KIND_SHIFT) - 1)) as usize;
+        match t >> KIND_SHIFT {
+            WILDCARD => self.read_wildcard(),
+            UPSTREAM => self.read_upstream(index),
+            CHILD => self.read_child(index),
+            _ => {}
+        }
+    }
+
+    fn read_wildcard(&mut self) {
+        for _ in 0..WILDCARD_BUDGET {
+            match socket::recv_from_to(&self.wildcard, &mut self.rbuf, self.bound) {
+                Ok(rx) => {
+                    let data = Bytes::copy_from_slice(&self.rbuf[..rx.len]);
+                    self.on_packet(rx, data);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!(worker = self.index, error = %e, "wildcard receive failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_child(&mut self, slot: usize) {
+        let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        let (remote, local) = (flow.remote, flow.local);
+        let n = match flow.child.recv_from(&mut self.wbuf) {
+            Ok((n, from)) if !socket::is_own_datagram(remote, from) => {
+                // A child's datagram from another peer (see socket::is_own_datagram).
+                self.shared.metrics.misdelivered.inc();
+                let rx = socket::Received {
+                    len: n,
+                    remote: from,
+                    local,
+                };
+                let data = Bytes::copy_from_slice(&self.wbuf[..n]);
+                self.on_packet(rx, data);
+                return;
+            }
+            Ok((n, _)) => n,
+            Err(_) => return,
+        };
+        self.shared.metrics.packet(Via::Child);
+        self.on_request(slot, n);
+    }
+
+    /// A datagram that reached the wildcard (or was handed back): a known flow's is injected,
+    /// a new flow's creates the flow, an unknown source's waits for its definition.
+    fn on_packet(&mut self, rx: socket::Received, data: Bytes) {
+        let shared = self.shared.clone();
+        let key = socket::flow_key(rx.remote, rx.local);
+        if let Some(&slot) = self.by_key.get(&key) {
+            self.inject(slot, &data);
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&key) {
+            keep_pending(&shared, p, data);
+            return;
+        }
+        if let Some(binding) = shared.clients.binding(rx.remote.ip()) {
+            self.create_flow(rx.remote, rx.local, binding, vec![data]);
+            return;
+        }
+        let Some(dynamic) = &shared.dynamic else {
+            shared.metrics.refuse(Refusal::UnknownClient);
+            debug!(remote = %rx.remote, "no client for this source: dropped");
+            return;
+        };
+        match dynamic.resolve(rx.remote.ip(), Instant::now()) {
+            Resolution::Client(client) => {
+                self.create_flow(rx.remote, rx.local, Binding::One(client), vec![data])
+            }
+            Resolution::Refused => shared.metrics.refuse(Refusal::DirectoryRefused),
+            Resolution::NotDynamic => {
+                shared.metrics.refuse(Refusal::UnknownClient);
+                debug!(remote = %rx.remote, "no client for this source: dropped");
+            }
+            Resolution::Defining { start } => {
+                let mut p = PendingFlow {
+                    remote: rx.remote,
+                    local: rx.local,
+                    packets: Vec::new(),
+                };
+                keep_pending(&shared, &mut p, data);
+                self.pending.insert(key, p);
+                if start {
+                    spawn_definition(&self.runtime, shared.clone(), rx.remote.ip());
+                }
+            }
+        }
+    }
+
+    /// A packet for a known flow that came through the wildcard: handled as if its child
+    /// had read it.
+    fn inject(&mut self, slot: usize, data: &[u8]) {
+        let n = data.len().min(self.wbuf.len());
+        self.wbuf[..n].copy_from_slice(&data[..n]);
+        self.shared.metrics.packet(Via::Wildcard);
+        self.on_request(slot, n);
+    }
+
+    /// A definition finished: make the flows that waited for it, and inject their packets
+    /// in arrival order; or drop them, counted, on a refusal.
+    fn on_defined(&mut self, d: Defined) {
+        let keys: Vec<FlowKey> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.remote.ip() == d.ip)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            self.shared
+                .pending_packets
+                .fetch_sub(p.packets.len(), Ordering::Relaxed);
+            match &d.outcome {
+                Ok(client) => {
+                    self.create_flow(p.remote, p.local, Binding::One(client.clone()), p.packets)
+                }
+                Err(_) => {
+                    for _ in &p.packets {
+                        self.shared.metrics.refuse(Refusal::DirectoryRefused);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes a flow: its child socket (registered with steer on the fast path), and handles
+    /// the packets that reached the wildcard for it, in order.
+    fn create_flow(
+        &mut self,
+        remote: SocketAddr,
+        local: SocketAddr,
+        binding: Binding,
+        packets: Vec<Bytes>,
+    ) {
+        let shared = self.shared.clone();
+        let key = socket::flow_key(remote, local);
+        // Reserve the slot atomically: workers create flows concurrently.
+        let max = shared.max_flows;
+        if shared
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            shared.metrics.refuse(Refusal::MaxFlows);
+            debug!(%remote, "max_flows reached: packet of a new flow dropped");
+            return;
+        }
+        let release = || shared.active.fetch_sub(1, Ordering::AcqRel);
+        let child = match socket::bind_child(shared.path, self.bound, local, remote)
+            .and_then(|c| c.set_nonblocking(true).map(|()| c))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                release();
+                shared.metrics.refuse(Refusal::ChildSocket);
+                warn!(%remote, %local, error = %e, "no child socket for a new flow");
+                return;
+            }
+        };
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.flows.push(None);
+            self.flows.len() - 1
+        });
+        if let Err(e) = self.poller.add(&child, token(CHILD, slot)) {
+            self.free_slots.push(slot);
+            release();
+            shared.metrics.refuse(Refusal::ChildSocket);
+            warn!(%remote, error = %e, "cannot watch a new flow's child");
+            return;
+        }
+        if let Some(fp) = &shared.fastpath {
+            use std::os::fd::AsRawFd;
+            if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
+                self.free_slots.push(slot);
+                release();
+                shared.metrics.refuse(Refusal::Register);
+                warn!(%remote, error = %e, "steer cannot take a new flow");
+                return;
+            }
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        self.flows[slot] = Some(Flow {
+            key,
+            remote,
+            local,
+            child,
+            binding,
+            bound: None,
+            generation: self.next_generation,
+            last_seen: Instant::now(),
+            in_flight: 0,
+        });
+        self.by_key.insert(key, slot);
+        shared.metrics.flows_created.inc();
+        shared.metrics.flows_active.inc();
+        debug!(%remote, %local, path = shared.path.as_str(), "flow created");
+        for data in packets {
+            self.inject(slot, &data);
+        }
+    }
+
+    /// The request of flow `slot` in `wbuf[..n]`: prepared for its client's upstream, given
+    /// an Identifier of one of this worker's sockets to it, signed and sent.
+    fn on_request(&mut self, slot: usize, n: usize) {
+        let shared = &self.shared;
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        flow.last_seen = Instant::now();
+        let Some((client, li)) = client_for(shared, flow, &self.wbuf[..n]) else {
+            shared.metrics.proxy_drop("nat_unproven");
+            return;
+        };
+        let prepared = match proxy::prepare_request(&client, &shared.proxy_state, &mut self.wbuf, n)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                shared.metrics.proxy_drop(e.reason());
+                debug!(remote = %flow.remote, client = %client.name, error = %e, "request not forwarded");
+                return;
+            }
+        };
+        let Some(link) = self.links.get_mut(li) else {
+            return;
+        };
+        let acct = prepared.code == Code::AccountingRequest;
+        let port = match (acct, link.acct.as_mut()) {
+            (false, _) => &mut link.auth,
+            (true, Some(a)) => a,
+            (true, None) => {
+                shared.metrics.proxy_drop("no_acct_upstream");
+                return;
+            }
+        };
+        let pending = InFlight {
+            client,
+            prepared,
+            up_auth: [0; 16],
+            sent_at: Instant::now(),
+            reply_to: FlowRef {
+                slot: slot as u32,
+                generation: flow.generation,
+            },
+        };
+        let Some((si, id)) = allocate(&self.poller, li, acct, port, pending) else {
+            shared.metrics.proxy_drop("upstream_ids_exhausted");
+            return;
+        };
+        let Some(up) = port.socks[si].as_mut() else {
+            return;
+        };
+        match proxy::finalize_request(&mut self.wbuf, prepared.len, id, &link.upstream) {
+            Ok(up_auth) => {
+                if let Some(p) = up.ids.get_mut(id) {
+                    p.up_auth = up_auth;
+                }
+                if up.sock.send(&self.wbuf[..prepared.len]).is_ok() {
+                    shared.metrics.forwarded.inc();
+                    flow.in_flight += 1;
+                } else {
+                    up.ids.take(id);
+                    shared.metrics.proxy_drop("send_to_upstream");
+                }
+            }
+            Err(e) => {
+                up.ids.take(id);
+                shared.metrics.proxy_drop(e.reason());
+            }
+        }
+    }
+
+    /// Replies on one of this worker's upstream sockets: each checked, re-signed for its
+    /// NAS and sent from its flow's child.
+    fn read_upstream(&mut self, index: usize) {
+        let (li, acct, si) = split_up_index(index);
+        let Some(link) = self.links.get_mut(li) else {
+            return;
+        };
+        let port = if acct {
+            link.acct.as_mut()
+        } else {
+            Some(&mut link.auth)
+        };
+        let Some(up) = port
+            .and_then(|p| p.socks.get_mut(si))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let shared = &self.shared;
+        for _ in 0..WILDCARD_BUDGET {
+            let n = match up.sock.recv(&mut self.rbuf) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            if n < crate::codec::HEADER_LEN {
+                shared.metrics.proxy_drop("reply_malformed");
+                continue;
+            }
+            let id = self.rbuf[1];
+            let Some(pending) = up.ids.get(id) else {
+                shared.metrics.proxy_drop("reply_unknown_id");
+                continue;
+            };
+            let len = match proxy::process_reply(
+                &mut self.rbuf,
+                n,
+                &link.upstream,
+                pending,
+                &shared.proxy_state,
+            ) {
+                Ok(len) => len,
+                // A forged or broken reply does not cancel the request: the real one may
+                // follow.
+                Err(e) => {
+                    shared.metrics.proxy_drop(e.reason());
+                    warn!(upstream = %link.upstream.name, error = %e, "reply dropped");
+                    continue;
+                }
+            };
+            let Some(done) = up.ids.take(id) else {
+                continue;
+            };
+            if up.ids.in_flight() == 0 {
+                up.idle_since = Instant::now();
+            }
+            let r = done.reply_to;
+            match self
+                .flows
+                .get_mut(r.slot as usize)
+                .and_then(Option::as_mut)
+                .filter(|f| f.generation == r.generation)
+            {
+                Some(flow) => {
+                    flow.in_flight = flow.in_flight.saturating_sub(1);
+                    match flow.child.send_to(&self.rbuf[..len], flow.remote) {
+                        Ok(_) => {
+                            shared.metrics.relayed.inc();
+                        }
+                        Err(e) => {
+                            shared.metrics.proxy_drop("send_to_nas");
+                            debug!(remote = %flow.remote, error = %e, "reply not sent");
+                        }
+                    }
+                }
+                None => shared.metrics.proxy_drop("flow_gone"),
+            }
+        }
+    }
+
+    /// Every 100 ms: requests the upstream did not answer in time, idle flows, idle extra
+    /// upstream sockets.
+    fn on_tick(&mut self, now: Instant) {
+        let shared = self.shared.clone();
+        for link in &mut self.links {
+            let timeout = link.upstream.timeout;
+            for port in std::iter::once(&mut link.auth).chain(link.acct.as_mut()) {
+                for (si, slot) in port.socks.iter_mut().enumerate() {
+                    let Some(up) = slot else { continue };
+                    for p in up.ids.expire(|p| now.duration_since(p.sent_at) > timeout) {
+                        shared.metrics.proxy_drop("upstream_timeout");
+                        let r = p.reply_to;
+                        if let Some(f) = self
+                            .flows
+                            .get_mut(r.slot as usize)
+                            .and_then(Option::as_mut)
+                            .filter(|f| f.generation == r.generation)
+                        {
+                            f.in_flight = f.in_flight.saturating_sub(1);
+                        }
+                        up.idle_since = now;
+                    }
+                    if si > 0
+                        && up.ids.in_flight() == 0
+                        && now.duration_since(up.idle_since) > UPSTREAM_SOCKET_IDLE
+                    {
+                        self.poller.remove(&up.sock);
+                        *slot = None;
+                        debug!(upstream = %link.upstream.name, to = %port.to, "idle extra upstream socket closed");
+                    }
+                }
+            }
+        }
+        let idle = shared.idle_timeout;
+        let ended: Vec<usize> = self
+            .flows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let f = f.as_ref()?;
+                (f.in_flight == 0 && now.duration_since(f.last_seen) >= idle).then_some(i)
+            })
+            .collect();
+        for slot in ended {
+            self.end_flow(slot);
+        }
+    }
+
+    /// Ends an idle flow without losing what reaches it meanwhile.
+    fn end_flow(&mut self, slot: usize) {
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        // Unregister first so later packets reach the wildcard and start a new flow.
+        if let Some(fp) = &self.shared.fastpath {
+            lock(fp).unregister_child(&flow.key);
+        }
+        self.by_key.remove(&flow.key);
+        self.poller.remove(&flow.child);
+        let mut drained = Vec::new();
+        while let Ok((n, from)) = flow.child.recv_from(&mut self.rbuf) {
+            let rx = socket::Received {
+                len: n,
+                remote: from,
+                local: flow.local,
+            };
+            drained.push((rx, Bytes::copy_from_slice(&self.rbuf[..n])));
+        }
+        drop(flow.child);
+        self.free_slots.push(slot);
+        self.shared.active.fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.flows_ended.inc();
+        self.shared.metrics.flows_active.dec();
+        debug!(remote = %flow.remote, drained = drained.len(), "flow ended");
+        for (rx, data) in drained {
+            self.on_packet(rx, data);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let slots: Vec<usize> = (0..self.flows.len())
+            .filter(|&i| self.flows[i].is_some())
+            .collect();
+        for slot in slots {
+            if let Some(flow) = self.flows[slot].take() {
+                if let Some(fp) = &self.shared.fastpath {
+                    lock(fp).unregister_child(&flow.key);
+                }
+                self.shared.active.fetch_sub(1, Ordering::Relaxed);
+                self.shared.metrics.flows_ended.inc();
+                self.shared.metrics.flows_active.dec();
+            }
+        }
+    }
+}
+
+/// The flow's client: known, or learnt from this request (NAT).
+fn client_for(shared: &Shared, flow: &mut Flow, packet: &[u8]) -> Option<(Arc<Client>, usize)> {
+    if let Some(b) = &flow.bound {
+        return Some(b.clone());
+    }
+    let client = match &flow.binding {
+        Binding::One(c) => c.clone(),
+        Binding::Nat(candidates) => clients::identify(candidates, packet)?,
+    };
+    let li = *shared.upstream_index.get(&client.upstream.name)?;
+    if let Binding::Nat(_) = flow.binding {
+        info!(remote = %flow.remote, client = %client.name, "NAS behind a shared address identified");
+    }
+    flow.bound = Some((client, li));
+    flow.bound.clone()
+}
+
+/// A free Identifier on one of `port`'s sockets, opening another socket when all are busy.
+fn allocate(
+    poller: &Poller,
+    link: usize,
+    acct: bool,
+    port: &mut UpPort,
+    mut pending: Pending,
+) -> Option<(usize, u8)> {
+    for (si, slot) in port.socks.iter_mut().enumerate() {
+        if let Some(up) = slot {
+            match up.ids.allocate(pending) {
+                Ok(id) => return Some((si, id)),
+                Err(p) => pending = p,
+            }
+        }
+    }
+    let si = port.socks.iter().position(Option::is_none).or_else(|| {
+        (port.socks.len() < MAX_UPSTREAM_SOCKETS).then(|| {
+            port.socks.push(None);
+            port.socks.len() - 1
+        })
+    })?;
+    let sock = open_upstream_socket(port.to).ok()?;
+    poller
+        .add(&sock, token(UPSTREAM, up_index(link, acct, si)))
+        .ok()?;
+    debug!(to = %port.to, sockets = si + 1, "another upstream socket: 256 requests in flight on each");
+    let mut up = UpSock {
+        sock,
+        ids: IdPool::default(),
+        idle_since: Instant::now(),
+    };
+    let id = up.ids.allocate(pending).ok()?;
+    port.socks[si] = Some(up);
+    Some((si, id))
+}
+
+/// Keeps a packet of a source being defined, within the per-flow and global bounds.
+fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: Bytes) {
+    let Some(dynamic) = &shared.dynamic else {
+        return;
+    };
+    if p.packets.len() >= dynamic.max_pending_per_flow
+        || shared.pending_packets.load(Ordering::Relaxed) >= dynamic.max_pending_packets
+    {
+        shared.metrics.refuse(Refusal::PendingFull);
+        return;
+    }
+    shared.pending_packets.fetch_add(1, Ordering::Relaxed);
+    p.packets.push(data);
+}
+
+/// Asks the directory about `ip` and tells every worker the outcome.
+fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: IpAddr) {
+    info!(%ip, "defining a dynamic client");
+    // Not in a JoinSet: a definition outlives no shutdown wait.
+    runtime.spawn(async move {
+        let Some(dynamic) = &shared.dynamic else {
+            return;
+        };
+        let outcome = dynamic.define(ip).await;
+        match &outcome {
+            Ok(c) => info!(%ip, client = %c.name, "dynamic client defined"),
+            Err(reason) => {
+                warn!(%ip, %reason, "dynamic client refused");
+                if let Some(fp) = &shared.fastpath
+                    && let Err(e) = lock(fp).add_negative(ip, dynamic.nak_lifetime)
+                {
+                    debug!(%ip, error = %e, "no negative entry");
+                }
+            }
+        }
+        for inbox in &shared.defined {
+            inbox.send(Defined {
+                ip,
+                outcome: outcome.clone(),
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_socket_indexes_round_trip() {
+        for link in 0..5 {
+            for acct in [false, true] {
+                for s in 0..MAX_UPSTREAM_SOCKETS {
+                    assert_eq!(split_up_index(up_index(link, acct, s)), (link, acct, s));
+                }
+            }
+        }
+        let t = token(CHILD, 12345);
+        assert_eq!(t >> KIND_SHIFT, CHILD);
+        assert_eq!(t & ((1 << KIND_SHIFT) - 1), 12345);
+    }
+}
