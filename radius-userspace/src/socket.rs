@@ -520,3 +520,108 @@ impl AsRawFd for Wake {
         self.fd.as_raw_fd()
     }
 }
+
+/// One datagram of a batch: where to, from which local address (`Some` when the socket is
+/// bound to an any-address and the source must be set with IP_PKTINFO / IPV6_PKTINFO),
+/// and its bytes.
+pub struct Outgoing<'a> {
+    pub to: Option<SocketAddr>,
+    pub from: Option<IpAddr>,
+    pub data: &'a [u8],
+}
+
+/// `sendmmsg`: sends `batch`; a datagram the kernel refuses is passed to `failed` (with its
+/// index) and the rest still go. Returns how many were sent.
+pub fn send_batch(
+    sock: &impl AsRawFd,
+    batch: &[Outgoing<'_>],
+    mut failed: impl FnMut(usize, io::Error),
+) -> usize {
+    const CMSG_WORDS: usize = 8; // 64 bytes: room for one in6_pktinfo header and payload
+    let n = batch.len();
+    if n == 0 {
+        return 0;
+    }
+    let names: Vec<Option<SockAddr>> = batch.iter().map(|o| o.to.map(SockAddr::from)).collect();
+    let mut iov: Vec<libc::iovec> = batch
+        .iter()
+        .map(|o| libc::iovec {
+            iov_base: o.data.as_ptr() as *mut libc::c_void,
+            iov_len: o.data.len(),
+        })
+        .collect();
+    let mut cbufs = vec![[0u64; CMSG_WORDS]; n];
+    // SAFETY: zeroed mmsghdr is valid (no name, no control).
+    let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { mem::zeroed() }).collect();
+    for i in 0..n {
+        let h = &mut msgs[i].msg_hdr;
+        h.msg_iov = &mut iov[i];
+        h.msg_iovlen = 1;
+        if let Some(name) = &names[i] {
+            h.msg_name = name.as_ptr() as *mut libc::c_void;
+            h.msg_namelen = name.len();
+        }
+        if let Some(from) = batch[i].from {
+            h.msg_control = cbufs[i].as_mut_ptr().cast();
+            h.msg_controllen = mem::size_of_val(&cbufs[i]);
+            // SAFETY: the control buffer is large and aligned enough for one pktinfo.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(h);
+                match from {
+                    IpAddr::V4(a) => {
+                        (*c).cmsg_level = libc::IPPROTO_IP;
+                        (*c).cmsg_type = libc::IP_PKTINFO;
+                        (*c).cmsg_len =
+                            libc::CMSG_LEN(mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                        let info = libc::in_pktinfo {
+                            ipi_ifindex: 0,
+                            ipi_spec_dst: libc::in_addr {
+                                s_addr: u32::from(a).to_be(),
+                            },
+                            ipi_addr: libc::in_addr { s_addr: 0 },
+                        };
+                        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+                        h.msg_controllen =
+                            libc::CMSG_SPACE(mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                    }
+                    IpAddr::V6(a) => {
+                        (*c).cmsg_level = libc::IPPROTO_IPV6;
+                        (*c).cmsg_type = libc::IPV6_PKTINFO;
+                        (*c).cmsg_len =
+                            libc::CMSG_LEN(mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                        let info = libc::in6_pktinfo {
+                            ipi6_addr: libc::in6_addr {
+                                s6_addr: a.octets(),
+                            },
+                            ipi6_ifindex: 0,
+                        };
+                        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+                        h.msg_controllen =
+                            libc::CMSG_SPACE(mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                    }
+                }
+            }
+        }
+    }
+    let (mut done, mut sent) = (0, 0);
+    while done < n {
+        // SAFETY: every header points at live names, iovecs and control buffers.
+        let rc = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs[done..].as_mut_ptr(),
+                (n - done) as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if rc <= 0 {
+            // The datagram at `done` failed: report it and go on with the next.
+            failed(done, io::Error::last_os_error());
+            done += 1;
+        } else {
+            done += rc as usize;
+            sent += rc as usize;
+        }
+    }
+    sent
+}

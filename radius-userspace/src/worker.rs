@@ -136,6 +136,31 @@ fn open_upstream_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s)
 }
 
+/// What a round sends, flushed at its end with one `sendmmsg` per socket: requests on
+/// their upstream sockets, replies on the wildcard (same address and port as the flow's
+/// child, so the NAS sees no difference; the wildcard is not connected, so it can send to
+/// every NAS of the round at once).
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    /// (upstream socket index, Identifier, offset, length)
+    up: Vec<(usize, u8, usize, usize)>,
+    /// (NAS, the address it sent to, offset, length)
+    nas: Vec<(SocketAddr, SocketAddr, usize, usize)>,
+}
+
+impl Outbox {
+    fn keep(&mut self, data: &[u8]) -> (usize, usize) {
+        let off = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        (off, data.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.up.is_empty() && self.nas.is_empty()
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     index: usize,
@@ -152,6 +177,7 @@ struct Worker {
     /// Receive buffer, and the buffer a request or reply is edited in.
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    out: Outbox,
 }
 
 /// What reaches a worker from other threads: the outcome of definitions, and the eventfd
@@ -243,6 +269,7 @@ pub(crate) fn run(
         links,
         rbuf: vec![0u8; 65_536],
         wbuf: vec![0u8; crate::codec::MAX_PACKET_LEN],
+        out: Outbox::default(),
     };
     let mut ready = Vec::with_capacity(256);
     let mut next_tick = Instant::now() + TICK;
@@ -250,6 +277,7 @@ pub(crate) fn run(
         let now = Instant::now();
         if now >= next_tick {
             w.on_tick(now);
+            w.flush();
             next_tick = now + TICK;
         }
         w.poller
@@ -264,6 +292,7 @@ pub(crate) fn run(
                 w.on_ready(t);
             }
         }
+        w.flush();
     }
     w.shutdown();
     Ok(())
@@ -538,18 +567,94 @@ impl Worker {
                 if let Some(p) = up.ids.get_mut(id) {
                     p.up_auth = up_auth;
                 }
-                if up.sock.send(&self.wbuf[..prepared.len]).is_ok() {
-                    shared.metrics.forwarded.inc();
-                    flow.in_flight += 1;
-                } else {
-                    up.ids.take(id);
-                    shared.metrics.proxy_drop("send_to_upstream");
-                }
+                let (off, len) = self.out.keep(&self.wbuf[..prepared.len]);
+                self.out.up.push((up_index(li, acct, si), id, off, len));
+                flow.in_flight += 1;
             }
             Err(e) => {
                 up.ids.take(id);
                 shared.metrics.proxy_drop(e.reason());
             }
+        }
+    }
+
+    /// Sends what the round produced; a datagram the kernel refuses is counted, and a
+    /// request's Identifier freed.
+    fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let shared = self.shared.clone();
+        out.up.sort_by_key(|&(i, ..)| i);
+        let mut failed: Vec<(usize, u8)> = Vec::new();
+        for group in out.up.chunk_by(|a, b| a.0 == b.0) {
+            let index = group[0].0;
+            let Some(up) = self.up_sock(index) else {
+                continue;
+            };
+            let batch: Vec<socket::Outgoing<'_>> = group
+                .iter()
+                .map(|&(_, _, off, len)| socket::Outgoing {
+                    to: None,
+                    from: None,
+                    data: &out.bytes[off..off + len],
+                })
+                .collect();
+            let sent = socket::send_batch(&up.sock, &batch, |i, e| {
+                debug!(error = %e, "request not sent upstream");
+                failed.push((index, group[i].1));
+            });
+            shared.metrics.forwarded.inc_by(sent as u64);
+        }
+        for (index, id) in failed {
+            shared.metrics.proxy_drop("send_to_upstream");
+            if let Some(p) = self.up_sock(index).and_then(|u| u.ids.take(id)) {
+                self.release(p.reply_to);
+            }
+        }
+        let any = self.bound.ip().is_unspecified();
+        let batch: Vec<socket::Outgoing<'_>> = out
+            .nas
+            .iter()
+            .map(|&(remote, local, off, len)| socket::Outgoing {
+                to: Some(remote),
+                from: any.then_some(local.ip()),
+                data: &out.bytes[off..off + len],
+            })
+            .collect();
+        let sent = socket::send_batch(&self.wildcard, &batch, |i, e| {
+            shared.metrics.proxy_drop("send_to_nas");
+            debug!(remote = %out.nas[i].0, error = %e, "reply not sent");
+        });
+        shared.metrics.relayed.inc_by(sent as u64);
+        drop(batch);
+        out.bytes.clear();
+        out.up.clear();
+        out.nas.clear();
+        self.out = out;
+    }
+
+    fn up_sock(&mut self, index: usize) -> Option<&mut UpSock> {
+        let (li, acct, si) = split_up_index(index);
+        let link = self.links.get_mut(li)?;
+        let port = if acct {
+            link.acct.as_mut()?
+        } else {
+            &mut link.auth
+        };
+        port.socks.get_mut(si)?.as_mut()
+    }
+
+    /// A request of this flow is no longer in flight.
+    fn release(&mut self, r: FlowRef) {
+        if let Some(f) = self
+            .flows
+            .get_mut(r.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|f| f.generation == r.generation)
+        {
+            f.in_flight = f.in_flight.saturating_sub(1);
         }
     }
 
@@ -617,15 +722,8 @@ impl Worker {
             {
                 Some(flow) => {
                     flow.in_flight = flow.in_flight.saturating_sub(1);
-                    match flow.child.send_to(&self.rbuf[..len], flow.remote) {
-                        Ok(_) => {
-                            shared.metrics.relayed.inc();
-                        }
-                        Err(e) => {
-                            shared.metrics.proxy_drop("send_to_nas");
-                            debug!(remote = %flow.remote, error = %e, "reply not sent");
-                        }
-                    }
+                    let (off, len) = self.out.keep(&self.rbuf[..len]);
+                    self.out.nas.push((flow.remote, flow.local, off, len));
                 }
                 None => shared.metrics.proxy_drop("flow_gone"),
             }

@@ -34,6 +34,8 @@ pub struct LoadSpec {
     pub password: String,
     /// After this, a request counts as lost (and its slot sends a new one).
     pub timeout: Duration,
+    /// Put a Message-Authenticator in every request, as NASes do since BlastRADIUS.
+    pub message_authenticator: bool,
 }
 
 /// What a run gave.
@@ -115,6 +117,7 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
         secret: spec.secret.clone(),
         user: spec.user.clone(),
         password: spec.password.clone(),
+        message_authenticator: spec.message_authenticator,
         counter: 0,
         seed: auth::random_authenticator(),
     };
@@ -260,6 +263,7 @@ struct Generator {
     secret: Vec<u8>,
     user: String,
     password: String,
+    message_authenticator: bool,
     counter: u64,
     seed: [u8; 16],
 }
@@ -274,7 +278,15 @@ impl Generator {
         for (x, c) in a.iter_mut().zip(self.counter.to_le_bytes()) {
             *x ^= c;
         }
-        let len = build_request(buf, slot.id, &a, &self.user, &self.password, &self.secret);
+        let len = build_request(
+            buf,
+            slot.id,
+            &a,
+            &self.user,
+            &self.password,
+            &self.secret,
+            self.message_authenticator,
+        );
         slot.auth = a;
         slot.sent_at = Some(Instant::now());
         len
@@ -289,8 +301,8 @@ impl Generator {
     }
 }
 
-/// A PAP Access-Request (User-Name, hidden User-Password, NAS-Port), unsigned but for the
-/// password: the authenticator is the caller's.
+/// A PAP Access-Request (Message-Authenticator when `ma`, User-Name, hidden User-Password,
+/// NAS-Port); the authenticator is the caller's.
 fn build_request(
     buf: &mut [u8; 256],
     id: u8,
@@ -298,6 +310,7 @@ fn build_request(
     user: &str,
     password: &str,
     secret: &[u8],
+    ma: bool,
 ) -> usize {
     let mut h = [0u8; 128];
     let n = hide::hide_user_password(password.as_bytes(), secret, a, &mut h).unwrap_or(0);
@@ -305,9 +318,15 @@ fn build_request(
         return 0;
     };
     p.set_authenticator(a);
+    if ma {
+        let _ = p.message_authenticator_first();
+    }
     let _ = p.push(attr::USER_NAME, user.as_bytes());
     let _ = p.push(attr::USER_PASSWORD, &h[..n]);
     let _ = p.push(attr::NAS_PORT, &u32::from(id).to_be_bytes());
+    if ma {
+        let _ = p.sign(secret, None);
+    }
     p.len()
 }
 
@@ -420,6 +439,7 @@ mod tests {
             secret: b"s3cret".to_vec(),
             user: "bench".into(),
             password: "pw".into(),
+            message_authenticator: true,
             counter: 0,
             seed: [7; 16],
         };
@@ -433,6 +453,8 @@ mod tests {
         let first = slot.auth;
         let p = Packet::parse(&b[..n]).expect("a valid request");
         assert_eq!((p.code(), p.identifier()), (Code::AccessRequest, 9));
+        auth::verify(&p, b"s3cret".as_slice(), None)
+            .expect("a Message-Authenticator that verifies");
         let mut pw = [0u8; 128];
         let k = hide::reveal_user_password(
             p.get(attr::USER_PASSWORD).expect("password").value,

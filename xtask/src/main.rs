@@ -7,7 +7,8 @@
 //! - `run`: setup + build, then the daemon with the given flags.
 //! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build.
 //! - `demo`: the newcomer's tour (FreeRADIUS, the sidecar, NASes in namespaces).
-//! - `bench steer` / `bench codec`: benchmarks; their tables go into BENCHMARKS.md.
+//! - `bench steer` / `bench codec` / `bench proxy`: benchmarks; their tables go into
+//!   BENCHMARKS.md.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -31,6 +32,8 @@ const TEST_PACKAGES: &[&str] = &[
     "ssl-cert",
     "ca-certificates",
 ];
+/// What `bench proxy` adds: the peer proxy it compares with, and `ss` (iproute2).
+const BENCH_PACKAGES: &[&str] = &["radsecproxy"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -65,12 +68,16 @@ enum Cmd {
     },
     /// The newcomer's tour: FreeRADIUS, the sidecar and NASes in namespaces (root).
     Demo,
-    /// Run a benchmark: `steer` or `codec`.
+    /// Run a benchmark: `steer`, `codec` or `proxy`.
     Bench {
         which: String,
         /// Flow counts to measure (steer).
         #[arg(long, value_delimiter = ',', default_value = "10,1000,15000")]
         flows: Vec<usize>,
+        /// Extra arguments for the benchmark binary (proxy: --seconds, --rounds,
+        /// --outstanding, --sources, --only, --workers).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        extra: Vec<String>,
     },
 }
 
@@ -146,28 +153,34 @@ fn setup(test_deps: bool) -> anyhow::Result<()> {
         ]))?;
     }
     if test_deps {
-        let missing: Vec<&str> = TEST_PACKAGES
-            .iter()
-            .copied()
-            .filter(|p| {
-                !Command::new("dpkg")
-                    .args(["-s", p])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            })
-            .collect();
-        if !missing.is_empty() {
-            if !is_root() {
-                bail!("the tests need {missing:?}: install them as root (apt-get install)");
-            }
-            run(Command::new("apt-get").arg("update"))?;
-            run(Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        }
+        install_packages(TEST_PACKAGES)?;
     }
     Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are missing (as root).
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("{missing:?} are needed: install them as root (apt-get install)");
+    }
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Runs `cargo test`, passing its output through, and closes with one line that sums every
@@ -290,7 +303,11 @@ fn main() -> anyhow::Result<()> {
                 )
                 .env("RADIUS_SIDECAR_LOG", "0"))
         }
-        Cmd::Bench { which, flows } => match which.as_str() {
+        Cmd::Bench {
+            which,
+            flows,
+            extra,
+        } => match which.as_str() {
             "steer" => {
                 setup(false)?;
                 build()?;
@@ -307,7 +324,21 @@ fn main() -> anyhow::Result<()> {
                     .args(["bench", "-p", "radius-userspace", "--bench", "codec"])
                     .env("RADIUS_BENCH_WRITE", root().join("BENCHMARKS.md")))
             }
-            other => bail!("unknown benchmark `{other}` (known: steer, codec)"),
+            "proxy" => {
+                setup(true)?;
+                install_packages(BENCH_PACKAGES)?;
+                build()?;
+                run(Command::new(root().join("target/release/proxy-bench"))
+                    .args(&extra)
+                    .arg("--write")
+                    .arg(root().join("BENCHMARKS.md"))
+                    .env(
+                        "RADIUS_SIDECAR_BIN",
+                        root().join("target/release/radius-sidecar"),
+                    )
+                    .env("RADIUS_SIDECAR_LOG", "0"))
+            }
+            other => bail!("unknown benchmark `{other}` (known: steer, codec, proxy)"),
         },
     }
 }

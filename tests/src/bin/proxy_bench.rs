@@ -95,6 +95,8 @@ struct Opts {
     write: Option<String>,
     /// Only the rows whose proxy name contains this (and the direct rows).
     only: Option<String>,
+    /// The sidecar's workers (0: one per core).
+    workers: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         rounds: 3,
         write: None,
         only: None,
+        workers: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             "--rounds" => o.rounds = num()?.max(1) as usize,
             "--write" => o.write = args.next(),
             "--only" => o.only = args.next(),
+            "--workers" => o.workers = num()? as usize,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -258,7 +262,12 @@ impl Drop for Running {
     }
 }
 
-fn start_proxy(ns: &NetNs, proxy: Proxy, upstream: Upstream) -> anyhow::Result<(Running, u16)> {
+fn start_proxy(
+    ns: &NetNs,
+    proxy: Proxy,
+    upstream: Upstream,
+    workers: usize,
+) -> anyhow::Result<(Running, u16)> {
     let up = upstream.port();
     Ok(match proxy {
         Proxy::None if upstream == Upstream::Responder => (Running::None, RESPONDER_DIRECT_PORT),
@@ -276,6 +285,7 @@ listen = ["127.0.0.1:{SIDECAR_PORT}"]
 iface = "lo"
 ebpf = "{ebpf}"
 metrics = "none"
+workers = {workers}
 
 [[upstream]]
 name = "up"
@@ -387,7 +397,7 @@ fn measure(
     upstream: Upstream,
     outstanding: usize,
 ) -> anyhow::Result<Row> {
-    let (running, port) = start_proxy(ns, proxy, upstream)?;
+    let (running, port) = start_proxy(ns, proxy, upstream, o.workers)?;
     let spec = LoadSpec {
         target: ([127, 0, 0, 1], port).into(),
         sources: (0..o.sources)
@@ -401,6 +411,7 @@ fn measure(
         user: "bench".into(),
         password: "bench-pw".into(),
         timeout: Duration::from_secs(2),
+        message_authenticator: std::env::var_os("BENCH_NO_MA").is_none(),
     };
     // Warm-up: flows created, clients known, caches hot.
     let warm = spec.clone();
