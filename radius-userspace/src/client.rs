@@ -145,6 +145,7 @@ mod tests {
                 acct: None,
                 secret: Secret::new(b"u"),
                 timeout: Duration::from_secs(1),
+                options: Default::default(),
             }),
             require_message_authenticator: false,
             nas_key: None,

@@ -13,7 +13,7 @@ use crate::{
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
-    proxy::Upstream,
+    proxy::{RequireMessageAuthenticator, Upstream, UpstreamOptions},
 };
 
 /// The configuration `cargo xtask run` uses when no file is given.
@@ -108,6 +108,9 @@ struct Server {
     ebpf: String,
     /// Seconds without a packet after which a flow ends.
     idle_timeout: u64,
+    /// Seconds a reply is kept to answer NAS retransmissions (RFC 5080; FreeRADIUS's
+    /// `cleanup_delay`).
+    cleanup_delay: u64,
     /// Most flows (also bounded by the open-file limit); 0 = that limit.
     max_flows: usize,
     /// Packets per second and burst allowed per source without a flow (XDP).
@@ -126,6 +129,7 @@ impl Default for Server {
             iface: "lo".into(),
             ebpf: "auto".into(),
             idle_timeout: d.idle_timeout.as_secs(),
+            cleanup_delay: d.cleanup_delay.as_secs(),
             max_flows: 0,
             new_source_pps: d.new_source_pps,
             new_source_burst: d.new_source_burst,
@@ -147,10 +151,30 @@ struct UpstreamSection {
     /// Milliseconds before a request without an answer is given up.
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    /// Milliseconds before a request without an answer is sent again (with up to 25 %
+    /// jitter); NAS retransmissions also cause a resend, at most one a second.
+    #[serde(default = "default_retry_ms")]
+    retry_ms: u64,
+    /// Resends per request on the sidecar's own timer.
+    #[serde(default = "default_max_retries")]
+    max_retries: u32,
+    /// BlastRADIUS: must Access replies carry a Message-Authenticator? "yes", "no", or
+    /// "auto" (once this upstream has sent one).
+    #[serde(default = "default_auto")]
+    require_message_authenticator: Spanned<String>,
 }
 
 fn default_timeout_ms() -> u64 {
     5_000
+}
+fn default_retry_ms() -> u64 {
+    2_000
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_auto() -> Spanned<String> {
+    Spanned::new(0..0, "auto".to_owned())
 }
 
 /// `[[client]]`: NASes allowed to talk to the sidecar.
@@ -246,6 +270,7 @@ impl Config {
             }
         };
         daemon.idle_timeout = Duration::from_secs(server.idle_timeout.max(1));
+        daemon.cleanup_delay = Duration::from_secs(server.cleanup_delay);
         daemon.max_flows = (server.max_flows > 0).then_some(server.max_flows);
         daemon.new_source_pps = server.new_source_pps;
         daemon.new_source_burst = server.new_source_burst;
@@ -275,12 +300,31 @@ impl Config {
                     format!("`{}` defined twice", u.name),
                 ));
             }
+            let require_message_authenticator =
+                match u.require_message_authenticator.get_ref().as_str() {
+                    "yes" => RequireMessageAuthenticator::Yes,
+                    "no" => RequireMessageAuthenticator::No,
+                    "auto" => RequireMessageAuthenticator::Auto,
+                    other => {
+                        return Err(err(
+                            u.require_message_authenticator.span(),
+                            "upstream.require_message_authenticator",
+                            format!("`{other}`: expected \"yes\", \"no\" or \"auto\""),
+                        ));
+                    }
+                };
             upstreams.push(Arc::new(Upstream {
                 name: u.name,
                 auth: u.auth,
                 acct: u.acct,
                 secret: Secret::new(u.secret.as_bytes()),
                 timeout: Duration::from_millis(u.timeout_ms.max(1)),
+                options: UpstreamOptions {
+                    retry: Duration::from_millis(u.retry_ms.max(10)),
+                    max_retries: u.max_retries,
+                    require_message_authenticator,
+                    seen_message_authenticator: false.into(),
+                },
             }));
         }
 

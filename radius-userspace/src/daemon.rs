@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     pub ebpf: EbpfMode,
     /// A flow with no packet for this long ends and closes its child.
     pub idle_timeout: Duration,
+    /// How long a reply is kept to answer NAS retransmissions (RFC 5080).
+    pub cleanup_delay: Duration,
     /// Upper bound on flows; the open-file limit may lower it.
     pub max_flows: Option<usize>,
     /// Receive buffer of each wildcard, bytes.
@@ -80,6 +82,7 @@ impl Default for DaemonConfig {
             iface: Some("lo".into()),
             ebpf: EbpfMode::Auto,
             idle_timeout: Duration::from_secs(300),
+            cleanup_delay: Duration::from_secs(5),
             max_flows: None,
             wildcard_rcvbuf: 4 << 20,
             new_source_pps: 2_000,
@@ -112,6 +115,7 @@ pub(crate) struct Shared {
     pub active: AtomicUsize,
     pub max_flows: usize,
     pub idle_timeout: Duration,
+    pub dedup: crate::dedup::DedupTimers,
     pub cancel: CancellationToken,
 }
 
@@ -177,6 +181,10 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         active: AtomicUsize::new(0),
         max_flows,
         idle_timeout: config.idle_timeout,
+        dedup: crate::dedup::DedupTimers {
+            cleanup_delay: config.cleanup_delay,
+            ..Default::default()
+        },
         cancel: cancel.clone(),
     });
 

@@ -75,7 +75,13 @@ impl Default for DedupTimers {
 
 impl<T: Copy> Dedup<T> {
     /// Classifies the request `(id, auth)`; records nothing.
-    pub fn check(&mut self, id: u8, auth: &[u8; 16], now: Instant, t: &DedupTimers) -> Verdict<'_, T> {
+    pub fn check(
+        &mut self,
+        id: u8,
+        auth: &[u8; 16],
+        now: Instant,
+        t: &DedupTimers,
+    ) -> Verdict<'_, T> {
         let Some(e) = self.entries.get_mut(&id).filter(|e| &e.auth == auth) else {
             return Verdict::New;
         };
@@ -208,7 +214,10 @@ mod tests {
             Verdict::Cached(b"reply")
         );
         // Past cleanup_delay the cache is gone: forwarded as new.
-        assert_eq!(d.check(7, &A, t0 + Duration::from_secs(6), &t), Verdict::New);
+        assert_eq!(
+            d.check(7, &A, t0 + Duration::from_secs(6), &t),
+            Verdict::New
+        );
         d.expire(t0 + Duration::from_secs(60));
         assert!(d.is_empty());
     }
@@ -219,9 +228,15 @@ mod tests {
         d.begin(7, &A, t0, 1);
         assert_eq!(d.check(7, &B, t0, &t), Verdict::New);
         d.begin(7, &B, t0, 2);
-        assert!(!d.on_reply(7, &A, b"old", t0, &t), "the replaced request's reply");
+        assert!(
+            !d.on_reply(7, &A, b"old", t0, &t),
+            "the replaced request's reply"
+        );
         assert!(d.on_reply(7, &B, b"new", t0, &t));
-        assert!(!d.on_reply(7, &B, b"again", t0, &t), "one reply per request");
+        assert!(
+            !d.on_reply(7, &B, b"again", t0, &t),
+            "one reply per request"
+        );
     }
 
     #[test]

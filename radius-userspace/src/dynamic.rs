@@ -432,6 +432,7 @@ mod tests {
             acct: None,
             secret: Secret::new(b"u"),
             timeout: Duration::from_secs(1),
+            options: Default::default(),
         })
     }
 

@@ -6,12 +6,13 @@
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
-//! - [`config`], [`client`], [`dynamic`], [`proxy`]: the configuration model, static and
-//!   dynamic clients, and forwarding (sans-IO).
+//! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`]: the configuration model,
+//!   static and dynamic clients, forwarding and RFC 5080 duplicate detection (sans-IO).
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod dedup;
 pub mod dynamic;
 pub mod fastpath;
 pub mod metrics;

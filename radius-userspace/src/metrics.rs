@@ -81,6 +81,10 @@ pub struct Metrics {
     pub relayed: Counter,
     /// Requests or replies not relayed, by reason (ProxyError::reason and the upstream's).
     pub proxy_drops: Family<ReasonLabel, Counter>,
+    /// Requests the sidecar answered itself (Status-Server, retransmissions from the cache).
+    pub local_answers: Family<ReasonLabel, Counter>,
+    /// Requests sent upstream again, by cause (our timer, or a NAS retransmission).
+    pub upstream_retransmits: Family<ReasonLabel, Counter>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -133,6 +137,18 @@ impl Metrics {
             "Requests and replies not relayed, by reason",
             proxy_drops.clone(),
         );
+        let local_answers = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "local_answers",
+            "Requests answered by the sidecar itself, by kind",
+            local_answers.clone(),
+        );
+        let upstream_retransmits = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "upstream_retransmits",
+            "Requests sent to an upstream again, by cause",
+            upstream_retransmits.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -169,6 +185,8 @@ impl Metrics {
             forwarded,
             relayed,
             proxy_drops,
+            local_answers,
+            upstream_retransmits,
             open_files_limit,
             max_flows,
             fast_path,
@@ -184,6 +202,18 @@ impl Metrics {
 
     pub fn proxy_drop(&self, reason: &'static str) {
         self.proxy_drops
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn local_answer(&self, reason: &'static str) {
+        self.local_answers
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn upstream_retransmit(&self, reason: &'static str) {
+        self.upstream_retransmits
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }

@@ -29,7 +29,46 @@ pub struct Upstream {
     pub auth: SocketAddr,
     pub acct: Option<SocketAddr>,
     pub secret: Secret,
+    /// A request without an answer after this long is given up.
     pub timeout: Duration,
+    pub options: UpstreamOptions,
+}
+
+/// Whether Access replies from an upstream must carry a Message-Authenticator (BlastRADIUS,
+/// CVE-2024-3596), as FreeRADIUS 3.2.5 names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RequireMessageAuthenticator {
+    Yes,
+    No,
+    /// Required once this upstream has sent one (FreeRADIUS 3.2.5's default). Debian 12's
+    /// FreeRADIUS 3.2.1 sends one on EAP replies but not on PAP ones: with it, say `no`, or
+    /// make it add one (`update reply { &Message-Authenticator := 0x00 }` in post-auth).
+    #[default]
+    Auto,
+}
+
+/// Retransmission and reply policy of an upstream.
+#[derive(Debug)]
+pub struct UpstreamOptions {
+    /// Resend a request that got no answer after this long (with up to 25 % jitter).
+    pub retry: Duration,
+    /// Resends per request on our own timer (NAS retransmissions also cause one each, at
+    /// most one a second).
+    pub max_retries: u32,
+    pub require_message_authenticator: RequireMessageAuthenticator,
+    /// This upstream has sent an Access reply with a Message-Authenticator (for `Auto`).
+    pub seen_message_authenticator: std::sync::atomic::AtomicBool,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            retry: Duration::from_secs(2),
+            max_retries: 2,
+            require_message_authenticator: RequireMessageAuthenticator::Auto,
+            seen_message_authenticator: false.into(),
+        }
+    }
 }
 
 /// Why a packet is not relayed.
@@ -47,6 +86,8 @@ pub enum ProxyError {
     Edit(#[from] EditError),
     #[error("the reply lacks our Proxy-State")]
     NoProxyState,
+    #[error("an Access reply without a Message-Authenticator from an upstream that must send one")]
+    UpstreamWithoutMessageAuthenticator,
 }
 
 impl ProxyError {
@@ -59,6 +100,7 @@ impl ProxyError {
             ProxyError::NotForwarded { .. } => "not_forwarded",
             ProxyError::Edit(_) => "too_big",
             ProxyError::NoProxyState => "no_proxy_state",
+            ProxyError::UpstreamWithoutMessageAuthenticator => "upstream_no_message_authenticator",
         }
     }
 }
@@ -136,15 +178,20 @@ pub fn finalize_request(
     Ok(m.authenticator())
 }
 
-/// What the upstream task keeps of a request in flight.
+/// What a worker keeps of a request in flight upstream.
 #[derive(Debug)]
 pub struct InFlight<T> {
     pub client: Arc<Client>,
     pub prepared: Prepared,
     pub up_auth: [u8; 16],
     pub sent_at: std::time::Instant,
-    /// Where the finished reply goes (the flow's channel).
+    /// Where the finished reply goes (the flow).
     pub reply_to: T,
+    /// The signed upstream copy, for retransmissions.
+    pub wire: Vec<u8>,
+    /// Resends so far, and when the next is due on our own timer.
+    pub retries: u32,
+    pub next_retry: std::time::Instant,
 }
 
 /// Checks the upstream's reply (in `buf[..len]`) and rewrites it for the NAS.
@@ -157,8 +204,26 @@ pub fn process_reply<T>(
 ) -> Result<usize, ProxyError> {
     let code = {
         let p = Packet::parse(&buf[..len])?;
+        // Checks the Message-Authenticator too, when there is one.
         auth::verify(&p, &upstream.secret, Some(&inflight.up_auth))?;
-        p.code()
+        let code = p.code();
+        if matches!(
+            code,
+            Code::AccessAccept | Code::AccessReject | Code::AccessChallenge
+        ) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let o = &upstream.options;
+            if p.message_authenticator_offset().is_some() {
+                o.seen_message_authenticator.store(true, Relaxed);
+            } else if match o.require_message_authenticator {
+                RequireMessageAuthenticator::Yes => true,
+                RequireMessageAuthenticator::No => false,
+                RequireMessageAuthenticator::Auto => o.seen_message_authenticator.load(Relaxed),
+            } {
+                return Err(ProxyError::UpstreamWithoutMessageAuthenticator);
+            }
+        }
+        code
     };
     let client = &inflight.client;
     let mut m = PacketMut::from_datagram(buf, len)?;
@@ -238,6 +303,15 @@ impl<T> IdPool<T> {
         self.used
     }
 
+    /// Visits every entry in flight.
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(u8, &mut T)) {
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(v) = slot {
+                f(id as u8, v);
+            }
+        }
+    }
+
     /// Removes the entries `stale` says are stale; returns them.
     pub fn expire(&mut self, mut stale: impl FnMut(&T) -> bool) -> Vec<T> {
         let mut out = Vec::new();
@@ -269,6 +343,7 @@ mod tests {
                 acct: None,
                 secret: Secret::new(b"upstream-secret"),
                 timeout: Duration::from_secs(1),
+                options: UpstreamOptions::default(),
             }),
             require_message_authenticator: false,
             nas_key: None,
@@ -323,6 +398,9 @@ mod tests {
             up_auth,
             sent_at: std::time::Instant::now(),
             reply_to: (),
+            wire: Vec::new(),
+            retries: 0,
+            next_retry: std::time::Instant::now(),
         };
         let n = process_reply(&mut rbuf, rlen, &c.upstream, &inflight, b"ps").unwrap();
         let back = Packet::parse(&rbuf[..n]).unwrap();

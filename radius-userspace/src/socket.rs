@@ -156,6 +156,11 @@ fn attach_wildcard_filter(sock: &UdpSocket, workers: u32) -> io::Result<()> {
     )
 }
 
+/// Receive buffer of a child: a NAS with a few hundred requests outstanding on one socket
+/// (a BRAS at a burst) must not overflow it; only what is queued costs memory. Capped by
+/// `net.core.rmem_max`.
+const CHILD_RCVBUF: usize = 1 << 20;
+
 /// Creates the child socket of a flow. `wildcard` is the address the wildcards are bound
 /// to, `local` the address the NAS sent to, `remote` the NAS.
 pub fn bind_child(
@@ -167,11 +172,13 @@ pub fn bind_child(
     match path {
         SteeringPath::Fast => {
             let s = udp_socket(local)?;
+            let _ = s.set_recv_buffer_size(CHILD_RCVBUF);
             s.bind(&SockAddr::from(local))?;
             Ok(s.into())
         }
         SteeringPath::UserSpace => {
             let s = udp_socket(wildcard)?;
+            let _ = s.set_recv_buffer_size(CHILD_RCVBUF);
             s.bind(&SockAddr::from(wildcard))?;
             s.connect(&SockAddr::from(remote))?;
             // A later child's bind joins the group of the first reuseport socket it finds

@@ -28,8 +28,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     client::{self as clients, Binding, Client},
-    codec::Code,
+    codec::{Code, Packet, PacketMut, auth},
     daemon::{Shared, lock},
+    dedup::{Dedup, Verdict},
     dynamic::Resolution,
     metrics::{Refusal, Via},
     proxy::{self, IdPool, InFlight, Upstream},
@@ -83,6 +84,15 @@ struct Flow {
     generation: u32,
     last_seen: Instant,
     in_flight: u32,
+    /// RFC 5080: requests in flight and recent replies, by Identifier.
+    dedup: Dedup<UpRef>,
+}
+
+/// Where a request's upstream copy is: an upstream socket and the Identifier on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct UpRef {
+    index: usize,
+    id: u8,
 }
 
 /// A flow whose source is being defined: its packets in arrival order.
@@ -178,6 +188,7 @@ struct Worker {
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     out: Outbox,
+    ticks: u64,
 }
 
 /// What reaches a worker from other threads: the outcome of definitions, and the eventfd
@@ -270,6 +281,7 @@ pub(crate) fn run(
         rbuf: vec![0u8; 65_536],
         wbuf: vec![0u8; crate::codec::MAX_PACKET_LEN],
         out: Outbox::default(),
+        ticks: 0,
     };
     let mut ready = Vec::with_capacity(256);
     let mut next_tick = Instant::now() + TICK;
@@ -502,6 +514,7 @@ impl Worker {
             generation: self.next_generation,
             last_seen: Instant::now(),
             in_flight: 0,
+            dedup: Dedup::default(),
         });
         self.by_key.insert(key, slot);
         shared.metrics.flows_created.inc();
@@ -512,18 +525,69 @@ impl Worker {
         }
     }
 
-    /// The request of flow `slot` in `wbuf[..n]`: prepared for its client's upstream, given
-    /// an Identifier of one of this worker's sockets to it, signed and sent.
+    /// The request of flow `slot` in `wbuf[..n]`: a retransmission is answered from the
+    /// cache or followed upstream (RFC 5080), a Status-Server answered here (RFC 5997), and
+    /// anything else prepared for its client's upstream, given an Identifier of one of this
+    /// worker's sockets to it, signed and queued.
     fn on_request(&mut self, slot: usize, n: usize) {
         let shared = &self.shared;
         let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        flow.last_seen = Instant::now();
+        let now = Instant::now();
+        flow.last_seen = now;
         let Some((client, li)) = client_for(shared, flow, &self.wbuf[..n]) else {
             shared.metrics.proxy_drop("nat_unproven");
             return;
         };
+        if n < crate::codec::HEADER_LEN {
+            shared.metrics.proxy_drop("malformed");
+            return;
+        }
+        let (code, id) = (self.wbuf[0], self.wbuf[1]);
+        let mut nas_auth = [0u8; 16];
+        nas_auth.copy_from_slice(&self.wbuf[4..20]);
+        if code == Code::StatusServer as u8 {
+            let (remote, local) = (flow.remote, flow.local);
+            answer_status_server(
+                shared,
+                &client,
+                &self.wbuf[..n],
+                remote,
+                local,
+                &mut self.out,
+            );
+            return;
+        }
+        match flow.dedup.check(id, &nas_auth, now, &shared.dedup) {
+            Verdict::New => {}
+            Verdict::Cached(reply) => {
+                shared.metrics.local_answer("duplicate_cached");
+                let (off, len) = self.out.keep(reply);
+                self.out.nas.push((flow.remote, flow.local, off, len));
+                return;
+            }
+            Verdict::InFlight { resend, tag } => {
+                shared.metrics.proxy_drop("duplicate_in_flight");
+                if resend {
+                    // The NAS retransmits: follow it upstream (once a second at most)
+                    // rather than sending a second request.
+                    let (li, acct, si) = split_up_index(tag.index);
+                    if let Some(p) = self
+                        .links
+                        .get(li)
+                        .and_then(|l| if acct { l.acct.as_ref() } else { Some(&l.auth) })
+                        .and_then(|port| port.socks.get(si)?.as_ref())
+                        .and_then(|up| up.ids.get(tag.id))
+                    {
+                        let (off, len) = self.out.keep(&p.wire);
+                        self.out.up.push((tag.index, tag.id, off, len));
+                        shared.metrics.upstream_retransmit("nas_retransmission");
+                    }
+                }
+                return;
+            }
+        }
         let prepared = match proxy::prepare_request(&client, &shared.proxy_state, &mut self.wbuf, n)
         {
             Ok(p) => p,
@@ -549,30 +613,38 @@ impl Worker {
             client,
             prepared,
             up_auth: [0; 16],
-            sent_at: Instant::now(),
+            sent_at: now,
             reply_to: FlowRef {
                 slot: slot as u32,
                 generation: flow.generation,
             },
+            wire: Vec::new(),
+            retries: 0,
+            next_retry: now + jittered(link.upstream.options.retry),
         };
-        let Some((si, id)) = allocate(&self.poller, li, acct, port, pending) else {
+        let Some((si, up_id)) = allocate(&self.poller, li, acct, port, pending) else {
             shared.metrics.proxy_drop("upstream_ids_exhausted");
             return;
         };
         let Some(up) = port.socks[si].as_mut() else {
             return;
         };
-        match proxy::finalize_request(&mut self.wbuf, prepared.len, id, &link.upstream) {
+        match proxy::finalize_request(&mut self.wbuf, prepared.len, up_id, &link.upstream) {
             Ok(up_auth) => {
-                if let Some(p) = up.ids.get_mut(id) {
+                let wire = &self.wbuf[..prepared.len];
+                if let Some(p) = up.ids.get_mut(up_id) {
                     p.up_auth = up_auth;
+                    p.wire = wire.to_vec();
                 }
-                let (off, len) = self.out.keep(&self.wbuf[..prepared.len]);
-                self.out.up.push((up_index(li, acct, si), id, off, len));
+                let (off, len) = self.out.keep(wire);
+                let index = up_index(li, acct, si);
+                self.out.up.push((index, up_id, off, len));
                 flow.in_flight += 1;
+                flow.dedup
+                    .begin(id, &nas_auth, now, UpRef { index, id: up_id });
             }
             Err(e) => {
-                up.ids.take(id);
+                up.ids.take(up_id);
                 shared.metrics.proxy_drop(e.reason());
             }
         }
@@ -722,8 +794,18 @@ impl Worker {
             {
                 Some(flow) => {
                     flow.in_flight = flow.in_flight.saturating_sub(1);
-                    let (off, len) = self.out.keep(&self.rbuf[..len]);
-                    self.out.nas.push((flow.remote, flow.local, off, len));
+                    let (nas_id, nas_auth) = (done.prepared.nas_id, done.prepared.nas_auth);
+                    let reply = &self.rbuf[..len];
+                    if flow
+                        .dedup
+                        .on_reply(nas_id, &nas_auth, reply, Instant::now(), &shared.dedup)
+                    {
+                        let (off, len) = self.out.keep(reply);
+                        self.out.nas.push((flow.remote, flow.local, off, len));
+                    } else {
+                        // The NAS has moved on to a new request with this Identifier.
+                        shared.metrics.proxy_drop("reply_superseded");
+                    }
                 }
                 None => shared.metrics.proxy_drop("flow_gone"),
             }
@@ -734,9 +816,16 @@ impl Worker {
     /// upstream sockets.
     fn on_tick(&mut self, now: Instant) {
         let shared = self.shared.clone();
-        for link in &mut self.links {
+        self.ticks = self.ticks.wrapping_add(1);
+        for (li, link) in self.links.iter_mut().enumerate() {
             let timeout = link.upstream.timeout;
-            for port in std::iter::once(&mut link.auth).chain(link.acct.as_mut()) {
+            let (retry, max_retries) = (
+                link.upstream.options.retry,
+                link.upstream.options.max_retries,
+            );
+            for (acct, port) in std::iter::once((false, &mut link.auth))
+                .chain(link.acct.as_mut().map(|a| (true, a)))
+            {
                 for (si, slot) in port.socks.iter_mut().enumerate() {
                     let Some(up) = slot else { continue };
                     for p in up.ids.expire(|p| now.duration_since(p.sent_at) > timeout) {
@@ -749,9 +838,22 @@ impl Worker {
                             .filter(|f| f.generation == r.generation)
                         {
                             f.in_flight = f.in_flight.saturating_sub(1);
+                            f.dedup.on_give_up(p.prepared.nas_id, &p.prepared.nas_auth);
                         }
                         up.idle_since = now;
                     }
+                    // Our own retransmissions, for NASes that do not retransmit.
+                    let index = up_index(li, acct, si);
+                    let out = &mut self.out;
+                    up.ids.for_each_mut(|id, p| {
+                        if p.retries < max_retries && now >= p.next_retry && !p.wire.is_empty() {
+                            p.retries += 1;
+                            p.next_retry = now + jittered(retry);
+                            let (off, len) = out.keep(&p.wire);
+                            out.up.push((index, id, off, len));
+                            shared.metrics.upstream_retransmit("timer");
+                        }
+                    });
                     if si > 0
                         && up.ids.in_flight() == 0
                         && now.duration_since(up.idle_since) > UPSTREAM_SOCKET_IDLE
@@ -761,6 +863,12 @@ impl Worker {
                         debug!(upstream = %link.upstream.name, to = %port.to, "idle extra upstream socket closed");
                     }
                 }
+            }
+        }
+        // Once a second: cached replies past cleanup_delay.
+        if self.ticks.is_multiple_of(10) {
+            for f in self.flows.iter_mut().flatten() {
+                f.dedup.expire(now);
             }
         }
         let idle = shared.idle_timeout;
@@ -878,6 +986,56 @@ fn allocate(
     let id = up.ids.allocate(pending).ok()?;
     port.socks[si] = Some(up);
     Some((si, id))
+}
+
+/// `d` plus up to 25 % (RFC 5080 asks for jitter so that retransmissions do not align).
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng as _;
+    d + d.mul_f64(rand::rng().random_range(0.0..0.25))
+}
+
+/// RFC 5997: a Status-Server from a NAS is answered by the sidecar itself (never forwarded),
+/// with Access-Accept on an authentication port and Accounting-Response on an accounting
+/// port (1813, 1646); one without a valid Message-Authenticator is dropped.
+fn answer_status_server(
+    shared: &Shared,
+    client: &Client,
+    request: &[u8],
+    remote: SocketAddr,
+    local: SocketAddr,
+    out: &mut Outbox,
+) {
+    let Ok(p) = Packet::parse(request) else {
+        shared.metrics.proxy_drop("malformed");
+        return;
+    };
+    if p.message_authenticator_offset().is_none() {
+        shared
+            .metrics
+            .proxy_drop("status_server_without_message_authenticator");
+        return;
+    }
+    if auth::verify(&p, &client.secret, None).is_err() {
+        shared.metrics.proxy_drop("bad_signature");
+        return;
+    }
+    let code = if matches!(local.port(), 1813 | 1646) {
+        Code::AccountingResponse
+    } else {
+        Code::AccessAccept
+    };
+    let mut buf = [0u8; 64];
+    let Ok(mut m) = PacketMut::new(&mut buf, code, p.identifier()) else {
+        return;
+    };
+    if m.message_authenticator_first().is_err()
+        || m.sign(&client.secret, Some(p.authenticator())).is_err()
+    {
+        return;
+    }
+    let (off, len) = out.keep(m.as_bytes());
+    out.nas.push((remote, local, off, len));
+    shared.metrics.local_answer("status_server");
 }
 
 /// Keeps a packet of a source being defined, within the per-flow and global bounds.

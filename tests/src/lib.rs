@@ -370,25 +370,31 @@ impl Drop for Daemon {
     }
 }
 
-/// `GET /metrics` from inside `ns`; returns the value of one sample line
-/// (e.g. `radius_flows_created_total`), 0 when absent.
-pub fn metric(ns: &NetNs, addr: &str, sample: &str) -> u64 {
-    let (addr, sample) = (addr.to_owned(), sample.to_owned());
+/// `GET /metrics` from inside `ns`: the whole text ("" when nothing answers).
+pub fn metrics_text(ns: &NetNs, addr: &str) -> String {
+    let addr = addr.to_owned();
     ns.run(move || {
         let Ok(mut c) = TcpStream::connect(&addr) else {
-            return 0;
+            return String::new();
         };
         let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
         let mut body = String::new();
         let _ = c.read_to_string(&mut body);
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample.as_str())
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            })
-            .map_or(0, |v| v as u64)
+        body
     })
+}
+
+/// `GET /metrics` from inside `ns`; returns the value of one sample line
+/// (e.g. `radius_flows_created_total`), 0 when absent.
+pub fn metric(ns: &NetNs, addr: &str, sample: &str) -> u64 {
+    metrics_text(ns, addr)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
 }
 
 /// Whether any loaded eBPF program has this name (the kernel truncates names to 15 bytes).

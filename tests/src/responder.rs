@@ -5,11 +5,12 @@
 //! hostile AAA server for the tests.
 
 use std::{
+    collections::HashSet,
     net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -27,6 +28,18 @@ pub enum Behaviour {
     /// A Message-Authenticator that does not verify, under a valid Response Authenticator
     /// (what a BlastRADIUS forger can produce).
     ForgedMessageAuthenticator,
+    /// Correct, but only for a request seen before: the first copy of each is ignored, as
+    /// if lost (to test retransmission).
+    IgnoreFirstCopy,
+}
+
+impl Behaviour {
+    const ALL: [Behaviour; 4] = [
+        Behaviour::Correct,
+        Behaviour::NoMessageAuthenticator,
+        Behaviour::ForgedMessageAuthenticator,
+        Behaviour::IgnoreFirstCopy,
+    ];
 }
 
 /// A running responder; stops on drop.
@@ -34,6 +47,8 @@ pub struct Responder {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     answered: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    behaviour: Arc<AtomicU8>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -48,12 +63,22 @@ impl Responder {
         let addr = sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
-        let (st, an, secret) = (stop.clone(), answered.clone(), secret.to_vec());
-        let thread = std::thread::spawn(move || serve(&sock, &secret, behaviour, &st, &an));
+        let received = Arc::new(AtomicU64::new(0));
+        let b = Arc::new(AtomicU8::new(behaviour as u8));
+        let counters = Counters {
+            stop: stop.clone(),
+            answered: answered.clone(),
+            received: received.clone(),
+            behaviour: b.clone(),
+        };
+        let secret = secret.to_vec();
+        let thread = std::thread::spawn(move || serve(&sock, &secret, &counters));
         Ok(Self {
             addr,
             stop,
             answered,
+            received,
+            behaviour: b,
             thread: Some(thread),
         })
     }
@@ -61,6 +86,16 @@ impl Responder {
     /// Requests answered so far.
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Datagrams received so far (answered or not).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Changes how the following requests are answered.
+    pub fn set_behaviour(&self, b: Behaviour) {
+        self.behaviour.store(b as u8, Ordering::Relaxed);
     }
 }
 
@@ -75,7 +110,16 @@ impl Drop for Responder {
 
 const BATCH: usize = 64;
 
-fn serve(sock: &UdpSocket, secret: &[u8], b: Behaviour, stop: &AtomicBool, answered: &AtomicU64) {
+struct Counters {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    behaviour: Arc<AtomicU8>,
+}
+
+fn serve(sock: &UdpSocket, secret: &[u8], c: &Counters) {
+    let (stop, answered) = (&c.stop, &c.answered);
+    let mut seen: HashSet<(Vec<u8>, [u8; 16])> = HashSet::new();
     let mut inb = vec![[0u8; 4096]; BATCH];
     let mut outb = vec![[0u8; 4096]; BATCH];
     let mut names: Vec<libc::sockaddr_storage> =
@@ -114,10 +158,30 @@ fn serve(sock: &UdpSocket, secret: &[u8], b: Behaviour, stop: &AtomicBool, answe
             continue;
         }
         let got = rc as usize;
+        c.received.fetch_add(got as u64, Ordering::Relaxed);
+        let b = Behaviour::ALL[usize::from(c.behaviour.load(Ordering::Relaxed)) % 4];
         let mut out_iov = Vec::with_capacity(got);
         let mut out_names = Vec::with_capacity(got);
         for i in 0..got {
             let len = msgs[i].msg_len as usize;
+            if b == Behaviour::IgnoreFirstCopy && len >= 20 {
+                // Keyed by the source's address bytes, the Identifier and the authenticator.
+                let name = names[i];
+                // SAFETY: sockaddr_storage is plain data of this size.
+                let raw = unsafe {
+                    std::slice::from_raw_parts(
+                        (&name as *const libc::sockaddr_storage).cast::<u8>(),
+                        msgs[i].msg_hdr.msg_namelen as usize,
+                    )
+                };
+                let mut key = raw.to_vec();
+                key.push(inb[i][1]);
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&inb[i][4..20]);
+                if seen.insert((key, a)) {
+                    continue;
+                }
+            }
             if let Some(n) = answer(&inb[i][..len], secret, b, &mut outb[i]) {
                 out_iov.push(libc::iovec {
                     iov_base: outb[i].as_mut_ptr().cast(),
@@ -167,7 +231,7 @@ pub fn answer(req: &[u8], secret: &[u8], b: Behaviour, out: &mut [u8]) -> Option
     let req_auth = *p.authenticator();
     let mut m = PacketMut::new(out, code, p.identifier()).ok()?;
     let access = code == Code::AccessAccept;
-    if access && b == Behaviour::Correct {
+    if access && matches!(b, Behaviour::Correct | Behaviour::IgnoreFirstCopy) {
         m.message_authenticator_first().ok()?;
     }
     if access && p.code() == Code::AccessRequest {

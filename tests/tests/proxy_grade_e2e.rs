@@ -1,0 +1,387 @@
+//! Proxy-grade forwarding, end to end in a private namespace (loopback), on both paths:
+//! RFC 5080 dedup against a real FreeRADIUS (it sees a retransmitted request once),
+//! Status-Server from NASes answered by the sidecar, the sidecar's own retransmission when
+//! an upstream loses a request, BlastRADIUS checks against a hostile upstream of the test's
+//! own, and 2 000 requests in flight to one FreeRADIUS. Run as root.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, UdpSocket},
+    time::Duration,
+};
+
+use radius_sidecar::codec::{Code, Packet, PacketMut, attr, auth, edit};
+use tests::{
+    loadgen::{self, LoadSpec},
+    responder::{Behaviour, Responder},
+    *,
+};
+
+const NAS_SECRET: &str = "pg-nas-secret";
+const UP_SECRET: &str = "pg-upstream-secret";
+const USERS: &str = "alice\tCleartext-Password := \"alice-pw\"\n";
+const METRICS: &str = "127.0.0.1:9812";
+
+fn sidecar(ns: &NetNs, tag: &str, fast: bool, upstream: &str) -> Daemon {
+    sidecar_with_config(
+        ns,
+        tag,
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1812", "127.0.0.1:1813"]
+workers = 2
+iface = "lo"
+ebpf = "{}"
+metrics = "{METRICS}"
+
+{upstream}
+
+[[client]]
+prefix = "127.0.2.0/24"
+name = "nases"
+secret = "{NAS_SECRET}"
+"#,
+            if fast { "require" } else { "off" }
+        ),
+    )
+}
+
+fn freeradius_upstream() -> String {
+    format!(
+        "[[upstream]]\nname = \"fr\"\nauth = \"127.0.0.1:11812\"\nacct = \"127.0.0.1:11813\"\nsecret = \"{UP_SECRET}\"\n"
+    )
+}
+
+fn nas(ip: &str) -> UdpSocket {
+    let s = nas_socket(ip);
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+fn accounting_start(id: u8, session: &str) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    let mut p = PacketMut::new(&mut buf, Code::AccountingRequest, id).unwrap();
+    p.push(attr::ACCT_STATUS_TYPE, &1u32.to_be_bytes()).unwrap();
+    p.push(attr::ACCT_SESSION_ID, session.as_bytes()).unwrap();
+    p.push(attr::USER_NAME, b"alice").unwrap();
+    p.sign(NAS_SECRET.as_bytes(), None).unwrap();
+    p.as_bytes().to_vec()
+}
+
+/// Sends `req` and returns the reply, checked against the NAS secret.
+fn ask(s: &UdpSocket, req: &[u8]) -> Option<Vec<u8>> {
+    let port = if req[0] == Code::AccountingRequest as u8 {
+        1813
+    } else {
+        1812
+    };
+    s.send_to(req, ("127.0.0.1", port)).unwrap();
+    let mut b = [0u8; 4096];
+    let n = s.recv(&mut b).ok()?;
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&req[4..20]);
+    let p = Packet::parse(&b[..n]).expect("a reply that parses");
+    auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).expect("signed with the NAS secret");
+    Some(b[..n].to_vec())
+}
+
+fn detail_records(fr: &FreeRadius, session: &str) -> usize {
+    let dir = fr.dir.join("log/radacct/127.0.0.1");
+    std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .map(|t| {
+                    t.matches(&format!("Acct-Session-Id = \"{session}\""))
+                        .count()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn retransmissions_are_answered_from_the_cache(fast: bool) {
+    if !require_root("proxy-grade dedup") {
+        return;
+    }
+    let ns = NetNs::new("pgdedup");
+    let fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _d = sidecar(&ns, "pg-dedup", fast, &freeradius_upstream());
+    let (acct, auth_req) = (
+        accounting_start(11, "dedup-session-1"),
+        pap_request(12, "alice", "alice-pw", NAS_SECRET, &[]).0,
+    );
+    let (a, b) = ns.run(move || {
+        let s = nas("127.0.2.1");
+        // The same Accounting-Request three times, the same Access-Request twice.
+        let acct_replies: Vec<_> = (0..3).map(|_| ask(&s, &acct)).collect();
+        let auth_replies: Vec<_> = (0..2).map(|_| ask(&s, &auth_req)).collect();
+        (acct_replies, auth_replies)
+    });
+    for r in a.iter().chain(&b) {
+        assert!(r.is_some(), "every copy answered");
+    }
+    assert!(
+        a.windows(2).all(|w| w[0] == w[1]),
+        "the same Accounting-Response each time"
+    );
+    assert!(
+        b.windows(2).all(|w| w[0] == w[1]),
+        "the same Access-Accept each time"
+    );
+    assert_eq!(b[0].as_ref().map(|r| r[0]), Some(Code::AccessAccept as u8));
+    // Let FreeRADIUS write its detail file.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        detail_records(&fr, "dedup-session-1"),
+        1,
+        "FreeRADIUS saw the accounting request once"
+    );
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert_eq!(
+        m("radius_local_answers_total{reason=\"duplicate_cached\"}"),
+        3,
+        "two accounting and one auth retransmission answered from the cache"
+    );
+    assert_eq!(m("radius_forwarded_total"), 2);
+}
+
+#[test]
+fn fast_path_retransmissions_are_answered_from_the_cache() {
+    retransmissions_are_answered_from_the_cache(true);
+}
+
+#[test]
+fn user_space_path_retransmissions_are_answered_from_the_cache() {
+    retransmissions_are_answered_from_the_cache(false);
+}
+
+fn status_server_is_answered_by_the_sidecar(fast: bool) {
+    if !require_root("proxy-grade status-server") {
+        return;
+    }
+    let ns = NetNs::new("pgstatus");
+    let _fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _d = sidecar(&ns, "pg-status", fast, &freeradius_upstream());
+    let got = ns.run(|| {
+        let s = nas("127.0.2.1");
+        let mut out = Vec::new();
+        for (id, port) in [(1u8, 1812u16), (2, 1813)] {
+            let mut buf = [0u8; 4096];
+            let p = edit::status_server(&mut buf, id, NAS_SECRET.as_bytes()).unwrap();
+            let (req, a) = (p.as_bytes().to_vec(), p.authenticator());
+            s.send_to(&req, ("127.0.0.1", port)).unwrap();
+            let mut b = [0u8; 4096];
+            let n = s.recv(&mut b).expect("an answer to Status-Server");
+            let r = Packet::parse(&b[..n]).unwrap();
+            auth::verify(&r, NAS_SECRET.as_bytes(), Some(&a)).expect("signed for the NAS");
+            assert!(r.message_authenticator_offset().is_some());
+            out.push(r.code());
+        }
+        // Without a Message-Authenticator it is dropped (RFC 5997).
+        let mut buf = [0u8; 64];
+        let mut p = PacketMut::new(&mut buf, Code::StatusServer, 3).unwrap();
+        p.set_authenticator(&auth::random_authenticator());
+        s.send_to(p.as_bytes(), "127.0.0.1:1812").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        out.push(if s.recv(&mut b).is_ok() {
+            Code::AccessAccept
+        } else {
+            Code::StatusServer
+        });
+        out
+    });
+    assert_eq!(
+        got,
+        vec![
+            Code::AccessAccept,
+            Code::AccountingResponse,
+            Code::StatusServer
+        ],
+        "Access-Accept on auth, Accounting-Response on acct, nothing without MA"
+    );
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert_eq!(m("radius_local_answers_total{reason=\"status_server\"}"), 2);
+    assert_eq!(m("radius_forwarded_total"), 0, "never forwarded");
+    assert_eq!(
+        m("radius_proxy_drops_total{reason=\"status_server_without_message_authenticator\"}"),
+        1
+    );
+}
+
+#[test]
+fn fast_path_status_server_is_answered_by_the_sidecar() {
+    status_server_is_answered_by_the_sidecar(true);
+}
+
+#[test]
+fn user_space_path_status_server_is_answered_by_the_sidecar() {
+    status_server_is_answered_by_the_sidecar(false);
+}
+
+fn responder_upstream(extra: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"own\"\nauth = \"127.0.0.1:41812\"\nsecret = \"{UP_SECRET}\"\ntimeout_ms = 1500\n{extra}\n"
+    )
+}
+
+fn hostile_upstream_answers_never_reach_the_nas(fast: bool) {
+    if !require_root("proxy-grade blastradius") {
+        return;
+    }
+    let ns = NetNs::new("pgblast");
+    let r = ns
+        .run(|| {
+            Responder::start(
+                "127.0.0.1:41812".parse().unwrap(),
+                UP_SECRET.as_bytes(),
+                Behaviour::ForgedMessageAuthenticator,
+            )
+        })
+        .unwrap();
+    // Default policy: "auto".
+    let _d = sidecar(&ns, "pg-blast", fast, &responder_upstream(""));
+    let try_once = |id: u8| {
+        ns.run(move || {
+            let s = nas("127.0.2.1");
+            ask(&s, &pap_request(id, "alice", "alice-pw", NAS_SECRET, &[]).0).is_some()
+        })
+    };
+    assert!(
+        !try_once(1),
+        "a forged Message-Authenticator: the NAS gets nothing"
+    );
+    r.set_behaviour(Behaviour::NoMessageAuthenticator);
+    assert!(
+        try_once(2),
+        "none yet from this upstream (like FreeRADIUS 3.2.1 on PAP): relayed in auto mode"
+    );
+    r.set_behaviour(Behaviour::Correct);
+    assert!(try_once(3), "a correct reply");
+    r.set_behaviour(Behaviour::NoMessageAuthenticator);
+    assert!(
+        !try_once(4),
+        "once the upstream has sent one, a reply without it is dropped"
+    );
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert!(m("radius_proxy_drops_total{reason=\"bad_signature\"}") >= 1);
+    assert!(m("radius_proxy_drops_total{reason=\"upstream_no_message_authenticator\"}") >= 1);
+    assert_eq!(m("radius_relayed_total"), 2);
+}
+
+#[test]
+fn fast_path_hostile_upstream_answers_never_reach_the_nas() {
+    hostile_upstream_answers_never_reach_the_nas(true);
+}
+
+#[test]
+fn user_space_path_hostile_upstream_answers_never_reach_the_nas() {
+    hostile_upstream_answers_never_reach_the_nas(false);
+}
+
+#[test]
+fn a_request_lost_upstream_is_sent_again_on_the_sidecars_timer() {
+    if !require_root("proxy-grade retransmission") {
+        return;
+    }
+    let ns = NetNs::new("pgretry");
+    let r = ns
+        .run(|| {
+            Responder::start(
+                "127.0.0.1:41812".parse().unwrap(),
+                UP_SECRET.as_bytes(),
+                Behaviour::IgnoreFirstCopy,
+            )
+        })
+        .unwrap();
+    let _d = sidecar(&ns, "pg-retry", true, &responder_upstream("retry_ms = 300"));
+    // The start-up Status-Server probe is one datagram of its own.
+    let before = r.received();
+    let answered = ns.run(|| {
+        let s = nas("127.0.2.1");
+        let t0 = std::time::Instant::now();
+        let ok = ask(&s, &pap_request(5, "alice", "alice-pw", NAS_SECRET, &[]).0).is_some();
+        (ok, t0.elapsed())
+    });
+    assert!(answered.0, "answered without the NAS retransmitting");
+    assert!(
+        answered.1 >= Duration::from_millis(250),
+        "after one retry interval"
+    );
+    assert_eq!(
+        r.received() - before,
+        2,
+        "the first copy and one retransmission"
+    );
+    assert_eq!(
+        metric(
+            &ns,
+            METRICS,
+            "radius_upstream_retransmits_total{reason=\"timer\"}"
+        ),
+        1
+    );
+}
+
+fn two_thousand_requests_in_flight_to_one_freeradius(fast: bool) {
+    if !require_root("proxy-grade 2000 in flight") {
+        return;
+    }
+    let ns = NetNs::new("pg2000");
+    let _fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let d = sidecar(&ns, "pg-2000", fast, &freeradius_upstream());
+    let spec = LoadSpec {
+        target: "127.0.0.1:1812".parse().unwrap(),
+        sources: (1..=10)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i)))
+            .collect(),
+        sockets_per_source: 1,
+        outstanding: 2_000,
+        duration: Duration::from_secs(2),
+        max_requests: 40_000,
+        secret: NAS_SECRET.as_bytes().to_vec(),
+        user: "alice".into(),
+        password: "alice-pw".into(),
+        timeout: Duration::from_secs(8),
+        message_authenticator: true,
+    };
+    let res = ns.run(move || loadgen::run(&spec)).unwrap();
+    let why: String = metrics_text(&ns, METRICS)
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.contains("drops") || l.contains("refused") || l.contains("fastpath_events"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(res.answered >= 2_000, "answered {}", res.answered);
+    assert_eq!(
+        (res.lost, res.bad),
+        (0, 0),
+        "none lost, none bad; metrics:\n{why}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // 10 flows, 4 wildcards, at most 16 upstream sockets per worker and port, a few more.
+    assert!(fds < 150, "file descriptors bounded: {fds}");
+    assert_eq!(
+        metric(
+            &ns,
+            METRICS,
+            "radius_proxy_drops_total{reason=\"upstream_ids_exhausted\"}"
+        ),
+        0
+    );
+}
+
+#[test]
+fn fast_path_two_thousand_requests_in_flight_to_one_freeradius() {
+    two_thousand_requests_in_flight_to_one_freeradius(true);
+}
+
+#[test]
+fn user_space_path_two_thousand_requests_in_flight_to_one_freeradius() {
+    two_thousand_requests_in_flight_to_one_freeradius(false);
+}
