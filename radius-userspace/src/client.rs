@@ -10,10 +10,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{
-    codec::{Packet, attr, auth, auth::Secret},
-    proxy::Upstream,
-};
+use crate::codec::{Packet, attr, auth, auth::Secret};
 
 /// Which NAS behind a shared address (NAT) an entry is: the flow learns it from its first
 /// request whose Message-Authenticator proves the entry's secret and that carries this
@@ -30,7 +27,8 @@ pub struct Client {
     pub name: String,
     pub prefix: IpNet,
     pub secret: Secret,
-    pub upstream: Arc<Upstream>,
+    /// Where its requests go: a pool of upstreams (a single upstream is a pool of one).
+    pub pool: Arc<crate::pool::Pool>,
     pub require_message_authenticator: bool,
     /// Set when several NASes share the prefix, each with its own secret.
     pub nas_key: Option<NasKey>,
@@ -132,6 +130,7 @@ impl ClientTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Upstream;
     use std::time::Duration;
 
     fn client(prefix: &str, secret: &str) -> Client {
@@ -139,14 +138,15 @@ mod tests {
             name: prefix.into(),
             prefix: prefix.parse().unwrap(),
             secret: Secret::new(secret.as_bytes()),
-            upstream: Arc::new(Upstream {
+            pool: Arc::new(crate::pool::Pool::single(Arc::new(Upstream {
                 name: "u".into(),
                 auth: "127.0.0.1:1".parse().unwrap(),
                 acct: None,
                 secret: Secret::new(b"u"),
                 timeout: Duration::from_secs(1),
                 options: Default::default(),
-            }),
+                health: Default::default(),
+            }))),
             require_message_authenticator: false,
             nas_key: None,
         }

@@ -13,6 +13,7 @@ use crate::{
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
+    pool::{Health, HealthPolicy, Policy, Pool},
     proxy::{RequireMessageAuthenticator, Upstream, UpstreamOptions},
 };
 
@@ -35,6 +36,8 @@ struct File {
     server: Option<Spanned<Server>>,
     #[serde(default, rename = "upstream")]
     upstreams: Vec<Spanned<UpstreamSection>>,
+    #[serde(default, rename = "pool")]
+    pools: Vec<Spanned<PoolSection>>,
     #[serde(default, rename = "client")]
     clients: Vec<Spanned<ClientSection>>,
     dynamic: Option<Spanned<DynamicSection>>,
@@ -162,6 +165,40 @@ struct UpstreamSection {
     /// "auto" (once this upstream has sent one).
     #[serde(default = "default_auto")]
     require_message_authenticator: Spanned<String>,
+    /// Milliseconds between Status-Server probes of a zombie or dead server.
+    #[serde(default = "default_check_interval_ms")]
+    check_interval_ms: u64,
+    /// Milliseconds a zombie may go without answering a probe before it is dead.
+    #[serde(default = "default_zombie_period_ms")]
+    zombie_period_ms: u64,
+    /// Probe answers in a row that bring a dead server back.
+    #[serde(default = "default_answers_to_alive")]
+    answers_to_alive: u32,
+}
+
+/// `[[pool]]`: upstreams a client may name together (FreeRADIUS's home_server_pool).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSection {
+    name: String,
+    /// `[[upstream]]` names, in order.
+    upstreams: Vec<String>,
+    /// "fail-over" (the first usable, in order) or "load-balance" (by flow).
+    #[serde(default = "default_policy")]
+    policy: String,
+}
+
+fn default_policy() -> String {
+    "fail-over".into()
+}
+fn default_check_interval_ms() -> u64 {
+    1_000
+}
+fn default_zombie_period_ms() -> u64 {
+    10_000
+}
+fn default_answers_to_alive() -> u32 {
+    3
 }
 
 fn default_timeout_ms() -> u64 {
@@ -324,7 +361,60 @@ impl Config {
                     max_retries: u.max_retries,
                     require_message_authenticator,
                     seen_message_authenticator: false.into(),
+                    check_interval: Duration::from_millis(u.check_interval_ms.max(10)),
+                    health: HealthPolicy {
+                        zombie_period_ms: u.zombie_period_ms,
+                        answers_to_alive: u.answers_to_alive.max(1),
+                    },
                 },
+                health: Health::default(),
+            }));
+        }
+
+        // Every upstream is a pool of one, under its own name; [[pool]]s add groups.
+        let mut pools: Vec<Arc<Pool>> = upstreams
+            .iter()
+            .map(|u| Arc::new(Pool::single(u.clone())))
+            .collect();
+        for p in f.pools {
+            let span = p.span();
+            let p = p.into_inner();
+            if pools.iter().any(|x| x.name == p.name) {
+                return Err(err(
+                    span,
+                    "pool.name",
+                    format!("`{}` is already an upstream or a pool", p.name),
+                ));
+            }
+            let mut members = Vec::new();
+            for m in &p.upstreams {
+                let u = upstreams.iter().find(|u| u.name == *m).ok_or_else(|| {
+                    err(
+                        span.clone(),
+                        "pool.upstreams",
+                        format!("no [[upstream]] named `{m}`"),
+                    )
+                })?;
+                members.push(u.clone());
+            }
+            if members.is_empty() {
+                return Err(err(span, "pool.upstreams", "must not be empty".into()));
+            }
+            let policy = match p.policy.as_str() {
+                "fail-over" => Policy::FailOver,
+                "load-balance" => Policy::LoadBalance,
+                other => {
+                    return Err(err(
+                        span,
+                        "pool.policy",
+                        format!("`{other}`: expected \"fail-over\" or \"load-balance\""),
+                    ));
+                }
+            };
+            pools.push(Arc::new(Pool {
+                name: p.name,
+                members,
+                policy,
             }));
         }
 
@@ -349,8 +439,8 @@ impl Config {
             if c.secret.is_empty() {
                 return Err(err(span, "client.secret", "must not be empty".into()));
             }
-            let upstream = match &c.upstream {
-                Some(name) => upstreams
+            let pool = match &c.upstream {
+                Some(name) => pools
                     .iter()
                     .find(|u| u.name == *name.get_ref())
                     .cloned()
@@ -358,10 +448,10 @@ impl Config {
                         err(
                             name.span(),
                             "client.upstream",
-                            format!("no [[upstream]] named `{}`", name.get_ref()),
+                            format!("no [[upstream]] or [[pool]] named `{}`", name.get_ref()),
                         )
                     })?,
-                None => upstreams.first().cloned().ok_or_else(|| {
+                None => pools.first().cloned().ok_or_else(|| {
                     err(
                         span.clone(),
                         "client.upstream",
@@ -378,7 +468,7 @@ impl Config {
                 name: c.name.unwrap_or(default_name),
                 prefix,
                 secret: Secret::new(c.secret.as_bytes()),
-                upstream,
+                pool,
                 // NAT entries are told apart by a proven Message-Authenticator.
                 require_message_authenticator: c.require_message_authenticator
                     || c.nas_identifier.is_some()
@@ -441,7 +531,7 @@ impl Config {
                                 "required for directory = \"sql\"".into(),
                             )
                         })?,
-                        upstreams.iter().map(|u| u.name.clone()).collect(),
+                        pools.iter().map(|p| p.name.clone()).collect(),
                     )),
                     other => {
                         return Err(err(
@@ -464,7 +554,7 @@ impl Config {
                     Duration::from_millis(d.timeout_ms.max(1)),
                     d.max_pending_per_flow.max(1),
                     d.max_pending_packets.max(1),
-                    upstreams.clone(),
+                    pools.clone(),
                 ))
             }
         };

@@ -191,6 +191,8 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     let mut tasks = JoinSet::new();
     for u in &upstreams {
         tokio::spawn(probe_upstream(u.clone()));
+        metrics.set_upstream_state(&u.name, 0);
+        tasks.spawn(watch_upstream(u.clone(), metrics.clone(), cancel.clone()));
     }
     for &addr in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
@@ -344,32 +346,73 @@ async fn forward_ebpf_logs(logger: crate::fastpath::EbpfLogger, cancel: Cancella
 /// Asks an upstream once, at start, whether it is there (RFC 5997 Status-Server), and says
 /// so plainly either way: a missing or misconfigured AAA server should not look like NASes
 /// timing out.
-async fn probe_upstream(u: Arc<Upstream>) {
-    let outcome = async {
-        let any: SocketAddr = if u.auth.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let sock = UdpSocket::bind(any).await.map_err(|e| e.to_string())?;
-        sock.connect(u.auth).await.map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 4096];
-        let (req, auth) = {
-            let p = crate::codec::edit::status_server(&mut buf, 0, &u.secret)
-                .map_err(|e| e.to_string())?;
-            (p.as_bytes().to_vec(), p.authenticator())
-        };
-        sock.send(&req).await.map_err(|e| e.to_string())?;
-        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
-            .await
-            .map_err(|_| "no answer in 2 s".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let reply = crate::codec::Packet::parse(&buf[..n]).map_err(|e| e.to_string())?;
-        crate::codec::auth::verify(&reply, &u.secret, Some(&auth))
-            .map_err(|e| format!("an answer that does not verify ({e}): check the secret"))?;
-        Ok::<_, String>(())
+/// One Status-Server (RFC 5997) to `u`, answered and verified within `wait`.
+async fn status_server_once(u: &Upstream, wait: Duration) -> Result<(), String> {
+    let any: SocketAddr = if u.auth.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any).await.map_err(|e| e.to_string())?;
+    sock.connect(u.auth).await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4096];
+    let (req, auth) = {
+        let p =
+            crate::codec::edit::status_server(&mut buf, 0, &u.secret).map_err(|e| e.to_string())?;
+        (p.as_bytes().to_vec(), p.authenticator())
+    };
+    sock.send(&req).await.map_err(|e| e.to_string())?;
+    let n = tokio::time::timeout(wait, sock.recv(&mut buf))
+        .await
+        .map_err(|_| format!("no answer in {} ms", wait.as_millis()))?
+        .map_err(|e| e.to_string())?;
+    let reply = crate::codec::Packet::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    crate::codec::auth::verify(&reply, &u.secret, Some(&auth))
+        .map_err(|e| format!("an answer that does not verify ({e}): check the secret"))?;
+    Ok(())
+}
+
+/// Probes `u` with Status-Server every `check_interval` while it is a zombie or dead, moves
+/// its health on the answers, and keeps its state in the metrics.
+async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    use crate::pool::{State, millis};
+    let mut tick = tokio::time::interval(u.options.check_interval);
+    let mut last = State::Alive;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let state = u.health.state();
+        if state != State::Alive {
+            let wait = u.options.check_interval.min(Duration::from_secs(2));
+            let answered = status_server_once(&u, wait).await.is_ok();
+            u.health.on_probe(
+                answered,
+                millis(std::time::Instant::now()),
+                &u.options.health,
+            );
+        }
+        let now = u.health.state();
+        if now != last {
+            match now {
+                State::Alive => info!(upstream = %u.name, "upstream alive again"),
+                State::Zombie => {
+                    warn!(upstream = %u.name, "upstream not answering: zombie, probing it with Status-Server")
+                }
+                State::Dead => {
+                    warn!(upstream = %u.name, "upstream dead: no answer to Status-Server for its zombie period")
+                }
+            }
+            last = now;
+        }
+        metrics.set_upstream_state(&u.name, now as i64);
     }
-    .await;
+}
+
+/// Asks an upstream once, at start, whether it is there, and says so plainly either way.
+async fn probe_upstream(u: Arc<Upstream>) {
+    let outcome = status_server_once(&u, Duration::from_secs(2)).await;
     match outcome {
         Ok(()) => info!(upstream = %u.name, addr = %u.auth, "upstream answers Status-Server"),
         Err(why) => warn!(

@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{client::Client, codec::auth::Secret, proxy::Upstream};
+use crate::{client::Client, codec::auth::Secret};
 
 /// What a directory says about one source address.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -300,7 +300,8 @@ pub struct DynamicClients {
     pub timeout: Duration,
     pub max_pending_per_flow: usize,
     pub max_pending_packets: usize,
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// Pools (and single upstreams) a definition may name; the first is the default.
+    pub pools: Vec<Arc<crate::pool::Pool>>,
     pub concurrency: tokio::sync::Semaphore,
     cache: Mutex<HashMap<IpAddr, Entry>>,
 }
@@ -320,7 +321,7 @@ impl DynamicClients {
         timeout: Duration,
         max_pending_per_flow: usize,
         max_pending_packets: usize,
-        upstreams: Vec<Arc<Upstream>>,
+        pools: Vec<Arc<crate::pool::Pool>>,
     ) -> Self {
         Self {
             prefixes,
@@ -331,7 +332,7 @@ impl DynamicClients {
             timeout,
             max_pending_per_flow,
             max_pending_packets,
-            upstreams,
+            pools,
             concurrency: tokio::sync::Semaphore::new(max_concurrent.max(1)),
             cache: Mutex::new(HashMap::new()),
         }
@@ -405,16 +406,16 @@ impl DynamicClients {
         if d.secret.is_empty() {
             return Err("the directory gave an empty secret".into());
         }
-        let upstream = match &d.upstream {
-            Some(name) => self.upstreams.iter().find(|u| u.name == *name).cloned(),
-            None => self.upstreams.first().cloned(),
+        let pool = match &d.upstream {
+            Some(name) => self.pools.iter().find(|p| p.name == *name).cloned(),
+            None => self.pools.first().cloned(),
         }
         .ok_or_else(|| format!("the directory named an unknown upstream {:?}", d.upstream))?;
         Ok(Arc::new(Client {
             name: d.name.unwrap_or_else(|| ip.to_string()),
             prefix: IpNet::from(ip),
             secret: Secret::new(d.secret.as_bytes()),
-            upstream,
+            pool,
             require_message_authenticator: d.require_message_authenticator,
             nas_key: None,
         }))
@@ -424,6 +425,7 @@ impl DynamicClients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Upstream;
 
     fn upstream() -> Arc<Upstream> {
         Arc::new(Upstream {
@@ -433,6 +435,7 @@ mod tests {
             secret: Secret::new(b"u"),
             timeout: Duration::from_secs(1),
             options: Default::default(),
+            health: Default::default(),
         })
     }
 
@@ -447,7 +450,7 @@ mod tests {
             Duration::from_secs(1),
             16,
             100,
-            vec![upstream()],
+            vec![Arc::new(crate::pool::Pool::single(upstream()))],
         )
     }
 

@@ -6,8 +6,9 @@
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
-//! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`]: the configuration model,
-//!   static and dynamic clients, forwarding and RFC 5080 duplicate detection (sans-IO).
+//! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`], [`pool`]: the
+//!   configuration model, static and dynamic clients, forwarding, RFC 5080 duplicate
+//!   detection, upstream pools and health (sans-IO).
 pub mod client;
 pub mod codec;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod dedup;
 pub mod dynamic;
 pub mod fastpath;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod socket;
 pub mod worker;

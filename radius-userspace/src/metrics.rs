@@ -59,6 +59,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KernelLabel {
     pub event: &'static str,
 }
@@ -85,6 +90,8 @@ pub struct Metrics {
     pub local_answers: Family<ReasonLabel, Counter>,
     /// Requests sent upstream again, by cause (our timer, or a NAS retransmission).
     pub upstream_retransmits: Family<ReasonLabel, Counter>,
+    /// 0 alive, 1 zombie, 2 dead (see crate::pool).
+    pub upstream_state: Family<UpstreamLabel, Gauge>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -149,6 +156,12 @@ impl Metrics {
             "Requests sent to an upstream again, by cause",
             upstream_retransmits.clone(),
         );
+        let upstream_state = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "upstream_state",
+            "Health of each upstream: 0 alive, 1 zombie, 2 dead",
+            upstream_state.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -187,6 +200,7 @@ impl Metrics {
             proxy_drops,
             local_answers,
             upstream_retransmits,
+            upstream_state,
             open_files_limit,
             max_flows,
             fast_path,
@@ -216,6 +230,14 @@ impl Metrics {
         self.upstream_retransmits
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    pub fn set_upstream_state(&self, upstream: &str, state: i64) {
+        self.upstream_state
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .set(state);
     }
 
     pub fn refuse(&self, reason: Refusal) {

@@ -32,6 +32,8 @@ pub struct Upstream {
     /// A request without an answer after this long is given up.
     pub timeout: Duration,
     pub options: UpstreamOptions,
+    /// Alive, zombie or dead (see [`crate::pool`]); shared by every worker.
+    pub health: crate::pool::Health,
 }
 
 /// Whether Access replies from an upstream must carry a Message-Authenticator (BlastRADIUS,
@@ -58,6 +60,9 @@ pub struct UpstreamOptions {
     pub require_message_authenticator: RequireMessageAuthenticator,
     /// This upstream has sent an Access reply with a Message-Authenticator (for `Auto`).
     pub seen_message_authenticator: std::sync::atomic::AtomicBool,
+    /// How often a zombie or dead server is probed with Status-Server.
+    pub check_interval: Duration,
+    pub health: crate::pool::HealthPolicy,
 }
 
 impl Default for UpstreamOptions {
@@ -67,6 +72,8 @@ impl Default for UpstreamOptions {
             max_retries: 2,
             require_message_authenticator: RequireMessageAuthenticator::Auto,
             seen_message_authenticator: false.into(),
+            check_interval: Duration::from_secs(1),
+            health: crate::pool::HealthPolicy::default(),
         }
     }
 }
@@ -114,10 +121,11 @@ pub struct Prepared {
     pub nas_auth: [u8; 16],
 }
 
-/// Checks a NAS's request (in `buf[..len]`) and rewrites it for the upstream, but for the
+/// Checks a NAS's request (in `buf[..len]`) and rewrites it for `upstream`, but for the
 /// Identifier and the signature.
 pub fn prepare_request(
     client: &Client,
+    upstream: &Upstream,
     proxy_state: &[u8],
     buf: &mut [u8],
     len: usize,
@@ -153,7 +161,7 @@ pub fn prepare_request(
         m.set_authenticator(&up_auth);
         m.rehide(
             (client.secret.bytes(), &nas_auth),
-            (client.upstream.secret.bytes(), &up_auth),
+            (upstream.secret.bytes(), &up_auth),
         )?;
     }
     Ok(Prepared {
@@ -192,6 +200,9 @@ pub struct InFlight<T> {
     /// Resends so far, and when the next is due on our own timer.
     pub retries: u32,
     pub next_retry: std::time::Instant,
+    /// The NAS's request as received, to prepare it again for another server of the pool
+    /// (empty for a pool of one).
+    pub nas_packet: Vec<u8>,
 }
 
 /// Checks the upstream's reply (in `buf[..len]`) and rewrites it for the NAS.
@@ -337,14 +348,15 @@ mod tests {
             name: "nas".into(),
             prefix: "192.0.2.0/24".parse().unwrap(),
             secret: Secret::new(b"nas-secret"),
-            upstream: Arc::new(Upstream {
+            pool: Arc::new(crate::pool::Pool::single(Arc::new(Upstream {
                 name: "up".into(),
                 auth: "127.0.0.1:1".parse().unwrap(),
                 acct: None,
                 secret: Secret::new(b"upstream-secret"),
                 timeout: Duration::from_secs(1),
                 options: UpstreamOptions::default(),
-            }),
+                health: Default::default(),
+            }))),
             require_message_authenticator: false,
             nas_key: None,
         }
@@ -369,12 +381,12 @@ mod tests {
         let (req, nas_auth) = nas_request(&c);
         let mut buf = [0u8; 4096];
         buf[..req.len()].copy_from_slice(&req);
-        let prep = prepare_request(&c, b"ps", &mut buf, req.len()).unwrap();
+        let prep = prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()).unwrap();
         assert_eq!((prep.nas_id, prep.nas_auth), (42, nas_auth));
-        let up_auth = finalize_request(&mut buf, prep.len, 7, &c.upstream).unwrap();
+        let up_auth = finalize_request(&mut buf, prep.len, 7, &c.pool.members[0]).unwrap();
         let up = Packet::parse(&buf[..prep.len]).unwrap();
         assert_eq!(up.identifier(), 7);
-        auth::verify(&up, &c.upstream.secret, None).unwrap();
+        auth::verify(&up, &c.pool.members[0].secret, None).unwrap();
         let mut pw = [0u8; 128];
         let n = hide::reveal_user_password(
             up.get(attr::USER_PASSWORD).unwrap().value,
@@ -390,7 +402,7 @@ mod tests {
         let mut r = PacketMut::new(&mut rbuf, Code::AccessAccept, 7).unwrap();
         r.push(attr::REPLY_MESSAGE, b"ok").unwrap();
         r.add_proxy_state(b"ps").unwrap();
-        r.sign(&c.upstream.secret, Some(&up_auth)).unwrap();
+        r.sign(&c.pool.members[0].secret, Some(&up_auth)).unwrap();
         let rlen = r.len();
         let inflight = InFlight {
             client: c.clone(),
@@ -401,8 +413,9 @@ mod tests {
             wire: Vec::new(),
             retries: 0,
             next_retry: std::time::Instant::now(),
+            nas_packet: Vec::new(),
         };
-        let n = process_reply(&mut rbuf, rlen, &c.upstream, &inflight, b"ps").unwrap();
+        let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], &inflight, b"ps").unwrap();
         let back = Packet::parse(&rbuf[..n]).unwrap();
         assert_eq!(back.identifier(), 42);
         assert!(back.get(attr::PROXY_STATE).is_none());
@@ -420,7 +433,7 @@ mod tests {
         c.require_message_authenticator = true;
         buf[..req.len()].copy_from_slice(&req);
         assert!(matches!(
-            prepare_request(&c, b"ps", &mut buf, req.len()),
+            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()),
             Err(ProxyError::MissingMessageAuthenticator)
         ));
         // Accounting with a wrong authenticator.
@@ -429,13 +442,13 @@ mod tests {
         p.sign(b"wrong", None).unwrap();
         let n = p.len();
         assert!(matches!(
-            prepare_request(&c, b"ps", &mut buf, n),
+            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, n),
             Err(ProxyError::Verify(VerifyError::BadAuthenticator))
         ));
         req[0] = 12; // Status-Server: answered by the sidecar itself, later
         buf[..req.len()].copy_from_slice(&req);
         assert!(matches!(
-            prepare_request(&c, b"ps", &mut buf, req.len()),
+            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()),
             Err(ProxyError::NotForwarded { .. })
         ));
     }

@@ -78,9 +78,11 @@ struct Flow {
     local: SocketAddr,
     child: UdpSocket,
     binding: Binding,
-    /// The flow's client and its upstream's index, once known (at once, or for NAT from the
-    /// first proven request; the flow keeps it).
-    bound: Option<(Arc<Client>, usize)>,
+    /// The flow's client, once known (at once, or for NAT from the first proven request;
+    /// the flow keeps it).
+    bound: Option<Arc<Client>>,
+    /// Its place in load-balancing pools.
+    hash: u64,
     generation: u32,
     last_seen: Instant,
     in_flight: u32,
@@ -511,6 +513,7 @@ impl Worker {
             child,
             binding,
             bound: None,
+            hash: flow_hash(&key),
             generation: self.next_generation,
             last_seen: Instant::now(),
             in_flight: 0,
@@ -536,7 +539,7 @@ impl Worker {
         };
         let now = Instant::now();
         flow.last_seen = now;
-        let Some((client, li)) = client_for(shared, flow, &self.wbuf[..n]) else {
+        let Some(client) = client_for(flow, &self.wbuf[..n]) else {
             shared.metrics.proxy_drop("nat_unproven");
             return;
         };
@@ -571,34 +574,60 @@ impl Worker {
                 shared.metrics.proxy_drop("duplicate_in_flight");
                 if resend {
                     // The NAS retransmits: follow it upstream (once a second at most)
-                    // rather than sending a second request.
-                    let (li, acct, si) = split_up_index(tag.index);
-                    if let Some(p) = self
-                        .links
-                        .get(li)
-                        .and_then(|l| if acct { l.acct.as_ref() } else { Some(&l.auth) })
-                        .and_then(|port| port.socks.get(si)?.as_ref())
-                        .and_then(|up| up.ids.get(tag.id))
-                    {
-                        let (off, len) = self.out.keep(&p.wire);
-                        self.out.up.push((tag.index, tag.id, off, len));
-                        shared.metrics.upstream_retransmit("nas_retransmission");
-                    }
+                    // rather than sending a second request; to another server when this
+                    // one has gone quiet.
+                    self.resend(tag.index, tag.id, now, "nas_retransmission");
                 }
                 return;
             }
         }
-        let prepared = match proxy::prepare_request(&client, &shared.proxy_state, &mut self.wbuf, n)
-        {
+        let hash = flow.hash;
+        let Some(upstream) = client.pool.pick(hash, None).cloned() else {
+            return;
+        };
+        self.forward(slot, &client, &upstream, n, now);
+    }
+
+    /// Prepares the NAS request in `wbuf[..n]` for `upstream`, gives it an Identifier of
+    /// one of this worker's sockets to it, signs it and queues it; the flow's dedup entry
+    /// then points at it.
+    fn forward(
+        &mut self,
+        slot: usize,
+        client: &Arc<Client>,
+        upstream: &Upstream,
+        n: usize,
+        now: Instant,
+    ) -> bool {
+        let shared = &self.shared;
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(&li) = shared.upstream_index.get(&upstream.name) else {
+            return false;
+        };
+        // Kept for failover to another server of the pool (re-prepared from it).
+        let nas_packet = if client.pool.members.len() > 1 {
+            self.wbuf[..n].to_vec()
+        } else {
+            Vec::new()
+        };
+        let prepared = match proxy::prepare_request(
+            client,
+            upstream,
+            &shared.proxy_state,
+            &mut self.wbuf,
+            n,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 shared.metrics.proxy_drop(e.reason());
                 debug!(remote = %flow.remote, client = %client.name, error = %e, "request not forwarded");
-                return;
+                return false;
             }
         };
         let Some(link) = self.links.get_mut(li) else {
-            return;
+            return false;
         };
         let acct = prepared.code == Code::AccountingRequest;
         let port = match (acct, link.acct.as_mut()) {
@@ -606,11 +635,11 @@ impl Worker {
             (true, Some(a)) => a,
             (true, None) => {
                 shared.metrics.proxy_drop("no_acct_upstream");
-                return;
+                return false;
             }
         };
         let pending = InFlight {
-            client,
+            client: client.clone(),
             prepared,
             up_auth: [0; 16],
             sent_at: now,
@@ -621,13 +650,14 @@ impl Worker {
             wire: Vec::new(),
             retries: 0,
             next_retry: now + jittered(link.upstream.options.retry),
+            nas_packet,
         };
         let Some((si, up_id)) = allocate(&self.poller, li, acct, port, pending) else {
             shared.metrics.proxy_drop("upstream_ids_exhausted");
-            return;
+            return false;
         };
         let Some(up) = port.socks[si].as_mut() else {
-            return;
+            return false;
         };
         match proxy::finalize_request(&mut self.wbuf, prepared.len, up_id, &link.upstream) {
             Ok(up_auth) => {
@@ -640,12 +670,76 @@ impl Worker {
                 let index = up_index(li, acct, si);
                 self.out.up.push((index, up_id, off, len));
                 flow.in_flight += 1;
-                flow.dedup
-                    .begin(id, &nas_auth, now, UpRef { index, id: up_id });
+                flow.dedup.begin(
+                    prepared.nas_id,
+                    &prepared.nas_auth,
+                    now,
+                    UpRef { index, id: up_id },
+                );
+                true
             }
             Err(e) => {
                 up.ids.take(up_id);
                 shared.metrics.proxy_drop(e.reason());
+                false
+            }
+        }
+    }
+
+    /// Sends the request at (`index`, `id`) again: to the same server while it answers
+    /// anything, else to another server of its client's pool (failover).
+    fn resend(&mut self, index: usize, id: u8, now: Instant, cause: &'static str) {
+        let shared = self.shared.clone();
+        let (li, ..) = split_up_index(index);
+        let Some(upstream) = self.links.get(li).map(|l| l.upstream.clone()) else {
+            return;
+        };
+        let Some(p) = up_sock(&mut self.links, index).and_then(|u| u.ids.get_mut(id)) else {
+            return;
+        };
+        let window = (upstream.options.retry / 2).as_millis() as u64;
+        let alive = upstream
+            .health
+            .on_unanswered(crate::pool::millis(now), window);
+        let flow = p.reply_to;
+        let hash = self
+            .flows
+            .get(flow.slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|f| f.generation == flow.generation)
+            .map_or(0, |f| f.hash);
+        let other = (!alive && !p.nas_packet.is_empty())
+            .then(|| p.client.pool.pick(hash, Some(&upstream.name)).cloned())
+            .flatten()
+            .filter(|o| {
+                o.health.state() != crate::pool::State::Dead
+                    || upstream.health.state() == crate::pool::State::Dead
+            });
+        match other {
+            None => {
+                let Some(p) = up_sock(&mut self.links, index).and_then(|u| u.ids.get_mut(id))
+                else {
+                    return;
+                };
+                p.next_retry = now + jittered(upstream.options.retry);
+                let (off, len) = self.out.keep(&p.wire);
+                self.out.up.push((index, id, off, len));
+                shared.metrics.upstream_retransmit(cause);
+            }
+            Some(to) => {
+                let Some(p) = self.up_sock(index).and_then(|u| u.ids.take(id)) else {
+                    return;
+                };
+                let n = p.nas_packet.len().min(self.wbuf.len());
+                self.wbuf[..n].copy_from_slice(&p.nas_packet[..n]);
+                let slot = p.reply_to.slot as usize;
+                if let Some(f) = self.flows.get_mut(slot).and_then(Option::as_mut) {
+                    f.in_flight = f.in_flight.saturating_sub(1);
+                }
+                info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
+                if self.forward(slot, &p.client, &to, n, now) {
+                    shared.metrics.upstream_retransmit("failover");
+                }
             }
         }
     }
@@ -708,14 +802,7 @@ impl Worker {
     }
 
     fn up_sock(&mut self, index: usize) -> Option<&mut UpSock> {
-        let (li, acct, si) = split_up_index(index);
-        let link = self.links.get_mut(li)?;
-        let port = if acct {
-            link.acct.as_mut()?
-        } else {
-            &mut link.auth
-        };
-        port.socks.get_mut(si)?.as_mut()
+        up_sock(&mut self.links, index)
     }
 
     /// A request of this flow is no longer in flight.
@@ -782,6 +869,9 @@ impl Worker {
             let Some(done) = up.ids.take(id) else {
                 continue;
             };
+            link.upstream
+                .health
+                .on_answer(crate::pool::millis(Instant::now()));
             if up.ids.in_flight() == 0 {
                 up.idle_since = Instant::now();
             }
@@ -817,6 +907,7 @@ impl Worker {
     fn on_tick(&mut self, now: Instant) {
         let shared = self.shared.clone();
         self.ticks = self.ticks.wrapping_add(1);
+        let mut due = Vec::new();
         for (li, link) in self.links.iter_mut().enumerate() {
             let timeout = link.upstream.timeout;
             let (retry, max_retries) = (
@@ -830,6 +921,10 @@ impl Worker {
                     let Some(up) = slot else { continue };
                     for p in up.ids.expire(|p| now.duration_since(p.sent_at) > timeout) {
                         shared.metrics.proxy_drop("upstream_timeout");
+                        link.upstream.health.on_unanswered(
+                            crate::pool::millis(now),
+                            (retry / 2).as_millis() as u64,
+                        );
                         let r = p.reply_to;
                         if let Some(f) = self
                             .flows
@@ -844,14 +939,11 @@ impl Worker {
                     }
                     // Our own retransmissions, for NASes that do not retransmit.
                     let index = up_index(li, acct, si);
-                    let out = &mut self.out;
                     up.ids.for_each_mut(|id, p| {
                         if p.retries < max_retries && now >= p.next_retry && !p.wire.is_empty() {
                             p.retries += 1;
                             p.next_retry = now + jittered(retry);
-                            let (off, len) = out.keep(&p.wire);
-                            out.up.push((index, id, off, len));
-                            shared.metrics.upstream_retransmit("timer");
+                            due.push((index, id));
                         }
                     });
                     if si > 0
@@ -864,6 +956,9 @@ impl Worker {
                     }
                 }
             }
+        }
+        for (index, id) in due {
+            self.resend(index, id, now, "timer");
         }
         // Once a second: cached replies past cleanup_delay.
         if self.ticks.is_multiple_of(10) {
@@ -934,8 +1029,20 @@ impl Worker {
     }
 }
 
+/// The upstream socket at `index` (see [`up_index`]).
+fn up_sock(links: &mut [Link], index: usize) -> Option<&mut UpSock> {
+    let (li, acct, si) = split_up_index(index);
+    let link = links.get_mut(li)?;
+    let port = if acct {
+        link.acct.as_mut()?
+    } else {
+        &mut link.auth
+    };
+    port.socks.get_mut(si)?.as_mut()
+}
+
 /// The flow's client: known, or learnt from this request (NAT).
-fn client_for(shared: &Shared, flow: &mut Flow, packet: &[u8]) -> Option<(Arc<Client>, usize)> {
+fn client_for(flow: &mut Flow, packet: &[u8]) -> Option<Arc<Client>> {
     if let Some(b) = &flow.bound {
         return Some(b.clone());
     }
@@ -943,12 +1050,19 @@ fn client_for(shared: &Shared, flow: &mut Flow, packet: &[u8]) -> Option<(Arc<Cl
         Binding::One(c) => c.clone(),
         Binding::Nat(candidates) => clients::identify(candidates, packet)?,
     };
-    let li = *shared.upstream_index.get(&client.upstream.name)?;
     if let Binding::Nat(_) = flow.binding {
         info!(remote = %flow.remote, client = %client.name, "NAS behind a shared address identified");
     }
-    flow.bound = Some((client, li));
+    flow.bound = Some(client);
     flow.bound.clone()
+}
+
+/// A flow's place in a load-balancing pool: the same for every request of the flow.
+fn flow_hash(key: &FlowKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// A free Identifier on one of `port`'s sockets, opening another socket when all are busy.

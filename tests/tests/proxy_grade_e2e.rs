@@ -22,6 +22,12 @@ const USERS: &str = "alice\tCleartext-Password := \"alice-pw\"\n";
 const METRICS: &str = "127.0.0.1:9812";
 
 fn sidecar(ns: &NetNs, tag: &str, fast: bool, upstream: &str) -> Daemon {
+    sidecar_to(ns, tag, fast, upstream, None)
+}
+
+/// As [`sidecar`], the NASes' client naming `target` (an upstream or a pool).
+fn sidecar_to(ns: &NetNs, tag: &str, fast: bool, upstream: &str, target: Option<&str>) -> Daemon {
+    let target = target.map_or(String::new(), |t| format!("upstream = \"{t}\"\n"));
     sidecar_with_config(
         ns,
         tag,
@@ -39,7 +45,7 @@ metrics = "{METRICS}"
 prefix = "127.0.2.0/24"
 name = "nases"
 secret = "{NAS_SECRET}"
-"#,
+{target}"#,
             if fast { "require" } else { "off" }
         ),
     )
@@ -384,4 +390,96 @@ fn fast_path_two_thousand_requests_in_flight_to_one_freeradius() {
 #[test]
 fn user_space_path_two_thousand_requests_in_flight_to_one_freeradius() {
     two_thousand_requests_in_flight_to_one_freeradius(false);
+}
+
+fn failover_and_back(fast: bool) {
+    if !require_root("proxy-grade failover") {
+        return;
+    }
+    let ns = NetNs::new("pgfail");
+    let fr1 = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _fr2 = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 12812);
+    let health = "retry_ms = 300\ntimeout_ms = 4000\ncheck_interval_ms = 200\nzombie_period_ms = 1000\nanswers_to_alive = 2\n";
+    let upstreams = format!(
+        "[[upstream]]\nname = \"fr1\"\nauth = \"127.0.0.1:11812\"\nsecret = \"{UP_SECRET}\"\n{health}\n\
+         [[upstream]]\nname = \"fr2\"\nauth = \"127.0.0.1:12812\"\nsecret = \"{UP_SECRET}\"\n{health}\n\
+         [[pool]]\nname = \"aaa\"\nupstreams = [\"fr1\", \"fr2\"]\npolicy = \"fail-over\"\n"
+    );
+    let _d = sidecar_to(&ns, "pg-fail", fast, &upstreams, Some("aaa"));
+    let spec = LoadSpec {
+        target: "127.0.0.1:1812".parse().unwrap(),
+        sources: (1..=8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i)))
+            .collect(),
+        sockets_per_source: 1,
+        outstanding: 32,
+        duration: Duration::from_secs(4),
+        max_requests: 400_000,
+        secret: NAS_SECRET.as_bytes().to_vec(),
+        user: "alice".into(),
+        password: "alice-pw".into(),
+        timeout: Duration::from_secs(4),
+        message_authenticator: true,
+    };
+    // The first upstream stops in the middle of the run.
+    let res = std::thread::scope(|sc| {
+        let load = sc.spawn(|| ns.run(move || loadgen::run(&spec)));
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(fr1);
+        load.join().unwrap().unwrap()
+    });
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert!(res.answered > 1000, "answered {}", res.answered);
+    let why: String = metrics_text(&ns, METRICS)
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && [
+                    "drops",
+                    "retransmits",
+                    "upstream_state",
+                    "forwarded",
+                    "relayed",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        (res.lost, res.bad),
+        (0, 0),
+        "every request answered across the switch; metrics:\n{why}"
+    );
+    assert_ne!(
+        m("radius_upstream_state{upstream=\"fr1\"}"),
+        0,
+        "fr1 is not alive"
+    );
+    assert_eq!(m("radius_upstream_state{upstream=\"fr2\"}"), 0);
+    // It comes back: Status-Server probes see it.
+    let _fr1 = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m("radius_upstream_state{upstream=\"fr1\"}") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fr1 alive again within 10 s of its restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ok = ns.run(|| {
+        let s = nas("127.0.2.50");
+        ask(&s, &pap_request(9, "alice", "alice-pw", NAS_SECRET, &[]).0).is_some()
+    });
+    assert!(ok, "served after fr1 came back");
+}
+
+#[test]
+fn fast_path_failover_and_back() {
+    failover_and_back(true);
+}
+
+#[test]
+fn user_space_path_failover_and_back() {
+    failover_and_back(false);
 }
