@@ -121,6 +121,8 @@ struct Server {
     new_source_burst: u64,
     /// Prometheus endpoint, or "none".
     metrics: String,
+    /// Where upstreams send CoA and Disconnect requests (RFC 5176), or "none".
+    coa_listen: String,
 }
 
 impl Default for Server {
@@ -137,6 +139,7 @@ impl Default for Server {
             new_source_pps: d.new_source_pps,
             new_source_burst: d.new_source_burst,
             metrics: "127.0.0.1:9812".into(),
+            coa_listen: "none".into(),
         }
     }
 }
@@ -319,6 +322,18 @@ impl Config {
                     server_span.clone(),
                     "server.metrics",
                     format!("`{}` is not an address:port", server.metrics),
+                )
+            })?)
+        };
+
+        daemon.coa_listen = if server.coa_listen == "none" {
+            None
+        } else {
+            Some(server.coa_listen.parse().map_err(|_| {
+                err(
+                    server_span.clone(),
+                    "server.coa_listen",
+                    format!("`{}` is not an address:port", server.coa_listen),
                 )
             })?)
         };

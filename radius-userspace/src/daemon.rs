@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     pub new_source_burst: u64,
     /// Where to serve `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where upstreams send CoA and Disconnect requests (RFC 5176); none: no listener.
+    pub coa_listen: Option<SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -88,6 +90,7 @@ impl Default for DaemonConfig {
             new_source_pps: 2_000,
             new_source_burst: 4_000,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
+            coa_listen: None,
         }
     }
 }
@@ -101,8 +104,10 @@ pub(crate) struct Shared {
     pub path: SteeringPath,
     pub clients: ClientTable,
     pub dynamic: Option<crate::dynamic::DynamicClients>,
-    /// One inbox per worker, for the outcome of dynamic definitions.
+    /// One inbox per worker, for the outcome of dynamic definitions and CoA requests.
     pub defined: Vec<worker::Inbox>,
+    /// Which flow carries which NAS (for CoA).
+    pub nas_directory: crate::coa::NasDirectory,
     /// Packets kept, in all workers, while their sources are being defined.
     pub pending_packets: AtomicUsize,
     /// The configured upstreams; each worker opens its own sockets to each.
@@ -172,6 +177,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         clients,
         dynamic,
         defined: defined_txs,
+        nas_directory: Default::default(),
         pending_packets: AtomicUsize::new(0),
         upstreams: upstreams.clone(),
         upstream_index,
@@ -208,15 +214,23 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             let defined = defined_rxs
                 .pop()
                 .context("more wildcards than worker channels")?;
+            let me = defined_rxs.len();
             let shared = shared.clone();
             let runtime = tokio::runtime::Handle::current();
             // A thread of its own: the worker blocks in its epoll set (see crate::worker).
             tasks.spawn_blocking(move || {
-                if let Err(e) = worker::run(shared, w, bound, i, defined, runtime) {
+                if let Err(e) = worker::run(shared, w, bound, i, me, defined, runtime) {
                     tracing::error!(listen = %bound, worker = i, error = %e, "worker stopped");
                 }
             });
         }
+    }
+    if let Some(addr) = config.coa_listen {
+        let sock = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding the CoA listener {addr}"))?;
+        info!(listen = %addr, "CoA/Disconnect listener (RFC 5176)");
+        tasks.spawn(crate::coa::listen(shared.clone(), sock));
     }
     if let Some(addr) = config.metrics_listen {
         let (m, c) = (metrics.clone(), cancel.clone());

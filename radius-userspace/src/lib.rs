@@ -6,10 +6,12 @@
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
+//! - [`coa`]: CoA and Disconnect requests from upstreams to NASes, through their flows.
 //! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`], [`pool`]: the
 //!   configuration model, static and dynamic clients, forwarding, RFC 5080 duplicate
 //!   detection, upstream pools and health (sans-IO).
 pub mod client;
+pub mod coa;
 pub mod codec;
 pub mod config;
 pub mod daemon;

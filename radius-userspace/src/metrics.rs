@@ -90,6 +90,8 @@ pub struct Metrics {
     pub local_answers: Family<ReasonLabel, Counter>,
     /// Requests sent upstream again, by cause (our timer, or a NAS retransmission).
     pub upstream_retransmits: Family<ReasonLabel, Counter>,
+    /// CoA and Disconnect requests, by what became of them.
+    pub coa: Family<ReasonLabel, Counter>,
     /// 0 alive, 1 zombie, 2 dead (see crate::pool).
     pub upstream_state: Family<UpstreamLabel, Gauge>,
     pub open_files_limit: Gauge,
@@ -156,6 +158,12 @@ impl Metrics {
             "Requests sent to an upstream again, by cause",
             upstream_retransmits.clone(),
         );
+        let coa = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "coa",
+            "CoA and Disconnect requests from upstreams, by outcome",
+            coa.clone(),
+        );
         let upstream_state = Family::<UpstreamLabel, Gauge>::default();
         registry.register(
             "upstream_state",
@@ -200,6 +208,7 @@ impl Metrics {
             proxy_drops,
             local_answers,
             upstream_retransmits,
+            coa,
             upstream_state,
             open_files_limit,
             max_flows,
@@ -230,6 +239,10 @@ impl Metrics {
         self.upstream_retransmits
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    pub fn coa(&self, reason: &'static str) {
+        self.coa.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn set_upstream_state(&self, upstream: &str, state: i64) {

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     client::{self as clients, Binding, Client},
+    coa::{CoaJob, FlowHandle, NasName},
     codec::{Code, Packet, PacketMut, auth},
     daemon::{Shared, lock},
     dedup::{Dedup, Verdict},
@@ -88,7 +89,22 @@ struct Flow {
     in_flight: u32,
     /// RFC 5080: requests in flight and recent replies, by Identifier.
     dedup: Dedup<UpRef>,
+    /// Its NAS's names are in the NAS directory (for CoA).
+    named: bool,
+    /// CoA/Disconnect requests sent to the NAS, by the Identifier we gave them.
+    coa: HashMap<u8, PendingCoa>,
+    coa_next_id: u8,
 }
+
+/// A CoA or Disconnect request out to a NAS, waiting for its ACK or NAK.
+struct PendingCoa {
+    job: CoaJob,
+    sent_auth: [u8; 16],
+    sent_at: Instant,
+}
+
+/// How long a NAS has to answer a CoA or Disconnect request.
+const COA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a request's upstream copy is: an upstream socket and the Identifier on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +192,8 @@ impl Outbox {
 struct Worker {
     shared: Arc<Shared>,
     index: usize,
+    /// This worker's place in `shared.defined` (for the NAS directory).
+    me: usize,
     bound: SocketAddr,
     wildcard: UdpSocket,
     poller: Poller,
@@ -196,12 +214,18 @@ struct Worker {
 /// What reaches a worker from other threads: the outcome of definitions, and the eventfd
 /// that wakes it for them.
 pub(crate) struct Inbox {
-    pub tx: std::sync::mpsc::Sender<Defined>,
+    pub tx: std::sync::mpsc::Sender<ToWorker>,
     pub wake: Arc<Wake>,
 }
 
+/// What other threads tell a worker.
+pub(crate) enum ToWorker {
+    Defined(Defined),
+    Coa(CoaJob),
+}
+
 impl Inbox {
-    pub fn send(&self, d: Defined) {
+    pub fn send(&self, d: ToWorker) {
         if self.tx.send(d).is_ok() {
             self.wake.wake();
         }
@@ -210,7 +234,7 @@ impl Inbox {
 
 /// A worker's end of its [`Inbox`].
 pub(crate) struct InboxRx {
-    pub rx: std::sync::mpsc::Receiver<Defined>,
+    pub rx: std::sync::mpsc::Receiver<ToWorker>,
     pub wake: Arc<Wake>,
 }
 
@@ -237,6 +261,7 @@ pub(crate) fn run(
     wildcard: UdpSocket,
     bound: SocketAddr,
     index: usize,
+    me: usize,
     inbox: InboxRx,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<()> {
@@ -270,6 +295,7 @@ pub(crate) fn run(
     let mut w = Worker {
         shared: shared.clone(),
         index,
+        me,
         bound,
         wildcard,
         poller,
@@ -299,8 +325,11 @@ pub(crate) fn run(
         for &t in &ready {
             if t >> KIND_SHIFT == WAKE {
                 inbox.wake.clear();
-                while let Ok(d) = inbox.rx.try_recv() {
-                    w.on_defined(d);
+                while let Ok(m) = inbox.rx.try_recv() {
+                    match m {
+                        ToWorker::Defined(d) => w.on_defined(d),
+                        ToWorker::Coa(job) => w.on_coa(job),
+                    }
                 }
             } else {
                 w.on_ready(t);
@@ -518,6 +547,9 @@ impl Worker {
             last_seen: Instant::now(),
             in_flight: 0,
             dedup: Dedup::default(),
+            named: false,
+            coa: HashMap::new(),
+            coa_next_id: 0,
         });
         self.by_key.insert(key, slot);
         shared.metrics.flows_created.inc();
@@ -561,6 +593,27 @@ impl Worker {
                 &mut self.out,
             );
             return;
+        }
+        if matches!(
+            Code::from_u8(code),
+            Some(Code::CoaAck | Code::CoaNak | Code::DisconnectAck | Code::DisconnectNak)
+        ) {
+            on_coa_answer(shared, flow, &client, &mut self.wbuf, n);
+            return;
+        }
+        if !flow.named {
+            // Once per flow: where a CoA for this NAS must go.
+            if let Ok(p) = Packet::parse(&self.wbuf[..n]) {
+                let names = NasName::of(&p);
+                shared.nas_directory.register(
+                    names,
+                    FlowHandle {
+                        worker: self.me,
+                        key: flow.key,
+                    },
+                );
+            }
+            flow.named = true;
         }
         match flow.dedup.check(id, &nas_auth, now, &shared.dedup) {
             Verdict::New => {}
@@ -742,6 +795,62 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A CoA or Disconnect request for one of this worker's flows: re-signed for the NAS
+    /// and sent from the flow's address and port to the NAS's, like a reply.
+    fn on_coa(&mut self, job: CoaJob) {
+        let shared = self.shared.clone();
+        let flow = self
+            .by_key
+            .get(&job.key)
+            .and_then(|&slot| self.flows.get_mut(slot))
+            .and_then(Option::as_mut);
+        let Some((flow, client)) = flow.and_then(|f| {
+            let c = f.bound.clone()?;
+            Some((f, c))
+        }) else {
+            shared.metrics.coa("nas_not_found");
+            if let Ok(p) = Packet::parse(&job.packet)
+                && let Some(nak) = crate::coa::nak(&p, &job.upstream, 503)
+            {
+                let _ = job.answer.try_send((nak, job.origin));
+            }
+            return;
+        };
+        let n = job.packet.len().min(self.wbuf.len());
+        self.wbuf[..n].copy_from_slice(&job.packet[..n]);
+        // An Identifier no request to this NAS has in flight.
+        let mut id = flow.coa_next_id;
+        for _ in 0..256 {
+            if !flow.coa.contains_key(&id) {
+                break;
+            }
+            id = id.wrapping_add(1);
+        }
+        flow.coa_next_id = id.wrapping_add(1);
+        let Ok(mut m) = PacketMut::from_datagram(&mut self.wbuf, n) else {
+            shared.metrics.coa("malformed");
+            return;
+        };
+        m.set_identifier(id);
+        m.set_authenticator(&[0; 16]);
+        if m.sign(&client.secret, None).is_err() {
+            shared.metrics.coa("malformed");
+            return;
+        }
+        let sent_auth = m.authenticator();
+        let (off, len) = self.out.keep(m.as_bytes());
+        self.out.nas.push((flow.remote, flow.local, off, len));
+        debug!(remote = %flow.remote, client = %client.name, "CoA request sent to the NAS");
+        flow.coa.insert(
+            id,
+            PendingCoa {
+                job,
+                sent_auth,
+                sent_at: Instant::now(),
+            },
+        );
     }
 
     /// Sends what the round produced; a datagram the kernel refuses is counted, and a
@@ -960,10 +1069,16 @@ impl Worker {
         for (index, id) in due {
             self.resend(index, id, now, "timer");
         }
-        // Once a second: cached replies past cleanup_delay.
+        // Once a second: cached replies past cleanup_delay, CoA requests unanswered.
         if self.ticks.is_multiple_of(10) {
             for f in self.flows.iter_mut().flatten() {
                 f.dedup.expire(now);
+                let before = f.coa.len();
+                f.coa
+                    .retain(|_, c| now.duration_since(c.sent_at) < COA_TIMEOUT);
+                for _ in f.coa.len()..before {
+                    shared.metrics.coa("nas_timeout");
+                }
             }
         }
         let idle = shared.idle_timeout;
@@ -992,6 +1107,12 @@ impl Worker {
         }
         self.by_key.remove(&flow.key);
         self.poller.remove(&flow.child);
+        if flow.named {
+            self.shared.nas_directory.forget(FlowHandle {
+                worker: self.me,
+                key: flow.key,
+            });
+        }
         let mut drained = Vec::new();
         while let Ok((n, from)) = flow.child.recv_from(&mut self.rbuf) {
             let rx = socket::Received {
@@ -1102,6 +1223,46 @@ fn allocate(
     Some((si, id))
 }
 
+/// A NAS's CoA/Disconnect ACK or NAK: checked with the NAS's secret, re-signed for the
+/// upstream that asked, and handed to the CoA listener.
+fn on_coa_answer(shared: &Shared, flow: &mut Flow, client: &Client, buf: &mut [u8], n: usize) {
+    let Some(id) = buf.get(1).copied() else {
+        return;
+    };
+    let Some(pending) = flow.coa.get(&id) else {
+        shared.metrics.coa("answer_unknown_id");
+        return;
+    };
+    match Packet::parse(&buf[..n]) {
+        Ok(p) if auth::verify(&p, &client.secret, Some(&pending.sent_auth)).is_ok() => {}
+        _ => {
+            shared.metrics.coa("answer_bad_signature");
+            return;
+        }
+    }
+    let Some(pending) = flow.coa.remove(&id) else {
+        return;
+    };
+    let job = &pending.job;
+    let Ok(mut m) = PacketMut::from_datagram(buf, n) else {
+        return;
+    };
+    m.set_identifier(job.origin_id);
+    if m.sign(&job.upstream.secret, Some(&job.origin_auth))
+        .is_err()
+    {
+        shared.metrics.coa("malformed");
+        return;
+    }
+    if job
+        .answer
+        .try_send((m.as_bytes().to_vec(), job.origin))
+        .is_err()
+    {
+        shared.metrics.coa("listener_busy");
+    }
+}
+
 /// `d` plus up to 25 % (RFC 5080 asks for jitter so that retransmissions do not align).
 fn jittered(d: Duration) -> Duration {
     use rand::Rng as _;
@@ -1188,10 +1349,10 @@ fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: I
             }
         }
         for inbox in &shared.defined {
-            inbox.send(Defined {
+            inbox.send(ToWorker::Defined(Defined {
                 ip,
                 outcome: outcome.clone(),
-            });
+            }));
         }
     });
 }

@@ -38,6 +38,7 @@ workers = 2
 iface = "lo"
 ebpf = "{}"
 metrics = "{METRICS}"
+coa_listen = "127.0.0.1:3799"
 
 {upstream}
 
@@ -482,4 +483,97 @@ fn fast_path_failover_and_back() {
 #[test]
 fn user_space_path_failover_and_back() {
     failover_and_back(false);
+}
+
+fn coa_and_disconnect_reach_the_nas_through_its_flow(fast: bool) {
+    if !require_root("proxy-grade coa") {
+        return;
+    }
+    let ns = NetNs::new("pgcoa");
+    let _fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _d = sidecar(&ns, "pg-coa", fast, &freeradius_upstream());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (got, outputs) = std::thread::scope(|sc| {
+        let nas_side = sc.spawn(|| {
+            ns.run(move || {
+                let s = nas("127.0.2.9");
+                let req = pap_request(
+                    1,
+                    "alice",
+                    "alice-pw",
+                    NAS_SECRET,
+                    &[(attr::NAS_IDENTIFIER, b"nas-coa")],
+                )
+                .0;
+                assert!(ask(&s, &req).is_some(), "the NAS is served first");
+                ready_tx.send(()).unwrap();
+                // CoA and Disconnect arrive on the NAS's own RADIUS socket (its flow),
+                // not on port 3799: what a NAS behind NAT can receive.
+                let mut got = Vec::new();
+                let mut b = [0u8; 4096];
+                while got.len() < 2 {
+                    let Ok(n) = s.recv(&mut b) else { break };
+                    let p = Packet::parse(&b[..n]).expect("parses");
+                    auth::verify(&p, NAS_SECRET.as_bytes(), None)
+                        .expect("signed with the NAS's secret");
+                    assert_eq!(p.get(attr::USER_NAME).map(|a| a.value), Some(&b"alice"[..]));
+                    let ack = match p.code() {
+                        Code::CoaRequest => Code::CoaAck,
+                        Code::DisconnectRequest => Code::DisconnectAck,
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    let mut out = [0u8; 64];
+                    let mut m = PacketMut::new(&mut out, ack, p.identifier()).unwrap();
+                    m.sign(NAS_SECRET.as_bytes(), Some(p.authenticator()))
+                        .unwrap();
+                    s.send_to(m.as_bytes(), "127.0.0.1:1812").unwrap();
+                    got.push(p.code());
+                }
+                got
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("NAS ready");
+        let mut outputs = Vec::new();
+        for (kind, nas_id) in [
+            ("coa", "nas-coa"),
+            ("disconnect", "nas-coa"),
+            ("coa", "no-such-nas"),
+        ] {
+            let c = spawn_radclient(
+                &ns,
+                &["-r", "1", "-t", "3", "127.0.0.1:3799", kind, UP_SECRET],
+                &format!("NAS-Identifier = \"{nas_id}\"\nUser-Name = \"alice\"\n"),
+            );
+            let o = c.wait_with_output().expect("radclient");
+            outputs.push(format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        (nas_side.join().unwrap(), outputs)
+    });
+    assert_eq!(got, vec![Code::CoaRequest, Code::DisconnectRequest]);
+    assert!(outputs[0].contains("CoA-ACK"), "radclient: {}", outputs[0]);
+    assert!(
+        outputs[1].contains("Disconnect-ACK"),
+        "radclient: {}",
+        outputs[1]
+    );
+    assert!(outputs[2].contains("CoA-NAK"), "radclient: {}", outputs[2]);
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert_eq!(m("radius_coa_total{reason=\"to_nas\"}"), 2);
+    assert_eq!(m("radius_coa_total{reason=\"nas_not_found\"}"), 1);
+}
+
+#[test]
+fn fast_path_coa_and_disconnect_reach_the_nas_through_its_flow() {
+    coa_and_disconnect_reach_the_nas_through_its_flow(true);
+}
+
+#[test]
+fn user_space_path_coa_and_disconnect_reach_the_nas_through_its_flow() {
+    coa_and_disconnect_reach_the_nas_through_its_flow(false);
 }
