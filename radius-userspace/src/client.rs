@@ -10,7 +10,10 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::codec::{Packet, attr, auth, auth::Secret};
+use crate::{
+    codec::{Packet, attr, auth, auth::Secret},
+    proxy::YesNoAuto,
+};
 
 /// Which NAS behind a shared address (NAT) an entry is: the flow learns it from its first
 /// request whose Message-Authenticator proves the entry's secret and that carries this
@@ -29,9 +32,53 @@ pub struct Client {
     pub secret: Secret,
     /// Where its requests go: a pool of upstreams (a single upstream is a pool of one).
     pub pool: Arc<crate::pool::Pool>,
-    pub require_message_authenticator: bool,
+    /// BlastRADIUS: Access-Requests must carry a Message-Authenticator (`Auto`: once this
+    /// client has sent one).
+    pub require_message_authenticator: YesNoAuto,
+    /// BlastRADIUS: an Access-Request with Proxy-State and no Message-Authenticator is
+    /// refused (`Auto`: unless the client's first Access-Request had one such, i.e. it is
+    /// a proxy).
+    pub limit_proxy_state: YesNoAuto,
+    /// What `Auto` has learnt of this client (shared by its flows).
+    pub learned: Learned,
     /// Set when several NASes share the prefix, each with its own secret.
     pub nas_key: Option<NasKey>,
+}
+
+/// What a client's `Auto` switches have learnt from its Access-Requests.
+#[derive(Debug, Default)]
+pub struct Learned(std::sync::atomic::AtomicU8);
+
+const SEEN_MA: u8 = 1;
+const DECIDED: u8 = 2;
+const FIRST_PS_WITHOUT_MA: u8 = 4;
+
+impl Client {
+    /// Whether this Access-Request must carry a Message-Authenticator, and whether
+    /// Proxy-State without one is refused, learning from it for `Auto`.
+    pub fn blastradius(&self, has_ma: bool, has_ps: bool) -> (bool, bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut add = DECIDED;
+        if has_ma {
+            add |= SEEN_MA;
+        }
+        let before = self.learned.0.load(Relaxed);
+        if before & DECIDED == 0 && has_ps && !has_ma {
+            add |= FIRST_PS_WITHOUT_MA;
+        }
+        let l = self.learned.0.fetch_or(add, Relaxed) | add;
+        let require = match self.require_message_authenticator {
+            YesNoAuto::Yes => true,
+            YesNoAuto::No => false,
+            YesNoAuto::Auto => l & SEEN_MA != 0,
+        };
+        let limit = match self.limit_proxy_state {
+            YesNoAuto::Yes => true,
+            YesNoAuto::No => false,
+            YesNoAuto::Auto => l & FIRST_PS_WITHOUT_MA == 0,
+        };
+        (require, limit)
+    }
 }
 
 /// What a new flow knows of its client.
@@ -147,7 +194,9 @@ mod tests {
                 options: Default::default(),
                 health: Default::default(),
             }))),
-            require_message_authenticator: false,
+            require_message_authenticator: YesNoAuto::No,
+            limit_proxy_state: YesNoAuto::Auto,
+            learned: Default::default(),
             nas_key: None,
         }
     }
@@ -214,5 +263,25 @@ mod tests {
         assert_eq!(name("198.51.100.1").as_deref(), Some("0.0.0.0/0"));
         assert_eq!(name("::ffff:192.0.2.7").as_deref(), Some("192.0.2.7/32"));
         assert_eq!(name("2001:db8::1"), None);
+    }
+
+    #[test]
+    fn auto_blastradius_switches_learn_from_the_clients_requests() {
+        let mut nas = client("192.0.2.0/24", "s");
+        (nas.require_message_authenticator, nas.limit_proxy_state) =
+            (YesNoAuto::Auto, YesNoAuto::Auto);
+        // A NAS: no Proxy-State in its first request, so Proxy-State needs an MA from now.
+        assert_eq!(nas.blastradius(false, false), (false, true));
+        // Once it has sent a Message-Authenticator, it must always.
+        assert_eq!(nas.blastradius(true, false), (true, true));
+        assert_eq!(nas.blastradius(false, false), (true, true));
+        let mut proxy = client("198.51.100.0/24", "s");
+        (proxy.require_message_authenticator, proxy.limit_proxy_state) =
+            (YesNoAuto::Auto, YesNoAuto::Auto);
+        // A proxy: its first request had Proxy-State and no MA; not limited.
+        assert_eq!(proxy.blastradius(false, true), (false, false));
+        assert_eq!(proxy.blastradius(false, true), (false, false));
+        proxy.limit_proxy_state = YesNoAuto::Yes;
+        assert_eq!(proxy.blastradius(false, true), (false, true));
     }
 }

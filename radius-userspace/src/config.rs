@@ -14,7 +14,7 @@ use crate::{
     daemon::{DaemonConfig, EbpfMode},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
     pool::{Health, HealthPolicy, Policy, Pool},
-    proxy::{RequireMessageAuthenticator, Upstream, UpstreamOptions},
+    proxy::{Upstream, UpstreamOptions, YesNoAuto},
 };
 
 /// The configuration `cargo xtask run` uses when no file is given.
@@ -228,13 +228,52 @@ struct ClientSection {
     name: Option<String>,
     /// Upstream name (default: the first upstream).
     upstream: Option<Spanned<String>>,
-    /// Drop Access-Requests without a Message-Authenticator (BlastRADIUS).
-    #[serde(default)]
-    require_message_authenticator: bool,
+    /// BlastRADIUS: drop Access-Requests without a Message-Authenticator: true/"yes",
+    /// false/"no", or "auto" (once the client has sent one; the default).
+    require_message_authenticator: Option<Spanned<Switch>>,
+    /// BlastRADIUS: drop Access-Requests with Proxy-State and no Message-Authenticator:
+    /// "yes", "no", or "auto" (unless the client's first request had such Proxy-State: it
+    /// is a proxy; the default).
+    limit_proxy_state: Option<Spanned<Switch>>,
     /// NAT: several NASes share `prefix`, each entry with its own secret and one of these;
     /// a flow learns its NAS from its first request whose Message-Authenticator proves it.
     nas_identifier: Option<String>,
     nas_ip_address: Option<std::net::Ipv4Addr>,
+}
+
+/// A yes/no/auto switch, written as a boolean or a word.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Switch {
+    Bool(bool),
+    Word(String),
+}
+
+/// The switch at `key`, or `default` when absent.
+fn switch(
+    v: Option<Spanned<Switch>>,
+    default: YesNoAuto,
+    key: &str,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<YesNoAuto, ConfigError> {
+    let Some(v) = v else {
+        return Ok(default);
+    };
+    let span = v.span();
+    match v.into_inner() {
+        Switch::Bool(true) => Ok(YesNoAuto::Yes),
+        Switch::Bool(false) => Ok(YesNoAuto::No),
+        Switch::Word(w) => match w.as_str() {
+            "yes" => Ok(YesNoAuto::Yes),
+            "no" => Ok(YesNoAuto::No),
+            "auto" => Ok(YesNoAuto::Auto),
+            other => Err(err(
+                span,
+                key,
+                format!("`{other}`: expected true, false, \"yes\", \"no\" or \"auto\""),
+            )),
+        },
+    }
 }
 
 /// A loaded, checked configuration.
@@ -354,9 +393,9 @@ impl Config {
             }
             let require_message_authenticator =
                 match u.require_message_authenticator.get_ref().as_str() {
-                    "yes" => RequireMessageAuthenticator::Yes,
-                    "no" => RequireMessageAuthenticator::No,
-                    "auto" => RequireMessageAuthenticator::Auto,
+                    "yes" => YesNoAuto::Yes,
+                    "no" => YesNoAuto::No,
+                    "auto" => YesNoAuto::Auto,
                     other => {
                         return Err(err(
                             u.require_message_authenticator.span(),
@@ -485,9 +524,25 @@ impl Config {
                 secret: Secret::new(c.secret.as_bytes()),
                 pool,
                 // NAT entries are told apart by a proven Message-Authenticator.
-                require_message_authenticator: c.require_message_authenticator
-                    || c.nas_identifier.is_some()
-                    || c.nas_ip_address.is_some(),
+                require_message_authenticator: if c.nas_identifier.is_some()
+                    || c.nas_ip_address.is_some()
+                {
+                    YesNoAuto::Yes
+                } else {
+                    switch(
+                        c.require_message_authenticator,
+                        YesNoAuto::Auto,
+                        "client.require_message_authenticator",
+                        &err,
+                    )?
+                },
+                limit_proxy_state: switch(
+                    c.limit_proxy_state,
+                    YesNoAuto::Auto,
+                    "client.limit_proxy_state",
+                    &err,
+                )?,
+                learned: Default::default(),
                 nas_key: match (c.nas_identifier, c.nas_ip_address) {
                     (Some(id), None) => Some(NasKey::Identifier(id)),
                     (None, Some(ip)) => Some(NasKey::IpAddress(ip)),

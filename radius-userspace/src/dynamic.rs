@@ -416,7 +416,14 @@ impl DynamicClients {
             prefix: IpNet::from(ip),
             secret: Secret::new(d.secret.as_bytes()),
             pool,
-            require_message_authenticator: d.require_message_authenticator,
+            // The directory's `true` forces it; otherwise FreeRADIUS 3.2.5's default, auto.
+            require_message_authenticator: if d.require_message_authenticator {
+                crate::proxy::YesNoAuto::Yes
+            } else {
+                crate::proxy::YesNoAuto::Auto
+            },
+            limit_proxy_state: crate::proxy::YesNoAuto::Auto,
+            learned: Default::default(),
             nas_key: None,
         }))
     }

@@ -36,10 +36,12 @@ pub struct Upstream {
     pub health: crate::pool::Health,
 }
 
-/// Whether Access replies from an upstream must carry a Message-Authenticator (BlastRADIUS,
-/// CVE-2024-3596), as FreeRADIUS 3.2.5 names it.
+/// A BlastRADIUS (CVE-2024-3596) switch as FreeRADIUS 3.2.5 has them: for upstreams, whether
+/// Access replies must carry a Message-Authenticator; for clients, whether Access-Requests
+/// must (`require_message_authenticator`) and whether Proxy-State without one is refused
+/// (`limit_proxy_state`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RequireMessageAuthenticator {
+pub enum YesNoAuto {
     Yes,
     No,
     /// Required once this upstream has sent one (FreeRADIUS 3.2.5's default). Debian 12's
@@ -57,7 +59,7 @@ pub struct UpstreamOptions {
     /// Resends per request on our own timer (NAS retransmissions also cause one each, at
     /// most one a second).
     pub max_retries: u32,
-    pub require_message_authenticator: RequireMessageAuthenticator,
+    pub require_message_authenticator: YesNoAuto,
     /// This upstream has sent an Access reply with a Message-Authenticator (for `Auto`).
     pub seen_message_authenticator: std::sync::atomic::AtomicBool,
     /// How often a zombie or dead server is probed with Status-Server.
@@ -70,7 +72,7 @@ impl Default for UpstreamOptions {
         Self {
             retry: Duration::from_secs(2),
             max_retries: 2,
-            require_message_authenticator: RequireMessageAuthenticator::Auto,
+            require_message_authenticator: YesNoAuto::Auto,
             seen_message_authenticator: false.into(),
             check_interval: Duration::from_secs(1),
             health: crate::pool::HealthPolicy::default(),
@@ -87,6 +89,8 @@ pub enum ProxyError {
     Verify(#[from] VerifyError),
     #[error("the client requires a Message-Authenticator and the request has none")]
     MissingMessageAuthenticator,
+    #[error("Proxy-State without a Message-Authenticator from a client that is no proxy")]
+    ProxyStateWithoutMessageAuthenticator,
     #[error("{code:?} is not forwarded")]
     NotForwarded { code: Code },
     #[error("edit: {0}")]
@@ -104,6 +108,9 @@ impl ProxyError {
             ProxyError::Parse(_) => "malformed",
             ProxyError::Verify(_) => "bad_signature",
             ProxyError::MissingMessageAuthenticator => "no_message_authenticator",
+            ProxyError::ProxyStateWithoutMessageAuthenticator => {
+                "proxy_state_without_message_authenticator"
+            }
             ProxyError::NotForwarded { .. } => "not_forwarded",
             ProxyError::Edit(_) => "too_big",
             ProxyError::NoProxyState => "no_proxy_state",
@@ -130,7 +137,7 @@ pub fn prepare_request(
     buf: &mut [u8],
     len: usize,
 ) -> Result<Prepared, ProxyError> {
-    let (code, nas_id, nas_auth, has_ma, chap_without_challenge) = {
+    let (code, nas_id, nas_auth, has_ma, has_ps, chap_without_challenge) = {
         let p = Packet::parse(&buf[..len])?;
         let code = p.code();
         if !matches!(code, Code::AccessRequest | Code::AccountingRequest) {
@@ -142,11 +149,18 @@ pub fn prepare_request(
             p.identifier(),
             *p.authenticator(),
             p.message_authenticator_offset().is_some(),
+            p.get(attr::PROXY_STATE).is_some(),
             p.get(attr::CHAP_PASSWORD).is_some() && p.get(attr::CHAP_CHALLENGE).is_none(),
         )
     };
-    if code == Code::AccessRequest && client.require_message_authenticator && !has_ma {
-        return Err(ProxyError::MissingMessageAuthenticator);
+    if code == Code::AccessRequest {
+        let (require_ma, limit_ps) = client.blastradius(has_ma, has_ps);
+        if require_ma && !has_ma {
+            return Err(ProxyError::MissingMessageAuthenticator);
+        }
+        if limit_ps && has_ps && !has_ma {
+            return Err(ProxyError::ProxyStateWithoutMessageAuthenticator);
+        }
     }
     let mut m = PacketMut::from_datagram(buf, len)?;
     m.add_proxy_state(proxy_state)?;
@@ -227,9 +241,9 @@ pub fn process_reply<T>(
             if p.message_authenticator_offset().is_some() {
                 o.seen_message_authenticator.store(true, Relaxed);
             } else if match o.require_message_authenticator {
-                RequireMessageAuthenticator::Yes => true,
-                RequireMessageAuthenticator::No => false,
-                RequireMessageAuthenticator::Auto => o.seen_message_authenticator.load(Relaxed),
+                YesNoAuto::Yes => true,
+                YesNoAuto::No => false,
+                YesNoAuto::Auto => o.seen_message_authenticator.load(Relaxed),
             } {
                 return Err(ProxyError::UpstreamWithoutMessageAuthenticator);
             }
@@ -357,7 +371,9 @@ mod tests {
                 options: UpstreamOptions::default(),
                 health: Default::default(),
             }))),
-            require_message_authenticator: false,
+            require_message_authenticator: YesNoAuto::No,
+            limit_proxy_state: YesNoAuto::Auto,
+            learned: Default::default(),
             nas_key: None,
         }
     }
@@ -430,7 +446,7 @@ mod tests {
         let mut buf = [0u8; 4096];
         // A NAS that signs with another secret: its Message-Authenticator fails... it has
         // none here, so require one.
-        c.require_message_authenticator = true;
+        c.require_message_authenticator = YesNoAuto::Yes;
         buf[..req.len()].copy_from_slice(&req);
         assert!(matches!(
             prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()),

@@ -577,3 +577,36 @@ fn fast_path_coa_and_disconnect_reach_the_nas_through_its_flow() {
 fn user_space_path_coa_and_disconnect_reach_the_nas_through_its_flow() {
     coa_and_disconnect_reach_the_nas_through_its_flow(false);
 }
+
+#[test]
+fn blastradius_auto_defaults_protect_a_nas_that_sends_message_authenticators() {
+    if !require_root("proxy-grade blastradius client") {
+        return;
+    }
+    let ns = NetNs::new("pgblastc");
+    let _fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _d = sidecar(&ns, "pg-blastc", true, &freeradius_upstream());
+    let got = ns.run(|| {
+        let s = nas("127.0.2.1");
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let with_ma = pap_request(1, "alice", "alice-pw", NAS_SECRET, &[]).0;
+        // Then one without a Message-Authenticator (and nothing to prove it), and one with
+        // a Proxy-State: what a BlastRADIUS forgery needs.
+        let mut buf = [0u8; 4096];
+        let mut p = PacketMut::new(&mut buf, Code::AccessRequest, 2).unwrap();
+        let a = auth::random_authenticator();
+        p.set_authenticator(&a);
+        p.push(attr::USER_NAME, b"alice").unwrap();
+        p.push(attr::PROXY_STATE, b"forged").unwrap();
+        let without_ma = p.as_bytes().to_vec();
+        vec![ask(&s, &with_ma).is_some(), ask(&s, &without_ma).is_some()]
+    });
+    assert_eq!(got, vec![true, false]);
+    let m = |s: &str| metric(&ns, METRICS, s);
+    assert_eq!(
+        m("radius_proxy_drops_total{reason=\"no_message_authenticator\"}"),
+        1,
+        "required once the NAS has sent one (auto)"
+    );
+}
