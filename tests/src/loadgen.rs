@@ -52,6 +52,8 @@ pub struct LoadResult {
     pub latencies_us: Vec<u32>,
     /// The generator's own CPU time (user + system) over the run.
     pub own_cpu: Duration,
+    /// Replies answered in each second of the run.
+    pub per_second: Vec<u64>,
 }
 
 impl LoadResult {
@@ -211,6 +213,11 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
                         continue;
                     }
                     res.answered += 1;
+                    let sec = now.duration_since(start).as_secs() as usize;
+                    if res.per_second.len() <= sec {
+                        res.per_second.resize(sec + 1, 0);
+                    }
+                    res.per_second[sec] += 1;
                     lat.push(
                         now.duration_since(sent_at)
                             .as_micros()

@@ -97,6 +97,10 @@ struct Opts {
     only: Option<String>,
     /// The sidecar's workers (0: one per core).
     workers: usize,
+    /// Rows at 256, 1 000 and 4 000 outstanding, sidecar beside radsecproxy.
+    sweep: bool,
+    /// The failover run.
+    failover: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +113,8 @@ fn main() -> anyhow::Result<()> {
         write: None,
         only: None,
         workers: 0,
+        sweep: true,
+        failover: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -124,6 +130,8 @@ fn main() -> anyhow::Result<()> {
             "--write" => o.write = args.next(),
             "--only" => o.only = args.next(),
             "--workers" => o.workers = num()? as usize,
+            "--no-sweep" => o.sweep = false,
+            "--no-failover" => o.failover = false,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -177,6 +185,17 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|(p, u)| (p, u, o.ceiling_outstanding)),
     )
+    .chain(
+        [256usize, 1_000, 4_000]
+            .into_iter()
+            .filter(|_| o.sweep)
+            .flat_map(|n| {
+                [
+                    (Proxy::SidecarFast, Upstream::FreeRadius, n),
+                    (Proxy::Radsecproxy, Upstream::FreeRadius, n),
+                ]
+            }),
+    )
     .filter(|(p, _, _)| {
         *p == Proxy::None
             || o.only
@@ -208,6 +227,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     drop(responders);
+    let mut failovers = Vec::new();
+    if o.failover {
+        for proxy in [Proxy::SidecarFast, Proxy::Radsecproxy] {
+            let f = failover_run(&ns, &o, proxy)
+                .with_context(|| format!("failover through {}", proxy.name()))?;
+            eprintln!(
+                "failover {:<32}: per second {:?}, lost {}",
+                proxy.name(),
+                f.per_second,
+                f.lost
+            );
+            failovers.push((proxy, f));
+        }
+    }
     let rows: Vec<Row> = runs
         .into_iter()
         .map(|mut r| {
@@ -215,7 +248,10 @@ fn main() -> anyhow::Result<()> {
             r.swap_remove(r.len() / 2)
         })
         .collect();
-    let table = render(&rows, &o);
+    let mut table = render(&rows, &o);
+    if !failovers.is_empty() {
+        table.push_str(&render_failover(&failovers, o.outstanding));
+    }
     println!("{table}");
     if let Some(path) = &o.write {
         tests::splice_markdown(
@@ -529,6 +565,148 @@ fn render(rows: &[Row], o: &Opts) -> String {
                 u.name()
             );
         }
+    }
+    t
+}
+
+const FO_A: u16 = 13812;
+const FO_B: u16 = 14812;
+const FO_SECONDS: u64 = 8;
+const FO_STOP_AT: Duration = Duration::from_secs(3);
+
+/// Two FreeRADIUS behind the proxy; the first is stopped `FO_STOP_AT` into the run.
+fn failover_run(ns: &NetNs, o: &Opts, proxy: Proxy) -> anyhow::Result<LoadResult> {
+    let setup = |port| FreeRadiusSetup {
+        clients: &[("127.0.0.1", UP_SECRET)],
+        users: "bench Cleartext-Password := \"bench-pw\"\n",
+        auth_port: port,
+        proxy_conf: None,
+    };
+    let fr_a = FreeRadius::start_with(ns, &setup(FO_A));
+    let _fr_b = FreeRadius::start_with(ns, &setup(FO_B));
+    let (running, port) = match proxy {
+        Proxy::SidecarFast => {
+            let toml = format!(
+                r#"
+[server]
+listen = ["127.0.0.1:{SIDECAR_PORT}"]
+iface = "lo"
+ebpf = "require"
+metrics = "none"
+workers = {workers}
+
+[[upstream]]
+name = "a"
+auth = "127.0.0.1:{FO_A}"
+secret = "{UP_SECRET}"
+retry_ms = 500
+check_interval_ms = 500
+
+[[upstream]]
+name = "b"
+auth = "127.0.0.1:{FO_B}"
+secret = "{UP_SECRET}"
+retry_ms = 500
+check_interval_ms = 500
+
+[[pool]]
+name = "ab"
+upstreams = ["a", "b"]
+
+[[client]]
+prefix = "127.0.2.0/24"
+secret = "{NAS_SECRET}"
+upstream = "ab"
+"#,
+                workers = o.workers
+            );
+            (
+                Running::Sidecar(tests::sidecar_with_config(ns, "pbench-fo", &toml)),
+                SIDECAR_PORT,
+            )
+        }
+        _ => {
+            let dir = temp_dir("radsecproxy-fo");
+            let conf = dir.join("radsecproxy.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "ListenUDP 127.0.0.1:{RADSEC_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
+                     client nases {{\n host 127.0.2.0/24\n type udp\n secret {NAS_SECRET}\n}}\n\
+                     server a {{\n host 127.0.0.1\n port {FO_A}\n type udp\n secret {UP_SECRET}\n statusserver on\n}}\n\
+                     server b {{\n host 127.0.0.1\n port {FO_B}\n type udp\n secret {UP_SECRET}\n statusserver on\n}}\n\
+                     realm * {{\n server a\n server b\n}}\n",
+                    dir.display()
+                ),
+            )?;
+            let child = ns
+                .command("radsecproxy")
+                .args(["-f", "-c"])
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting radsecproxy")?;
+            let r = Running::Process(child, dir);
+            wait_udp_listening(ns, RADSEC_PORT)?;
+            (r, RADSEC_PORT)
+        }
+    };
+    let spec = LoadSpec {
+        target: ([127, 0, 0, 1], port).into(),
+        sources: (0..o.sources)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1 + i as u8)))
+            .collect(),
+        sockets_per_source: 1,
+        outstanding: o.outstanding,
+        duration: Duration::from_secs(FO_SECONDS),
+        max_requests: 5_000_000,
+        secret: NAS_SECRET.as_bytes().to_vec(),
+        user: "bench".into(),
+        password: "bench-pw".into(),
+        // A NAS's usual patience (3 tries, 3 s apart, folded into one wait).
+        timeout: Duration::from_secs(9),
+        message_authenticator: true,
+    };
+    let res = std::thread::scope(|sc| {
+        let load = sc.spawn(|| ns.run(move || loadgen::run(&spec)));
+        std::thread::sleep(FO_STOP_AT);
+        drop(fr_a);
+        load.join()
+    });
+    drop(running);
+    let res = res.map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+    Ok(res)
+}
+
+fn render_failover(rows: &[(Proxy, LoadResult)], outstanding: usize) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nFailover: two FreeRADIUS behind the proxy (sidecar: a fail-over pool, retry_ms 500, \
+         check_interval_ms 500; radsecproxy: two servers in one realm, statusserver on), {} \
+         outstanding, {FO_SECONDS} s; the first FreeRADIUS is killed {} s in. A request counts \
+         as lost after 9 s (a NAS's patience); answers per second of the run:\n",
+        outstanding,
+        FO_STOP_AT.as_secs()
+    );
+    let n = FO_SECONDS as usize;
+    let _ = write!(t, "| proxy |");
+    for i in 0..n {
+        let _ = write!(t, " s{i} |");
+    }
+    let _ = writeln!(t, " lost |");
+    let _ = write!(t, "| --- |");
+    for _ in 0..n {
+        let _ = write!(t, " ---: |");
+    }
+    let _ = writeln!(t, " ---: |");
+    for (p, r) in rows {
+        let _ = write!(t, "| {} |", p.name());
+        for i in 0..n {
+            let _ = write!(t, " {} |", r.per_second.get(i).copied().unwrap_or(0));
+        }
+        let _ = writeln!(t, " {} |", r.lost);
     }
     t
 }
