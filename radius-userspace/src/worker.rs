@@ -688,6 +688,17 @@ impl Worker {
             (true, Some(a)) => a,
             (true, None) => {
                 shared.metrics.proxy_drop("no_acct_upstream");
+                let (remote, local) = (flow.remote, flow.local);
+                protocol_error(
+                    shared,
+                    client,
+                    &self.wbuf,
+                    &prepared,
+                    UNSUPPORTED_SERVICE,
+                    remote,
+                    local,
+                    &mut self.out,
+                );
                 return false;
             }
         };
@@ -707,6 +718,17 @@ impl Worker {
         };
         let Some((si, up_id)) = allocate(&self.poller, li, acct, port, pending) else {
             shared.metrics.proxy_drop("upstream_ids_exhausted");
+            let (remote, local) = (flow.remote, flow.local);
+            protocol_error(
+                shared,
+                client,
+                &self.wbuf,
+                &prepared,
+                RESOURCES_UNAVAILABLE,
+                remote,
+                local,
+                &mut self.out,
+            );
             return false;
         };
         let Some(up) = port.socks[si].as_mut() else {
@@ -1260,6 +1282,61 @@ fn on_coa_answer(shared: &Shared, flow: &mut Flow, client: &Client, buf: &mut [u
         .is_err()
     {
         shared.metrics.coa("listener_busy");
+    }
+}
+
+/// RFC 5176 Error-Cause values the sidecar answers with.
+const UNSUPPORTED_SERVICE: u32 = 405;
+const RESOURCES_UNAVAILABLE: u32 = 506;
+
+/// Tells the NAS that its request cannot be forwarded (RFC 7930 Protocol-Error, with the
+/// Error-Cause and Original-Packet-Code), instead of leaving it to time out. `buf` holds the
+/// request as prepared for the upstream: its Proxy-States are echoed, but for ours.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the flow's parts, borrowed apart"
+)]
+fn protocol_error(
+    shared: &Shared,
+    client: &Client,
+    buf: &[u8],
+    prepared: &proxy::Prepared,
+    cause: u32,
+    remote: SocketAddr,
+    local: SocketAddr,
+    out: &mut Outbox,
+) {
+    let Ok(req) = Packet::parse(&buf[..prepared.len]) else {
+        return;
+    };
+    let mut b = [0u8; 1024];
+    let Ok(mut m) = PacketMut::new(&mut b, Code::ProtocolError, prepared.nas_id) else {
+        return;
+    };
+    let code = u32::from(prepared.code as u8).to_be_bytes();
+    let built = m.message_authenticator_first().is_ok()
+        && m.push(crate::codec::attr::ERROR_CAUSE, &cause.to_be_bytes())
+            .is_ok()
+        && m.push(
+            crate::codec::attr::EXTENDED_1,
+            &[
+                crate::codec::attr::EXT_ORIGINAL_PACKET_CODE,
+                code[0],
+                code[1],
+                code[2],
+                code[3],
+            ],
+        )
+        .is_ok()
+        && req
+            .get_all(crate::codec::attr::PROXY_STATE)
+            .filter(|ps| ps.value != shared.proxy_state)
+            .all(|ps| m.push(crate::codec::attr::PROXY_STATE, ps.value).is_ok())
+        && m.sign(&client.secret, Some(&prepared.nas_auth)).is_ok();
+    if built {
+        let (off, len) = out.keep(m.as_bytes());
+        out.nas.push((remote, local, off, len));
+        shared.metrics.local_answer("protocol_error");
     }
 }
 

@@ -610,3 +610,199 @@ fn blastradius_auto_defaults_protect_a_nas_that_sends_message_authenticators() {
         "required once the NAS has sent one (auto)"
     );
 }
+
+fn run(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A NAS behind a real NAT: its own namespace, a router namespace that masquerades it
+/// (nftables), the sidecar in a third. The CoA reaches it only because it is sent through
+/// its flow (to the port the NAT gave it).
+fn coa_reaches_a_nas_behind_a_real_nat(fast: bool) {
+    if !require_root("proxy-grade coa behind nat") {
+        return;
+    }
+    let (sc, rt, nasns) = (
+        NetNs::new("pgn-sc"),
+        NetNs::new("pgn-rt"),
+        NetNs::new("pgn-nas"),
+    );
+    run(&[
+        "ip", "link", "add", "scr", "netns", &sc.name, "type", "veth", "peer", "name", "rts",
+        "netns", &rt.name,
+    ]);
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "rtn",
+        "netns",
+        &rt.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nasr",
+        "netns",
+        &nasns.name,
+    ]);
+    sc.ip(&["addr", "add", "192.0.2.1/24", "dev", "scr"]);
+    sc.ip(&["link", "set", "scr", "up"]);
+    rt.ip(&["addr", "add", "192.0.2.254/24", "dev", "rts"]);
+    rt.ip(&["addr", "add", "10.9.0.1/24", "dev", "rtn"]);
+    rt.ip(&["link", "set", "rts", "up"]);
+    rt.ip(&["link", "set", "rtn", "up"]);
+    nasns.ip(&["addr", "add", "10.9.0.2/24", "dev", "nasr"]);
+    nasns.ip(&["link", "set", "nasr", "up"]);
+    nasns.ip(&["route", "add", "default", "via", "10.9.0.1"]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &rt.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &rt.name,
+        "nft",
+        "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname rts masquerade",
+    ]);
+    let _fr = FreeRadius::start_on(&sc, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
+    let _d = sidecar_with_config(
+        &sc,
+        "pg-natcoa",
+        &format!(
+            r#"[server]
+listen = ["192.0.2.1:1812"]
+workers = 2
+iface = "scr"
+ebpf = "{}"
+metrics = "{METRICS}"
+coa_listen = "127.0.0.1:3799"
+
+{}
+
+[[client]]
+prefix = "192.0.2.254/32"
+name = "behind-nat"
+secret = "{NAS_SECRET}"
+"#,
+            if fast { "require" } else { "off" },
+            freeradius_upstream()
+        ),
+    );
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (got, out) = std::thread::scope(|scope| {
+        let nas_side = scope.spawn(|| {
+            nasns.run(move || {
+                let s = nas("10.9.0.2");
+                let req = pap_request(
+                    1,
+                    "alice",
+                    "alice-pw",
+                    NAS_SECRET,
+                    &[(attr::NAS_IDENTIFIER, b"nas-behind-nat")],
+                )
+                .0;
+                let mut served = false;
+                for _ in 0..3 {
+                    s.send_to(&req, "192.0.2.1:1812").unwrap();
+                    let mut b = [0u8; 4096];
+                    if s.recv(&mut b).is_ok() {
+                        served = true;
+                        break;
+                    }
+                }
+                assert!(served, "the NAS behind NAT is served");
+                ready_tx.send(()).unwrap();
+                let mut b = [0u8; 4096];
+                let n = s.recv(&mut b).expect("a CoA-Request through the NAT");
+                let p = Packet::parse(&b[..n]).unwrap();
+                auth::verify(&p, NAS_SECRET.as_bytes(), None).expect("signed for the NAS");
+                let mut o = [0u8; 64];
+                let mut m = PacketMut::new(&mut o, Code::CoaAck, p.identifier()).unwrap();
+                m.sign(NAS_SECRET.as_bytes(), Some(p.authenticator()))
+                    .unwrap();
+                s.send_to(m.as_bytes(), "192.0.2.1:1812").unwrap();
+                p.code()
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("NAS ready");
+        let c = spawn_radclient(
+            &sc,
+            &["-r", "1", "-t", "3", "127.0.0.1:3799", "coa", UP_SECRET],
+            "NAS-Identifier = \"nas-behind-nat\"\nUser-Name = \"alice\"\n",
+        );
+        let o = c.wait_with_output().expect("radclient");
+        (
+            nas_side.join().unwrap(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    });
+    assert_eq!(got, Code::CoaRequest);
+    assert!(out.contains("CoA-ACK"), "radclient: {out}");
+}
+
+#[test]
+fn fast_path_coa_reaches_a_nas_behind_a_real_nat() {
+    coa_reaches_a_nas_behind_a_real_nat(true);
+}
+
+#[test]
+fn user_space_path_coa_reaches_a_nas_behind_a_real_nat() {
+    coa_reaches_a_nas_behind_a_real_nat(false);
+}
+
+#[test]
+fn a_request_that_cannot_be_forwarded_gets_a_protocol_error() {
+    if !require_root("proxy-grade protocol-error") {
+        return;
+    }
+    let ns = NetNs::new("pgperr");
+    let _r = ns
+        .run(|| {
+            Responder::start(
+                "127.0.0.1:41812".parse().unwrap(),
+                UP_SECRET.as_bytes(),
+                Behaviour::Correct,
+            )
+        })
+        .unwrap();
+    // An upstream with no accounting port: accounting cannot be forwarded.
+    let _d = sidecar(&ns, "pg-perr", true, &responder_upstream(""));
+    let reply = ns.run(|| {
+        let s = nas("127.0.2.1");
+        ask(&s, &accounting_start(3, "perr-session"))
+    });
+    let reply = reply.expect("an answer instead of a timeout");
+    let p = Packet::parse(&reply).unwrap();
+    assert_eq!(p.code(), Code::ProtocolError);
+    assert_eq!(
+        p.get(attr::ERROR_CAUSE).map(|a| a.value),
+        Some(&405u32.to_be_bytes()[..]),
+        "Unsupported Service"
+    );
+    assert_eq!(
+        metric(
+            &ns,
+            METRICS,
+            "radius_proxy_drops_total{reason=\"no_acct_upstream\"}"
+        ),
+        1
+    );
+}

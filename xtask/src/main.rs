@@ -31,6 +31,8 @@ const TEST_PACKAGES: &[&str] = &[
     "postgresql",
     "ssl-cert",
     "ca-certificates",
+    // A real NAT in front of a NAS (the CoA test).
+    "nftables",
 ];
 /// What `bench proxy` adds: the peer proxy it compares with, and `ss` (iproute2).
 const BENCH_PACKAGES: &[&str] = &["radsecproxy"];
