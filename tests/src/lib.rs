@@ -36,7 +36,8 @@ pub fn require_root(test: &str) -> bool {
     );
 }
 
-fn sh(args: &[&str]) {
+/// Runs a command to completion; panics with its stderr when it fails.
+pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()

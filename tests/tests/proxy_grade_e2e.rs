@@ -611,18 +611,6 @@ fn blastradius_auto_defaults_protect_a_nas_that_sends_message_authenticators() {
     );
 }
 
-fn run(args: &[&str]) {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A NAS behind a real NAT: its own namespace, a router namespace that masquerades it
 /// (nftables), the sidecar in a third. The CoA reaches it only because it is sent through
 /// its flow (to the port the NAT gave it).
@@ -635,11 +623,11 @@ fn coa_reaches_a_nas_behind_a_real_nat(fast: bool) {
         NetNs::new("pgn-rt"),
         NetNs::new("pgn-nas"),
     );
-    run(&[
+    sh(&[
         "ip", "link", "add", "scr", "netns", &sc.name, "type", "veth", "peer", "name", "rts",
         "netns", &rt.name,
     ]);
-    run(&[
+    sh(&[
         "ip",
         "link",
         "add",
@@ -663,7 +651,7 @@ fn coa_reaches_a_nas_behind_a_real_nat(fast: bool) {
     nasns.ip(&["addr", "add", "10.9.0.2/24", "dev", "nasr"]);
     nasns.ip(&["link", "set", "nasr", "up"]);
     nasns.ip(&["route", "add", "default", "via", "10.9.0.1"]);
-    run(&[
+    sh(&[
         "ip",
         "netns",
         "exec",
@@ -672,7 +660,7 @@ fn coa_reaches_a_nas_behind_a_real_nat(fast: bool) {
         "-qw",
         "net.ipv4.ip_forward=1",
     ]);
-    run(&[
+    sh(&[
         "ip",
         "netns",
         "exec",

@@ -339,31 +339,17 @@ upstream = "up"
             let d = tests::sidecar_with_config(ns, "pbench", &toml);
             (Running::Sidecar(d), SIDECAR_PORT)
         }
-        Proxy::Radsecproxy => {
-            let dir = temp_dir("radsecproxy");
-            let conf = dir.join("radsecproxy.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "ListenUDP 127.0.0.1:{RADSEC_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
-                     client nases {{\n host 127.0.2.0/24\n type udp\n secret {NAS_SECRET}\n}}\n\
-                     server up {{\n host 127.0.0.1\n port {up}\n type udp\n secret {UP_SECRET}\n}}\n\
-                     realm * {{\n server up\n}}\n",
-                    dir.display()
+        Proxy::Radsecproxy => (
+            start_radsecproxy(
+                ns,
+                "radsecproxy",
+                &format!(
+                    "server up {{\n host 127.0.0.1\n port {up}\n type udp\n secret {UP_SECRET}\n}}\n\
+                     realm * {{\n server up\n}}\n"
                 ),
-            )?;
-            let child = ns
-                .command("radsecproxy")
-                .args(["-f", "-c"])
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting radsecproxy")?;
-            let r = Running::Process(child, dir);
-            wait_udp_listening(ns, RADSEC_PORT)?;
-            (r, RADSEC_PORT)
-        }
+            )?,
+            RADSEC_PORT,
+        ),
         Proxy::FreeRadiusHop => {
             let proxy_conf = format!(
                 "proxy server {{\n default_fallback = no\n}}\n\
@@ -384,6 +370,32 @@ upstream = "up"
             (Running::FreeRadius(fr), FR_PROXY_PORT)
         }
     })
+}
+
+/// radsecproxy on `RADSEC_PORT` for the bench's NASes, with `servers` (its server and realm
+/// blocks); returns once it listens.
+fn start_radsecproxy(ns: &NetNs, tag: &str, servers: &str) -> anyhow::Result<Running> {
+    let dir = temp_dir(tag);
+    let conf = dir.join("radsecproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ListenUDP 127.0.0.1:{RADSEC_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
+             client nases {{\n host 127.0.2.0/24\n type udp\n secret {NAS_SECRET}\n}}\n{servers}",
+            dir.display()
+        ),
+    )?;
+    let child = ns
+        .command("radsecproxy")
+        .args(["-f", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting radsecproxy")?;
+    let r = Running::Process(child, dir);
+    wait_udp_listening(ns, RADSEC_PORT)?;
+    Ok(r)
 }
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
@@ -625,32 +637,18 @@ upstream = "ab"
                 SIDECAR_PORT,
             )
         }
-        _ => {
-            let dir = temp_dir("radsecproxy-fo");
-            let conf = dir.join("radsecproxy.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "ListenUDP 127.0.0.1:{RADSEC_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
-                     client nases {{\n host 127.0.2.0/24\n type udp\n secret {NAS_SECRET}\n}}\n\
-                     server a {{\n host 127.0.0.1\n port {FO_A}\n type udp\n secret {UP_SECRET}\n statusserver on\n}}\n\
+        _ => (
+            start_radsecproxy(
+                ns,
+                "radsecproxy-fo",
+                &format!(
+                    "server a {{\n host 127.0.0.1\n port {FO_A}\n type udp\n secret {UP_SECRET}\n statusserver on\n}}\n\
                      server b {{\n host 127.0.0.1\n port {FO_B}\n type udp\n secret {UP_SECRET}\n statusserver on\n}}\n\
-                     realm * {{\n server a\n server b\n}}\n",
-                    dir.display()
+                     realm * {{\n server a\n server b\n}}\n"
                 ),
-            )?;
-            let child = ns
-                .command("radsecproxy")
-                .args(["-f", "-c"])
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting radsecproxy")?;
-            let r = Running::Process(child, dir);
-            wait_udp_listening(ns, RADSEC_PORT)?;
-            (r, RADSEC_PORT)
-        }
+            )?,
+            RADSEC_PORT,
+        ),
     };
     let spec = LoadSpec {
         target: ([127, 0, 0, 1], port).into(),
