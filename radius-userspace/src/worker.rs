@@ -253,6 +253,8 @@ pub(crate) fn inbox() -> std::io::Result<(Inbox, InboxRx)> {
 
 /// How often a worker looks at timeouts, idle flows and cancellation.
 const TICK: Duration = Duration::from_millis(100);
+/// The longest a worker waits at shutdown for answers to requests in flight.
+const DRAIN: Duration = Duration::from_secs(3);
 
 /// Runs one worker on the calling (dedicated) thread until the daemon is cancelled.
 /// `runtime` runs what must be async: dynamic definitions.
@@ -313,8 +315,27 @@ pub(crate) fn run(
     };
     let mut ready = Vec::with_capacity(256);
     let mut next_tick = Instant::now() + TICK;
-    while !shared.cancel.is_cancelled() {
+    // At SIGTERM/SIGINT: keep serving until what is in flight upstream is answered (or
+    // given up), for at most DRAIN, so a restart does not cost NASes their answers.
+    let mut drain_until: Option<Instant> = None;
+    loop {
         let now = Instant::now();
+        if shared.cancel.is_cancelled() {
+            let until = *drain_until.get_or_insert_with(|| {
+                let n = w.in_flight();
+                if n > 0 {
+                    info!(
+                        worker = w.index,
+                        in_flight = n,
+                        "draining requests in flight"
+                    );
+                }
+                now + DRAIN
+            });
+            if w.in_flight() == 0 || now >= until {
+                break;
+            }
+        }
         if now >= next_tick {
             w.on_tick(now);
             w.flush();
@@ -930,6 +951,16 @@ impl Worker {
         out.up.clear();
         out.nas.clear();
         self.out = out;
+    }
+
+    /// Requests of this worker in flight upstream.
+    fn in_flight(&self) -> usize {
+        self.links
+            .iter()
+            .flat_map(|l| std::iter::once(&l.auth).chain(l.acct.as_ref()))
+            .flat_map(|p| p.socks.iter().flatten())
+            .map(|u| u.ids.in_flight())
+            .sum()
     }
 
     fn up_sock(&mut self, index: usize) -> Option<&mut UpSock> {

@@ -794,3 +794,47 @@ fn a_request_that_cannot_be_forwarded_gets_a_protocol_error() {
         1
     );
 }
+
+#[test]
+fn sigterm_lets_the_requests_in_flight_be_answered() {
+    if !require_root("proxy-grade drain") {
+        return;
+    }
+    let ns = NetNs::new("pgdrain");
+    let _r = ns
+        .run(|| {
+            Responder::start(
+                "127.0.0.1:41812".parse().unwrap(),
+                UP_SECRET.as_bytes(),
+                Behaviour::IgnoreFirstCopy,
+            )
+        })
+        .unwrap();
+    // The upstream answers only the retransmission, 500 ms later: the request is still in
+    // flight when SIGTERM comes.
+    let mut d = sidecar(&ns, "pg-drain", true, &responder_upstream("retry_ms = 500"));
+    let pid = d.child.id() as i32;
+    let answered = std::thread::scope(|sc| {
+        let nas_side = sc.spawn(|| {
+            ns.run(|| {
+                let s = nas("127.0.2.1");
+                ask(&s, &pap_request(4, "alice", "alice-pw", NAS_SECRET, &[]).0).is_some()
+            })
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        nas_side.join().unwrap()
+    });
+    assert!(answered, "the request in flight at SIGTERM was answered");
+    let status = d.stop(libc::SIGTERM, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a clean exit: {status:?}"
+    );
+    assert!(
+        d.log().contains("draining requests in flight"),
+        "{}",
+        d.log()
+    );
+}
