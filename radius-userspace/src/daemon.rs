@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub defined: Vec<worker::Inbox>,
     /// Which flow carries which NAS (for CoA).
     pub nas_directory: crate::coa::NasDirectory,
+    /// Which server an EAP conversation is on (load-balancing pools).
+    pub eap_states: crate::pool::EapStates,
     /// Packets kept, in all workers, while their sources are being defined.
     pub pending_packets: AtomicUsize,
     /// The configured upstreams; each worker opens its own sockets to each.
@@ -178,6 +180,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         dynamic,
         defined: defined_txs,
         nas_directory: Default::default(),
+        eap_states: Default::default(),
         pending_packets: AtomicUsize::new(0),
         upstreams: upstreams.clone(),
         upstream_index,

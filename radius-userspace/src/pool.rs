@@ -71,6 +71,53 @@ impl Pool {
     }
 }
 
+/// EAP conversations in load-balancing pools: the State an Access-Challenge carried, and
+/// the server that sent it, so that the next request of the conversation goes back to it
+/// even when it comes from another flow (a NAS that changes source port). Taken once per
+/// Access-Challenge and once per request that carries a State, never per other packet.
+#[derive(Debug, Default)]
+pub struct EapStates {
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, u64)>>,
+}
+
+/// How long a conversation's State is remembered.
+const STATE_LIFETIME_MS: u64 = 60_000;
+/// Past this many entries, expired ones are swept on insert.
+const STATE_SWEEP_AT: usize = 10_000;
+
+impl EapStates {
+    pub fn remember(&self, state: &[u8], upstream: &str, now_ms: u64) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= STATE_SWEEP_AT {
+            m.retain(|_, (_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS);
+        }
+        m.insert(state.to_vec(), (upstream.to_owned(), now_ms));
+    }
+
+    /// The server that sent this State, if it is recent.
+    pub fn server_of(&self, state: &[u8], now_ms: u64) -> Option<String> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(state)
+            .filter(|(_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS)
+            .map(|(u, _)| u.clone())
+    }
+}
+
+impl Pool {
+    /// Whether requests of one conversation may land on different servers (and so need
+    /// [`EapStates`]).
+    pub fn spreads(&self) -> bool {
+        self.policy == Policy::LoadBalance && self.members.len() > 1
+    }
+
+    /// The member named `name`, unless it is dead.
+    pub fn usable(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.members
+            .iter()
+            .find(|u| u.name == name && u.health.state() != State::Dead)
+    }
+}
+
 /// A server's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -222,6 +269,15 @@ mod tests {
         h.on_probe(true, 14_000, &p);
         assert_eq!(h.state(), State::Alive);
         assert_eq!(h.changes.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn an_eap_state_points_back_at_its_server_for_a_minute() {
+        let s = EapStates::default();
+        s.remember(b"st-1", "a", 1_000);
+        assert_eq!(s.server_of(b"st-1", 30_000).as_deref(), Some("a"));
+        assert_eq!(s.server_of(b"st-1", 62_000), None);
+        assert_eq!(s.server_of(b"other", 1_000), None);
     }
 
     #[test]

@@ -656,7 +656,20 @@ impl Worker {
             }
         }
         let hash = flow.hash;
-        let Some(upstream) = client.pool.pick(hash, None).cloned() else {
+        // The next step of an EAP conversation goes to the server that sent its State.
+        let sticky = client
+            .pool
+            .spreads()
+            .then(|| {
+                Packet::parse(&self.wbuf[..n])
+                    .ok()?
+                    .get(crate::codec::attr::STATE)
+                    .map(|a| a.value.to_vec())
+            })
+            .flatten()
+            .and_then(|st| shared.eap_states.server_of(&st, crate::pool::millis(now)))
+            .and_then(|name| client.pool.usable(&name).cloned());
+        let Some(upstream) = sticky.or_else(|| client.pool.pick(hash, None).cloned()) else {
             return;
         };
         self.forward(slot, &client, &upstream, n, now);
@@ -1031,6 +1044,17 @@ impl Worker {
             let Some(done) = up.ids.take(id) else {
                 continue;
             };
+            if done.client.pool.spreads()
+                && self.rbuf[0] == Code::AccessChallenge as u8
+                && let Ok(p) = Packet::parse(&self.rbuf[..len])
+                && let Some(st) = p.get(crate::codec::attr::STATE)
+            {
+                shared.eap_states.remember(
+                    st.value,
+                    &link.upstream.name,
+                    crate::pool::millis(Instant::now()),
+                );
+            }
             link.upstream
                 .health
                 .on_answer(crate::pool::millis(Instant::now()));

@@ -31,14 +31,19 @@ pub enum Behaviour {
     /// Correct, but only for a request seen before: the first copy of each is ignored, as
     /// if lost (to test retransmission).
     IgnoreFirstCopy,
+    /// A two-step conversation: a request without State gets an Access-Challenge with a
+    /// State naming this responder; a request with that State an Access-Accept, with any
+    /// other State an Access-Reject (as an EAP server that never saw the conversation).
+    Challenge,
 }
 
 impl Behaviour {
-    const ALL: [Behaviour; 4] = [
+    const ALL: [Behaviour; 5] = [
         Behaviour::Correct,
         Behaviour::NoMessageAuthenticator,
         Behaviour::ForgedMessageAuthenticator,
         Behaviour::IgnoreFirstCopy,
+        Behaviour::Challenge,
     ];
 }
 
@@ -118,6 +123,7 @@ struct Counters {
 }
 
 fn serve(sock: &UdpSocket, secret: &[u8], c: &Counters) {
+    let me = sock.local_addr().map_or(0, |a| a.port());
     let (stop, answered) = (&c.stop, &c.answered);
     let mut seen: HashSet<(Vec<u8>, [u8; 16])> = HashSet::new();
     let mut inb = vec![[0u8; 4096]; BATCH];
@@ -159,7 +165,8 @@ fn serve(sock: &UdpSocket, secret: &[u8], c: &Counters) {
         }
         let got = rc as usize;
         c.received.fetch_add(got as u64, Ordering::Relaxed);
-        let b = Behaviour::ALL[usize::from(c.behaviour.load(Ordering::Relaxed)) % 4];
+        let b =
+            Behaviour::ALL[usize::from(c.behaviour.load(Ordering::Relaxed)) % Behaviour::ALL.len()];
         let mut out_iov = Vec::with_capacity(got);
         let mut out_names = Vec::with_capacity(got);
         for i in 0..got {
@@ -182,7 +189,7 @@ fn serve(sock: &UdpSocket, secret: &[u8], c: &Counters) {
                     continue;
                 }
             }
-            if let Some(n) = answer(&inb[i][..len], secret, b, &mut outb[i]) {
+            if let Some(n) = answer(&inb[i][..len], secret, b, me, &mut outb[i]) {
                 out_iov.push(libc::iovec {
                     iov_base: outb[i].as_mut_ptr().cast(),
                     iov_len: n,
@@ -220,22 +227,46 @@ fn serve(sock: &UdpSocket, secret: &[u8], c: &Counters) {
     }
 }
 
-/// The reply to `req`, in `out`; `None` for what it does not answer.
-pub fn answer(req: &[u8], secret: &[u8], b: Behaviour, out: &mut [u8]) -> Option<usize> {
+/// The reply to `req` from the responder on port `me`, in `out`; `None` for what it does
+/// not answer.
+pub fn answer(req: &[u8], secret: &[u8], b: Behaviour, me: u16, out: &mut [u8]) -> Option<usize> {
     let p = Packet::parse(req).ok()?;
-    let code = match p.code() {
+    let own_state = format!("conversation-on-{me}");
+    let mut code = match p.code() {
         Code::AccessRequest | Code::StatusServer => Code::AccessAccept,
         Code::AccountingRequest => Code::AccountingResponse,
         _ => return None,
     };
+    let mut challenge = false;
+    if b == Behaviour::Challenge && p.code() == Code::AccessRequest {
+        match p.get(attr::STATE) {
+            None => {
+                code = Code::AccessChallenge;
+                challenge = true;
+            }
+            Some(st) if st.value == own_state.as_bytes() => {}
+            Some(_) => code = Code::AccessReject,
+        }
+    }
     let req_auth = *p.authenticator();
     let mut m = PacketMut::new(out, code, p.identifier()).ok()?;
-    let access = code == Code::AccessAccept;
-    if access && matches!(b, Behaviour::Correct | Behaviour::IgnoreFirstCopy) {
+    let access = matches!(
+        code,
+        Code::AccessAccept | Code::AccessChallenge | Code::AccessReject
+    );
+    if access
+        && matches!(
+            b,
+            Behaviour::Correct | Behaviour::IgnoreFirstCopy | Behaviour::Challenge
+        )
+    {
         m.message_authenticator_first().ok()?;
     }
-    if access && p.code() == Code::AccessRequest {
+    if code == Code::AccessAccept && p.code() == Code::AccessRequest {
         m.push(attr::REPLY_MESSAGE, b"ok").ok()?;
+    }
+    if challenge {
+        m.push(attr::STATE, own_state.as_bytes()).ok()?;
     }
     for ps in p.get_all(attr::PROXY_STATE) {
         m.push(attr::PROXY_STATE, ps.value).ok()?;
@@ -275,7 +306,7 @@ mod tests {
             Behaviour::ForgedMessageAuthenticator,
         ] {
             let mut out = [0u8; 4096];
-            let n = answer(&req, b"s", b, &mut out).expect("an answer");
+            let n = answer(&req, b"s", b, 1, &mut out).expect("an answer");
             let r = Packet::parse(&out[..n]).expect("parses");
             assert_eq!(r.identifier(), 3);
             assert_eq!(r.get(attr::PROXY_STATE).map(|a| a.value), Some(&b"px"[..]));

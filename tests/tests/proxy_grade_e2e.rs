@@ -838,3 +838,64 @@ fn sigterm_lets_the_requests_in_flight_be_answered() {
         d.log()
     );
 }
+
+#[test]
+fn an_eap_conversation_stays_on_its_server_across_flows_of_a_load_balancing_pool() {
+    if !require_root("proxy-grade eap stickiness") {
+        return;
+    }
+    let ns = NetNs::new("pgsticky");
+    let _r = ns
+        .run(|| {
+            Ok::<_, std::io::Error>((
+                Responder::start(
+                    "127.0.0.1:41812".parse().unwrap(),
+                    UP_SECRET.as_bytes(),
+                    Behaviour::Challenge,
+                )?,
+                Responder::start(
+                    "127.0.0.1:41813".parse().unwrap(),
+                    UP_SECRET.as_bytes(),
+                    Behaviour::Challenge,
+                )?,
+            ))
+        })
+        .unwrap();
+    let upstreams = format!(
+        "[[upstream]]\nname = \"r1\"\nauth = \"127.0.0.1:41812\"\nsecret = \"{UP_SECRET}\"\n\
+         [[upstream]]\nname = \"r2\"\nauth = \"127.0.0.1:41813\"\nsecret = \"{UP_SECRET}\"\n\
+         [[pool]]\nname = \"lb\"\nupstreams = [\"r1\", \"r2\"]\npolicy = \"load-balance\"\n"
+    );
+    let _d = sidecar_to(&ns, "pg-sticky", true, &upstreams, Some("lb"));
+    let codes = ns.run(|| {
+        let first = nas("127.0.2.1");
+        let challenge = ask(
+            &first,
+            &pap_request(1, "alice", "alice-pw", NAS_SECRET, &[]).0,
+        )
+        .expect("a challenge");
+        let p = Packet::parse(&challenge).unwrap();
+        assert_eq!(p.code(), Code::AccessChallenge);
+        let state = p.get(attr::STATE).expect("a State").value.to_vec();
+        // The next steps come from other source ports: other flows, other hashes.
+        (0..8)
+            .map(|i| {
+                let s = nas("127.0.2.1");
+                let req = pap_request(
+                    2 + i,
+                    "alice",
+                    "alice-pw",
+                    NAS_SECRET,
+                    &[(attr::STATE, &state)],
+                )
+                .0;
+                let r = ask(&s, &req).expect("an answer");
+                Packet::parse(&r).unwrap().code()
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        codes.iter().all(|c| *c == Code::AccessAccept),
+        "every step reached the server that holds the conversation: {codes:?}"
+    );
+}
