@@ -204,7 +204,10 @@ struct Worker {
     next_generation: u32,
     pending: HashMap<FlowKey, PendingFlow>,
     links: Vec<Link>,
-    /// Receive buffer, and the buffer a request or reply is edited in.
+    /// The wildcard's receive buffer.
+    wildcard_buf: Vec<u8>,
+    /// Receive buffer (upstream replies, draining children), and the buffer a request or
+    /// reply is edited in.
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     out: Outbox,
@@ -308,6 +311,7 @@ pub(crate) fn run(
         next_generation: 0,
         pending: HashMap::new(),
         links,
+        wildcard_buf: vec![0u8; 65_536],
         rbuf: vec![0u8; 65_536],
         wbuf: vec![0u8; crate::codec::MAX_PACKET_LEN],
         out: Outbox::default(),
@@ -375,10 +379,13 @@ impl Worker {
 
     fn read_wildcard(&mut self) {
         for _ in 0..WILDCARD_BUDGET {
-            match socket::recv_from_to(&self.wildcard, &mut self.rbuf, self.bound) {
+            match socket::recv_from_to(&self.wildcard, &mut self.wildcard_buf, self.bound) {
                 Ok(rx) => {
-                    let data = Bytes::copy_from_slice(&self.rbuf[..rx.len]);
-                    self.on_packet(rx, data);
+                    // Out of `self` while it is handled (only this reader uses it): a known
+                    // flow's packet is handled from it, with no copy of its own.
+                    let buf = std::mem::take(&mut self.wildcard_buf);
+                    self.on_packet(rx, &buf[..rx.len]);
+                    self.wildcard_buf = buf;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -403,8 +410,8 @@ impl Worker {
                     remote: from,
                     local,
                 };
-                let data = Bytes::copy_from_slice(&self.wbuf[..n]);
-                self.on_packet(rx, data);
+                let data = self.wbuf[..n].to_vec();
+                self.on_packet(rx, &data);
                 return;
             }
             Ok((n, _)) => n,
@@ -416,11 +423,11 @@ impl Worker {
 
     /// A datagram that reached the wildcard (or was handed back): a known flow's is injected,
     /// a new flow's creates the flow, an unknown source's waits for its definition.
-    fn on_packet(&mut self, rx: socket::Received, data: Bytes) {
+    fn on_packet(&mut self, rx: socket::Received, data: &[u8]) {
         let shared = self.shared.clone();
         let key = socket::flow_key(rx.remote, rx.local);
         if let Some(&slot) = self.by_key.get(&key) {
-            self.inject(slot, &data);
+            self.inject(slot, data);
             return;
         }
         if let Some(p) = self.pending.get_mut(&key) {
@@ -428,7 +435,12 @@ impl Worker {
             return;
         }
         if let Some(binding) = shared.clients.binding(rx.remote.ip()) {
-            self.create_flow(rx.remote, rx.local, binding, vec![data]);
+            self.create_flow(
+                rx.remote,
+                rx.local,
+                binding,
+                vec![Bytes::copy_from_slice(data)],
+            );
             return;
         }
         let Some(dynamic) = &shared.dynamic else {
@@ -437,9 +449,12 @@ impl Worker {
             return;
         };
         match dynamic.resolve(rx.remote.ip(), Instant::now()) {
-            Resolution::Client(client) => {
-                self.create_flow(rx.remote, rx.local, Binding::One(client), vec![data])
-            }
+            Resolution::Client(client) => self.create_flow(
+                rx.remote,
+                rx.local,
+                Binding::One(client),
+                vec![Bytes::copy_from_slice(data)],
+            ),
             Resolution::Refused => shared.metrics.refuse(Refusal::DirectoryRefused),
             Resolution::NotDynamic => {
                 shared.metrics.refuse(Refusal::UnknownClient);
@@ -722,15 +737,13 @@ impl Worker {
             (true, Some(a)) => a,
             (true, None) => {
                 shared.metrics.proxy_drop("no_acct_upstream");
-                let (remote, local) = (flow.remote, flow.local);
                 protocol_error(
                     shared,
                     client,
+                    flow,
                     &self.wbuf,
                     &prepared,
                     UNSUPPORTED_SERVICE,
-                    remote,
-                    local,
                     &mut self.out,
                 );
                 return false;
@@ -752,15 +765,13 @@ impl Worker {
         };
         let Some((si, up_id)) = allocate(&self.poller, li, acct, port, pending) else {
             shared.metrics.proxy_drop("upstream_ids_exhausted");
-            let (remote, local) = (flow.remote, flow.local);
             protocol_error(
                 shared,
                 client,
+                flow,
                 &self.wbuf,
                 &prepared,
                 RESOURCES_UNAVAILABLE,
-                remote,
-                local,
                 &mut self.out,
             );
             return false;
@@ -1206,7 +1217,7 @@ impl Worker {
         self.shared.metrics.flows_active.dec();
         debug!(remote = %flow.remote, drained = drained.len(), "flow ended");
         for (rx, data) in drained {
-            self.on_packet(rx, data);
+            self.on_packet(rx, &data);
         }
     }
 
@@ -1347,18 +1358,13 @@ const RESOURCES_UNAVAILABLE: u32 = 506;
 /// Tells the NAS that its request cannot be forwarded (RFC 7930 Protocol-Error, with the
 /// Error-Cause and Original-Packet-Code), instead of leaving it to time out. `buf` holds the
 /// request as prepared for the upstream: its Proxy-States are echoed, but for ours.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the flow's parts, borrowed apart"
-)]
 fn protocol_error(
     shared: &Shared,
     client: &Client,
+    flow: &Flow,
     buf: &[u8],
     prepared: &proxy::Prepared,
     cause: u32,
-    remote: SocketAddr,
-    local: SocketAddr,
     out: &mut Outbox,
 ) {
     let Ok(req) = Packet::parse(&buf[..prepared.len]) else {
@@ -1390,7 +1396,7 @@ fn protocol_error(
         && m.sign(&client.secret, Some(&prepared.nas_auth)).is_ok();
     if built {
         let (off, len) = out.keep(m.as_bytes());
-        out.nas.push((remote, local, off, len));
+        out.nas.push((flow.remote, flow.local, off, len));
         shared.metrics.local_answer("protocol_error");
     }
 }
@@ -1446,7 +1452,7 @@ fn answer_status_server(
 }
 
 /// Keeps a packet of a source being defined, within the per-flow and global bounds.
-fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: Bytes) {
+fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: &[u8]) {
     let Some(dynamic) = &shared.dynamic else {
         return;
     };
@@ -1457,7 +1463,7 @@ fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: Bytes) {
         return;
     }
     shared.pending_packets.fetch_add(1, Ordering::Relaxed);
-    p.packets.push(data);
+    p.packets.push(Bytes::copy_from_slice(data));
 }
 
 /// Asks the directory about `ip` and tells every worker the outcome.

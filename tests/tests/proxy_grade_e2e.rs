@@ -227,6 +227,12 @@ fn user_space_path_status_server_is_answered_by_the_sidecar() {
     status_server_is_answered_by_the_sidecar(false);
 }
 
+/// Our own upstream on `127.0.0.1:port` in `ns`, with the upstream secret.
+fn responder(ns: &NetNs, port: u16, b: Behaviour) -> Responder {
+    ns.run(move || Responder::start(([127, 0, 0, 1], port).into(), UP_SECRET.as_bytes(), b))
+        .expect("the responder binds")
+}
+
 fn responder_upstream(extra: &str) -> String {
     format!(
         "[[upstream]]\nname = \"own\"\nauth = \"127.0.0.1:41812\"\nsecret = \"{UP_SECRET}\"\ntimeout_ms = 1500\n{extra}\n"
@@ -238,15 +244,7 @@ fn hostile_upstream_answers_never_reach_the_nas(fast: bool) {
         return;
     }
     let ns = NetNs::new("pgblast");
-    let r = ns
-        .run(|| {
-            Responder::start(
-                "127.0.0.1:41812".parse().unwrap(),
-                UP_SECRET.as_bytes(),
-                Behaviour::ForgedMessageAuthenticator,
-            )
-        })
-        .unwrap();
+    let r = responder(&ns, 41812, Behaviour::ForgedMessageAuthenticator);
     // Default policy: "auto".
     let _d = sidecar(&ns, "pg-blast", fast, &responder_upstream(""));
     let try_once = |id: u8| {
@@ -293,15 +291,7 @@ fn a_request_lost_upstream_is_sent_again_on_the_sidecars_timer() {
         return;
     }
     let ns = NetNs::new("pgretry");
-    let r = ns
-        .run(|| {
-            Responder::start(
-                "127.0.0.1:41812".parse().unwrap(),
-                UP_SECRET.as_bytes(),
-                Behaviour::IgnoreFirstCopy,
-            )
-        })
-        .unwrap();
+    let r = responder(&ns, 41812, Behaviour::IgnoreFirstCopy);
     let _d = sidecar(&ns, "pg-retry", true, &responder_upstream("retry_ms = 300"));
     // The start-up Status-Server probe is one datagram of its own.
     let before = r.received();
@@ -762,15 +752,7 @@ fn a_request_that_cannot_be_forwarded_gets_a_protocol_error() {
         return;
     }
     let ns = NetNs::new("pgperr");
-    let _r = ns
-        .run(|| {
-            Responder::start(
-                "127.0.0.1:41812".parse().unwrap(),
-                UP_SECRET.as_bytes(),
-                Behaviour::Correct,
-            )
-        })
-        .unwrap();
+    let _r = responder(&ns, 41812, Behaviour::Correct);
     // An upstream with no accounting port: accounting cannot be forwarded.
     let _d = sidecar(&ns, "pg-perr", true, &responder_upstream(""));
     let reply = ns.run(|| {
@@ -801,15 +783,7 @@ fn sigterm_lets_the_requests_in_flight_be_answered() {
         return;
     }
     let ns = NetNs::new("pgdrain");
-    let _r = ns
-        .run(|| {
-            Responder::start(
-                "127.0.0.1:41812".parse().unwrap(),
-                UP_SECRET.as_bytes(),
-                Behaviour::IgnoreFirstCopy,
-            )
-        })
-        .unwrap();
+    let _r = responder(&ns, 41812, Behaviour::IgnoreFirstCopy);
     // The upstream answers only the retransmission, 500 ms later: the request is still in
     // flight when SIGTERM comes.
     let mut d = sidecar(&ns, "pg-drain", true, &responder_upstream("retry_ms = 500"));
@@ -845,22 +819,10 @@ fn an_eap_conversation_stays_on_its_server_across_flows_of_a_load_balancing_pool
         return;
     }
     let ns = NetNs::new("pgsticky");
-    let _r = ns
-        .run(|| {
-            Ok::<_, std::io::Error>((
-                Responder::start(
-                    "127.0.0.1:41812".parse().unwrap(),
-                    UP_SECRET.as_bytes(),
-                    Behaviour::Challenge,
-                )?,
-                Responder::start(
-                    "127.0.0.1:41813".parse().unwrap(),
-                    UP_SECRET.as_bytes(),
-                    Behaviour::Challenge,
-                )?,
-            ))
-        })
-        .unwrap();
+    let _r = (
+        responder(&ns, 41812, Behaviour::Challenge),
+        responder(&ns, 41813, Behaviour::Challenge),
+    );
     let upstreams = format!(
         "[[upstream]]\nname = \"r1\"\nauth = \"127.0.0.1:41812\"\nsecret = \"{UP_SECRET}\"\n\
          [[upstream]]\nname = \"r2\"\nauth = \"127.0.0.1:41813\"\nsecret = \"{UP_SECRET}\"\n\
