@@ -53,20 +53,36 @@ const SEEN_MA: u8 = 1;
 const DECIDED: u8 = 2;
 const FIRST_PS_WITHOUT_MA: u8 = 4;
 
+/// The BlastRADIUS checks an Access-Request must pass, as [`Client::blastradius`] decides
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlastRadius {
+    /// The request must carry a Message-Authenticator.
+    pub require_message_authenticator: bool,
+    /// A Proxy-State without a Message-Authenticator is refused.
+    pub limit_proxy_state: bool,
+    /// This request taught `auto` that the client signs its requests (log it once).
+    pub learnt: bool,
+}
+
 impl Client {
-    /// Whether this Access-Request must carry a Message-Authenticator, and whether
-    /// Proxy-State without one is refused, learning from it for `Auto`.
-    pub fn blastradius(&self, has_ma: bool, has_ps: bool) -> (bool, bool) {
+    /// What this (verified) Access-Request must carry, learning from it for `Auto`.
+    ///
+    /// Only a request *without* EAP-Message teaches that the client signs: RFC 3579 makes a
+    /// Message-Authenticator mandatory with EAP, and many switches sign only their EAP
+    /// requests, so an EAP request proves nothing about the client's PAP or CHAP ones.
+    pub fn blastradius(&self, has_ma: bool, has_ps: bool, has_eap: bool) -> BlastRadius {
         use std::sync::atomic::Ordering::Relaxed;
         let mut add = DECIDED;
-        if has_ma {
+        if has_ma && !has_eap {
             add |= SEEN_MA;
         }
         let before = self.learned.0.load(Relaxed);
         if before & DECIDED == 0 && has_ps && !has_ma {
             add |= FIRST_PS_WITHOUT_MA;
         }
-        let l = self.learned.0.fetch_or(add, Relaxed) | add;
+        let before = self.learned.0.fetch_or(add, Relaxed);
+        let l = before | add;
         let require = match self.require_message_authenticator {
             YesNoAuto::Yes => true,
             YesNoAuto::No => false,
@@ -77,7 +93,25 @@ impl Client {
             YesNoAuto::No => false,
             YesNoAuto::Auto => l & FIRST_PS_WITHOUT_MA == 0,
         };
-        (require, limit)
+        BlastRadius {
+            require_message_authenticator: require,
+            limit_proxy_state: limit,
+            learnt: self.require_message_authenticator == YesNoAuto::Auto
+                && before & SEEN_MA == 0
+                && l & SEEN_MA != 0,
+        }
+    }
+
+    /// Whether this client's Access-Requests must carry a Message-Authenticator now
+    /// (configured, or learnt by `auto`).
+    pub fn requires_message_authenticator(&self) -> bool {
+        match self.require_message_authenticator {
+            YesNoAuto::Yes => true,
+            YesNoAuto::No => false,
+            YesNoAuto::Auto => {
+                self.learned.0.load(std::sync::atomic::Ordering::Relaxed) & SEEN_MA != 0
+            }
+        }
     }
 }
 
@@ -167,6 +201,11 @@ impl ClientTable {
 
     pub fn len(&self) -> usize {
         self.by_len.len()
+    }
+
+    /// Every client, longest prefix first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Client>> {
+        self.by_len.iter()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -270,18 +309,38 @@ mod tests {
         let mut nas = client("192.0.2.0/24", "s");
         (nas.require_message_authenticator, nas.limit_proxy_state) =
             (YesNoAuto::Auto, YesNoAuto::Auto);
+        let b = |c: &Client, ma, ps, eap| {
+            let r = c.blastradius(ma, ps, eap);
+            (
+                r.require_message_authenticator,
+                r.limit_proxy_state,
+                r.learnt,
+            )
+        };
         // A NAS: no Proxy-State in its first request, so Proxy-State needs an MA from now.
-        assert_eq!(nas.blastradius(false, false), (false, true));
-        // Once it has sent a Message-Authenticator, it must always.
-        assert_eq!(nas.blastradius(true, false), (true, true));
-        assert_eq!(nas.blastradius(false, false), (true, true));
+        assert_eq!(b(&nas, false, false, false), (false, true, false));
+        // EAP requests always carry one (RFC 3579): that teaches nothing of PAP requests.
+        assert_eq!(b(&nas, true, false, true), (false, true, false));
+        assert_eq!(b(&nas, false, false, false), (false, true, false));
+        assert!(!nas.requires_message_authenticator());
+        // A signed request without EAP: from now on it must always sign; learnt once.
+        assert_eq!(b(&nas, true, false, false), (true, true, true));
+        assert_eq!(b(&nas, true, false, false), (true, true, false));
+        assert_eq!(b(&nas, false, false, false), (true, true, false));
+        assert!(nas.requires_message_authenticator());
         let mut proxy = client("198.51.100.0/24", "s");
         (proxy.require_message_authenticator, proxy.limit_proxy_state) =
             (YesNoAuto::Auto, YesNoAuto::Auto);
         // A proxy: its first request had Proxy-State and no MA; not limited.
-        assert_eq!(proxy.blastradius(false, true), (false, false));
-        assert_eq!(proxy.blastradius(false, true), (false, false));
+        assert_eq!(b(&proxy, false, true, false), (false, false, false));
+        assert_eq!(b(&proxy, false, true, false), (false, false, false));
         proxy.limit_proxy_state = YesNoAuto::Yes;
-        assert_eq!(proxy.blastradius(false, true), (false, true));
+        assert_eq!(b(&proxy, false, true, false), (false, true, false));
+        // "no" learns nothing, "yes" needs nothing learnt.
+        let mut off = client("203.0.113.0/24", "s");
+        off.require_message_authenticator = YesNoAuto::No;
+        assert_eq!(b(&off, true, false, false), (false, true, false));
+        off.require_message_authenticator = YesNoAuto::Yes;
+        assert!(off.requires_message_authenticator());
     }
 }

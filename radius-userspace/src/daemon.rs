@@ -143,6 +143,20 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         max_flows, "open-file limit {nofile}: at most {max_flows} flows (one socket each)"
     );
     metrics.open_files_limit.set(nofile as i64);
+    for u in &upstreams {
+        metrics.set_message_authenticator_required(
+            "upstream",
+            &u.name,
+            u.options.requires_message_authenticator(),
+        );
+    }
+    for c in clients.iter() {
+        metrics.set_message_authenticator_required(
+            "client",
+            &c.name,
+            c.requires_message_authenticator(),
+        );
+    }
     metrics.max_flows.set(max_flows as i64);
 
     let fastpath = setup_fastpath(&config, max_flows)?;

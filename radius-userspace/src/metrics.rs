@@ -63,6 +63,14 @@ pub struct UpstreamLabel {
     pub upstream: String,
 }
 
+/// A peer of the sidecar: an upstream or a client, by name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// "upstream" or "client".
+    pub peer: &'static str,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KernelLabel {
     pub event: &'static str,
@@ -94,6 +102,9 @@ pub struct Metrics {
     pub coa: Family<ReasonLabel, Counter>,
     /// 0 alive, 1 zombie, 2 dead (see crate::pool).
     pub upstream_state: Family<UpstreamLabel, Gauge>,
+    /// BlastRADIUS: 1 when a peer's Access packets must carry a Message-Authenticator
+    /// (configured `yes`, or learnt by `auto`), 0 when not (yet).
+    pub message_authenticator_required: Family<PeerLabel, Gauge>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -170,6 +181,13 @@ impl Metrics {
             "Health of each upstream: 0 alive, 1 zombie, 2 dead",
             upstream_state.clone(),
         );
+        let message_authenticator_required = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "message_authenticator_required",
+            "1 when an upstream's replies or a client's Access-Requests must carry a \
+             Message-Authenticator (configured, or learnt by auto)",
+            message_authenticator_required.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -210,6 +228,7 @@ impl Metrics {
             upstream_retransmits,
             coa,
             upstream_state,
+            message_authenticator_required,
             open_files_limit,
             max_flows,
             fast_path,
@@ -251,6 +270,16 @@ impl Metrics {
                 upstream: upstream.to_owned(),
             })
             .set(state);
+    }
+
+    /// Whether `peer` ("upstream" or "client") `name` must sign its Access packets now.
+    pub fn set_message_authenticator_required(&self, peer: &'static str, name: &str, on: bool) {
+        self.message_authenticator_required
+            .get_or_create(&PeerLabel {
+                peer,
+                name: name.to_owned(),
+            })
+            .set(i64::from(on));
     }
 
     pub fn refuse(&self, reason: Refusal) {

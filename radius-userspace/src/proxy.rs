@@ -44,9 +44,11 @@ pub struct Upstream {
 pub enum YesNoAuto {
     Yes,
     No,
-    /// Required once this upstream has sent one (FreeRADIUS 3.2.5's default). Debian 12's
-    /// FreeRADIUS 3.2.1 sends one on EAP replies but not on PAP ones: with it, say `no`, or
-    /// make it add one (`update reply { &Message-Authenticator := 0x00 }` in post-auth).
+    /// Required once the peer has shown that it signs what it need not: a reply (or, for a
+    /// client, a request) *without* EAP-Message that carried a valid one. EAP packets must
+    /// carry one anyway (RFC 3579), and Status-Server answers too (RFC 5997), so they prove
+    /// nothing: Debian 12's FreeRADIUS 3.2.1 signs its EAP replies and not its PAP ones, and
+    /// stays "not required".
     #[default]
     Auto,
 }
@@ -60,11 +62,26 @@ pub struct UpstreamOptions {
     /// most one a second).
     pub max_retries: u32,
     pub require_message_authenticator: YesNoAuto,
-    /// This upstream has sent an Access reply with a Message-Authenticator (for `Auto`).
+    /// This upstream has sent an Access reply without EAP-Message that carried a valid
+    /// Message-Authenticator (what `Auto` learns).
     pub seen_message_authenticator: std::sync::atomic::AtomicBool,
     /// How often a zombie or dead server is probed with Status-Server.
     pub check_interval: Duration,
     pub health: crate::pool::HealthPolicy,
+}
+
+impl UpstreamOptions {
+    /// Whether Access replies must carry a Message-Authenticator now (configured, or learnt
+    /// by `auto`).
+    pub fn requires_message_authenticator(&self) -> bool {
+        match self.require_message_authenticator {
+            YesNoAuto::Yes => true,
+            YesNoAuto::No => false,
+            YesNoAuto::Auto => self
+                .seen_message_authenticator
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl Default for UpstreamOptions {
@@ -126,6 +143,8 @@ pub struct Prepared {
     pub code: Code,
     pub nas_id: u8,
     pub nas_auth: [u8; 16],
+    /// This request taught the client's `auto` switch that it signs its requests.
+    pub learnt_client_signs: bool,
 }
 
 /// Checks a NAS's request (in `buf[..len]`) and rewrites it for `upstream`, but for the
@@ -137,7 +156,7 @@ pub fn prepare_request(
     buf: &mut [u8],
     len: usize,
 ) -> Result<Prepared, ProxyError> {
-    let (code, nas_id, nas_auth, has_ma, has_ps, chap_without_challenge) = {
+    let (code, nas_id, nas_auth, has_ma, has_ps, has_eap, chap_without_challenge) = {
         let p = Packet::parse(&buf[..len])?;
         let code = p.code();
         if !matches!(code, Code::AccessRequest | Code::AccountingRequest) {
@@ -150,17 +169,20 @@ pub fn prepare_request(
             *p.authenticator(),
             p.message_authenticator_offset().is_some(),
             p.get(attr::PROXY_STATE).is_some(),
+            p.get(attr::EAP_MESSAGE).is_some(),
             p.get(attr::CHAP_PASSWORD).is_some() && p.get(attr::CHAP_CHALLENGE).is_none(),
         )
     };
+    let mut learnt_client_signs = false;
     if code == Code::AccessRequest {
-        let (require_ma, limit_ps) = client.blastradius(has_ma, has_ps);
-        if require_ma && !has_ma {
+        let b = client.blastradius(has_ma, has_ps, has_eap);
+        if b.require_message_authenticator && !has_ma {
             return Err(ProxyError::MissingMessageAuthenticator);
         }
-        if limit_ps && has_ps && !has_ma {
+        if b.limit_proxy_state && has_ps && !has_ma {
             return Err(ProxyError::ProxyStateWithoutMessageAuthenticator);
         }
+        learnt_client_signs = b.learnt;
     }
     let mut m = PacketMut::from_datagram(buf, len)?;
     m.add_proxy_state(proxy_state)?;
@@ -183,6 +205,7 @@ pub fn prepare_request(
         code,
         nas_id,
         nas_auth,
+        learnt_client_signs,
     })
 }
 
@@ -219,6 +242,14 @@ pub struct InFlight<T> {
     pub nas_packet: Vec<u8>,
 }
 
+/// A reply rewritten for the NAS by [`process_reply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub len: usize,
+    /// This reply taught the upstream's `auto` switch that it signs its replies.
+    pub learnt_upstream_signs: bool,
+}
+
 /// Checks the upstream's reply (in `buf[..len]`) and rewrites it for the NAS.
 pub fn process_reply<T>(
     buf: &mut [u8],
@@ -226,7 +257,8 @@ pub fn process_reply<T>(
     upstream: &Upstream,
     inflight: &InFlight<T>,
     proxy_state: &[u8],
-) -> Result<usize, ProxyError> {
+) -> Result<Reply, ProxyError> {
+    let mut learnt_upstream_signs = false;
     let code = {
         let p = Packet::parse(&buf[..len])?;
         // Checks the Message-Authenticator too, when there is one.
@@ -239,12 +271,14 @@ pub fn process_reply<T>(
             use std::sync::atomic::Ordering::Relaxed;
             let o = &upstream.options;
             if p.message_authenticator_offset().is_some() {
-                o.seen_message_authenticator.store(true, Relaxed);
-            } else if match o.require_message_authenticator {
-                YesNoAuto::Yes => true,
-                YesNoAuto::No => false,
-                YesNoAuto::Auto => o.seen_message_authenticator.load(Relaxed),
-            } {
+                // Verified above. EAP replies must carry one (RFC 3579): only a reply
+                // without EAP-Message shows that this server signs what it need not.
+                if p.get(attr::EAP_MESSAGE).is_none()
+                    && o.require_message_authenticator == YesNoAuto::Auto
+                {
+                    learnt_upstream_signs = !o.seen_message_authenticator.swap(true, Relaxed);
+                }
+            } else if o.requires_message_authenticator() {
                 return Err(ProxyError::UpstreamWithoutMessageAuthenticator);
             }
         }
@@ -268,7 +302,10 @@ pub fn process_reply<T>(
         m.message_authenticator_first()?;
     }
     m.sign(&client.secret, Some(&inflight.prepared.nas_auth))?;
-    Ok(m.len())
+    Ok(Reply {
+        len: m.len(),
+        learnt_upstream_signs,
+    })
 }
 
 /// The 256 Identifiers of one upstream socket.
@@ -431,12 +468,92 @@ mod tests {
             next_retry: std::time::Instant::now(),
             nas_packet: Vec::new(),
         };
-        let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], &inflight, b"ps").unwrap();
+        let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], &inflight, b"ps")
+            .unwrap()
+            .len;
         let back = Packet::parse(&rbuf[..n]).unwrap();
         assert_eq!(back.identifier(), 42);
         assert!(back.get(attr::PROXY_STATE).is_none());
         assert_eq!(back.message_authenticator_offset(), Some(20));
         auth::verify(&back, &c.secret, Some(&nas_auth)).unwrap();
+    }
+
+    /// An upstream reply to `inflight`, with or without EAP-Message and Message-Authenticator,
+    /// in a buffer with room for what the proxy adds; and its length.
+    fn upstream_reply(
+        up: &Upstream,
+        inflight: &InFlight<()>,
+        code: Code,
+        eap: bool,
+        ma: bool,
+    ) -> ([u8; 4096], usize) {
+        let mut rbuf = [0u8; 4096];
+        let mut r = PacketMut::new(&mut rbuf, code, 7).unwrap();
+        if ma {
+            r.message_authenticator_first().unwrap();
+        }
+        if eap {
+            r.push(attr::EAP_MESSAGE, &[3, 1, 0, 4]).unwrap();
+        }
+        r.add_proxy_state(b"ps").unwrap();
+        r.sign(&up.secret, Some(&inflight.up_auth)).unwrap();
+        let n = r.len();
+        (rbuf, n)
+    }
+
+    #[test]
+    fn auto_learns_that_an_upstream_signs_only_from_replies_without_eap() {
+        let c = Arc::new(client());
+        let up = c.pool.members[0].clone();
+        let (req, _) = nas_request(&c);
+        let mut buf = [0u8; 4096];
+        buf[..req.len()].copy_from_slice(&req);
+        let prep = prepare_request(&c, &up, b"ps", &mut buf, req.len()).unwrap();
+        let up_auth = finalize_request(&mut buf, prep.len, 7, &up).unwrap();
+        let inflight = InFlight {
+            client: c.clone(),
+            prepared: prep,
+            up_auth,
+            sent_at: std::time::Instant::now(),
+            reply_to: (),
+            wire: Vec::new(),
+            retries: 0,
+            next_retry: std::time::Instant::now(),
+            nas_packet: Vec::new(),
+        };
+        let relay = |code, eap, ma| {
+            let (mut r, n) = upstream_reply(&up, &inflight, code, eap, ma);
+            process_reply(&mut r, n, &up, &inflight, b"ps")
+        };
+        // FreeRADIUS 3.2.1: signed EAP replies, unsigned PAP ones. Both keep flowing.
+        assert!(
+            !relay(Code::AccessChallenge, true, true)
+                .unwrap()
+                .learnt_upstream_signs
+        );
+        assert!(
+            !relay(Code::AccessAccept, true, true)
+                .unwrap()
+                .learnt_upstream_signs
+        );
+        assert!(relay(Code::AccessAccept, false, false).is_ok());
+        assert!(!up.options.requires_message_authenticator());
+        // A signed PAP reply: learnt once, and from then on an unsigned one is a forgery.
+        assert!(
+            relay(Code::AccessReject, false, true)
+                .unwrap()
+                .learnt_upstream_signs
+        );
+        assert!(
+            !relay(Code::AccessAccept, false, true)
+                .unwrap()
+                .learnt_upstream_signs
+        );
+        assert!(up.options.requires_message_authenticator());
+        assert!(matches!(
+            relay(Code::AccessAccept, false, false),
+            Err(ProxyError::UpstreamWithoutMessageAuthenticator)
+        ));
     }
 
     #[test]

@@ -721,7 +721,19 @@ impl Worker {
             &mut self.wbuf,
             n,
         ) {
-            Ok(p) => p,
+            Ok(p) => {
+                if p.learnt_client_signs {
+                    shared
+                        .metrics
+                        .set_message_authenticator_required("client", &client.name, true);
+                    info!(
+                        client = %client.name,
+                        "client signs its Access-Requests without EAP: a Message-Authenticator \
+                         is now required from it (require_message_authenticator = auto)"
+                    );
+                }
+                p
+            }
             Err(e) => {
                 shared.metrics.proxy_drop(e.reason());
                 debug!(remote = %flow.remote, client = %client.name, error = %e, "request not forwarded");
@@ -1043,7 +1055,22 @@ impl Worker {
                 pending,
                 &shared.proxy_state,
             ) {
-                Ok(len) => len,
+                Ok(r) => {
+                    if r.learnt_upstream_signs {
+                        shared.metrics.set_message_authenticator_required(
+                            "upstream",
+                            &link.upstream.name,
+                            true,
+                        );
+                        info!(
+                            upstream = %link.upstream.name,
+                            "upstream signs its Access replies without EAP: a \
+                             Message-Authenticator is now required from it \
+                             (require_message_authenticator = auto)"
+                        );
+                    }
+                    r.len
+                }
                 // A forged or broken reply does not cancel the request: the real one may
                 // follow.
                 Err(e) => {
@@ -1476,7 +1503,14 @@ fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: I
         };
         let outcome = dynamic.define(ip).await;
         match &outcome {
-            Ok(c) => info!(%ip, client = %c.name, "dynamic client defined"),
+            Ok(c) => {
+                info!(%ip, client = %c.name, "dynamic client defined");
+                shared.metrics.set_message_authenticator_required(
+                    "client",
+                    &c.name,
+                    c.requires_message_authenticator(),
+                );
+            }
             Err(reason) => {
                 warn!(%ip, %reason, "dynamic client refused");
                 if let Some(fp) = &shared.fastpath

@@ -262,14 +262,17 @@ fn hostile_upstream_answers_never_reach_the_nas(fast: bool) {
         try_once(2),
         "none yet from this upstream (like FreeRADIUS 3.2.1 on PAP): relayed in auto mode"
     );
+    let m = |s: &str| metric(&ns, METRICS, s);
+    let required = "radius_message_authenticator_required{peer=\"upstream\",name=\"own\"}";
+    assert_eq!(m(required), 0, "nothing learnt yet");
     r.set_behaviour(Behaviour::Correct);
-    assert!(try_once(3), "a correct reply");
+    assert!(try_once(3), "a correct reply (signed, no EAP)");
+    assert_eq!(m(required), 1, "a signed reply without EAP teaches auto");
     r.set_behaviour(Behaviour::NoMessageAuthenticator);
     assert!(
         !try_once(4),
         "once the upstream has sent one, a reply without it is dropped"
     );
-    let m = |s: &str| metric(&ns, METRICS, s);
     assert!(m("radius_proxy_drops_total{reason=\"bad_signature\"}") >= 1);
     assert!(m("radius_proxy_drops_total{reason=\"upstream_no_message_authenticator\"}") >= 1);
     assert_eq!(m("radius_relayed_total"), 2);
