@@ -11,7 +11,7 @@ use toml::Spanned;
 use crate::{
     client::{Client, ClientTable, NasKey},
     codec::auth::Secret,
-    daemon::{DaemonConfig, EbpfMode},
+    daemon::{DaemonConfig, EbpfMode, Listener},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
     pool::{Health, HealthPolicy, Policy, Pool},
     proxy::{Upstream, UpstreamOptions, YesNoAuto},
@@ -101,8 +101,9 @@ fn d_pending() -> usize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Server {
-    /// UDP addresses to serve (auth and acct).
-    listen: Vec<SocketAddr>,
+    /// UDP addresses to serve (auth and acct): "ADDR:PORT", or "ADDR:PORT/auth",
+    /// "ADDR:PORT/acct" to give the role (default: by port, 1813 and 1646 are accounting).
+    listen: Vec<Spanned<String>>,
     /// Wildcard sockets per address; 0 = one per core.
     workers: usize,
     /// NIC for the XDP guard; "none" for no XDP.
@@ -129,7 +130,7 @@ impl Default for Server {
     fn default() -> Self {
         let d = DaemonConfig::default();
         Self {
-            listen: d.listen,
+            listen: Vec::new(),
             workers: 0,
             iface: "lo".into(),
             ebpf: "auto".into(),
@@ -330,7 +331,15 @@ impl Config {
         };
         let mut daemon = DaemonConfig::default();
         if !server.listen.is_empty() {
-            daemon.listen = server.listen;
+            daemon.listen = server
+                .listen
+                .iter()
+                .map(|l| {
+                    l.get_ref()
+                        .parse::<Listener>()
+                        .map_err(|m| err(l.span(), "server.listen", m))
+                })
+                .collect::<Result<_, _>>()?;
         }
         if server.workers > 0 {
             daemon.workers = server.workers;
@@ -677,6 +686,32 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.key, "server.ebpf");
+    }
+
+    #[test]
+    fn a_listener_says_its_role_or_takes_it_from_its_port() {
+        use crate::daemon::Role;
+        let c = Config::from_toml(
+            "[server]\nlisten = [\"127.0.0.1:1813\", \"[::1]:1700/acct\", \"0.0.0.0:1646/auth\"]\n",
+            "f.toml",
+        )
+        .unwrap();
+        let roles: Vec<(u16, bool)> = c
+            .daemon
+            .listen
+            .iter()
+            .map(|l| (l.addr.port(), l.role.is_accounting(l.addr.port())))
+            .collect();
+        assert_eq!(roles, vec![(1813, true), (1700, true), (1646, false)]);
+        assert_eq!(c.daemon.listen[0].role, Role::Auto);
+        let e = Config::from_toml(
+            "[server]\nworkers = 1\nlisten = [\"127.0.0.1:1812/accounting\"]\n",
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (3, "server.listen"));
+        assert!(e.message.contains("accounting"), "{e}");
     }
 
     #[test]

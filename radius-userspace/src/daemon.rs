@@ -46,11 +46,75 @@ pub enum EbpfMode {
     Require,
 }
 
+/// What a listener serves, which decides how a NAS's Status-Server is answered (RFC 5997:
+/// Access-Accept on an authentication port, Accounting-Response on an accounting port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    Auth,
+    Acct,
+    /// By port number: 1813 and 1646 are accounting, any other authentication.
+    #[default]
+    Auto,
+}
+
+impl Role {
+    /// Whether a listener of this role on `port` is an accounting one.
+    pub fn is_accounting(self, port: u16) -> bool {
+        match self {
+            Role::Auth => false,
+            Role::Acct => true,
+            Role::Auto => matches!(port, 1813 | 1646),
+        }
+    }
+}
+
+/// A UDP address NASes send to, and its role: written `ADDR:PORT` (role by port) or
+/// `ADDR:PORT/auth`, `ADDR:PORT/acct`, `ADDR:PORT/auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub role: Role,
+}
+
+impl From<SocketAddr> for Listener {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            role: Role::Auto,
+        }
+    }
+}
+
+impl std::str::FromStr for Listener {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, role) = match s.rsplit_once('/') {
+            Some((a, r)) => (a, r),
+            None => (s, "auto"),
+        };
+        let role = match role {
+            "auth" => Role::Auth,
+            "acct" => Role::Acct,
+            "auto" => Role::Auto,
+            other => {
+                return Err(format!(
+                    "`{other}`: a listener's role is \"auth\", \"acct\" or \"auto\""
+                ));
+            }
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an address:port"))?;
+        Ok(Self { addr, role })
+    }
+}
+
 /// What the run loop needs. The TOML configuration will produce this.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// UDP services to listen on (address and port of the wildcards).
-    pub listen: Vec<SocketAddr>,
+    /// UDP services to listen on (address and port of the wildcards), with their roles.
+    pub listen: Vec<Listener>,
     /// Wildcard sockets (worker tasks) per listen address.
     pub workers: usize,
     /// NIC for `guard`; none: no XDP.
@@ -77,8 +141,8 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             listen: vec![
-                SocketAddr::from(([127, 0, 0, 1], 1812)),
-                SocketAddr::from(([127, 0, 0, 1], 1813)),
+                SocketAddr::from(([127, 0, 0, 1], 1812)).into(),
+                SocketAddr::from(([127, 0, 0, 1], 1813)).into(),
             ],
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             iface: Some("lo".into()),
@@ -217,7 +281,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         metrics.set_upstream_state(&u.name, 0);
         tasks.spawn(watch_upstream(u.clone(), metrics.clone(), cancel.clone()));
     }
-    for &addr in &config.listen {
+    for &Listener { addr, role } in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
             .with_context(|| format!("binding the wildcard sockets of {addr}"))?;
         let bound = wildcards[0].local_addr()?;
@@ -226,7 +290,14 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
                 .add_service(PROTO_UDP, bound, &wildcards)
                 .with_context(|| format!("registering {bound} with steer"))?;
         }
-        info!(listen = %bound, workers = wildcards.len(), path = path.as_str(), "listening");
+        let accounting = role.is_accounting(bound.port());
+        info!(
+            listen = %bound,
+            workers = wildcards.len(),
+            path = path.as_str(),
+            role = if accounting { "acct" } else { "auth" },
+            "listening"
+        );
         for (i, w) in wildcards.into_iter().enumerate() {
             let defined = defined_rxs
                 .pop()
@@ -236,7 +307,8 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             let runtime = tokio::runtime::Handle::current();
             // A thread of its own: the worker blocks in its epoll set (see crate::worker).
             tasks.spawn_blocking(move || {
-                if let Err(e) = worker::run(shared, w, bound, i, me, defined, runtime) {
+                let listener = worker::Listening { bound, accounting };
+                if let Err(e) = worker::run(shared, w, listener, i, me, defined, runtime) {
                     tracing::error!(listen = %bound, worker = i, error = %e, "worker stopped");
                 }
             });

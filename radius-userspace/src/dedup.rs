@@ -136,14 +136,16 @@ impl<T: Copy> Dedup<T> {
         }
     }
 
-    /// The upstream gave no answer: forget the request, so a retransmission is forwarded
-    /// anew.
-    pub fn on_give_up(&mut self, id: u8, auth: &[u8; 16]) {
-        if self
-            .entries
-            .get(&id)
-            .is_some_and(|e| &e.auth == auth && matches!(e.state, State::InFlight { .. }))
-        {
+    /// The request `(id, auth)` whose upstream copy is `tag` was given up (no answer, a
+    /// send that failed): forget it, so a retransmission is forwarded anew. A newer request
+    /// with the Identifier, or the same one sent elsewhere since, is left alone.
+    pub fn on_give_up(&mut self, id: u8, auth: &[u8; 16], tag: T)
+    where
+        T: PartialEq,
+    {
+        if self.entries.get(&id).is_some_and(|e| {
+            &e.auth == auth && matches!(&e.state, State::InFlight { tag: t, .. } if *t == tag)
+        }) {
             self.entries.remove(&id);
         }
     }
@@ -243,7 +245,12 @@ mod tests {
     fn giving_up_lets_the_next_retransmission_through_and_expiry_frees_memory() {
         let (mut d, t, t0) = fresh();
         d.begin(1, &A, t0, 0);
-        d.on_give_up(1, &A);
+        d.on_give_up(1, &A, 9);
+        assert!(
+            matches!(d.check(1, &A, t0, &t), Verdict::InFlight { tag: 0, .. }),
+            "giving up another copy leaves this one in flight"
+        );
+        d.on_give_up(1, &A, 0);
         assert_eq!(d.check(1, &A, t0, &t), Verdict::New);
         d.begin(1, &A, t0, 0);
         d.on_reply(1, &A, b"r", t0, &t);

@@ -2,7 +2,7 @@
 //! default) gives the configuration; flags given on the command line override it.
 //! `radius-sidecar check-config` checks a file and names file, line and key on error.
 //! SIGINT and SIGTERM drain and detach the eBPF programs before exit.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -24,9 +24,10 @@ struct Cli {
     /// Configuration file (TOML). Default: the embedded one (loopback, see config/default.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// UDP address to serve (repeat for several); replaces `server.listen`.
-    #[arg(long = "listen", value_name = "ADDR:PORT")]
-    listen: Vec<SocketAddr>,
+    /// UDP address to serve (repeat for several); replaces `server.listen`. A suffix gives
+    /// its role for Status-Server: `/auth`, `/acct` (default: by port, 1813 and 1646 acct).
+    #[arg(long = "listen", value_name = "ADDR:PORT[/ROLE]")]
+    listen: Vec<daemon::Listener>,
     /// Wildcard sockets (workers) per listen address.
     #[arg(long)]
     workers: Option<usize>,

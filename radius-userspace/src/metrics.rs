@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Requests sent upstream and replies relayed to NASes.
     pub forwarded: Counter,
     pub relayed: Counter,
+    /// Requests sent upstream and not yet answered, given up or moved.
+    pub requests_in_flight: Gauge,
     /// Requests or replies not relayed, by reason (ProxyError::reason and the upstream's).
     pub proxy_drops: Family<ReasonLabel, Counter>,
     /// Requests the sidecar answered itself (Status-Server, retransmissions from the cache).
@@ -151,6 +153,12 @@ impl Metrics {
         );
         let relayed = Counter::default();
         registry.register("relayed", "Replies relayed to a NAS", relayed.clone());
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests sent to an upstream and not yet answered or given up",
+            requests_in_flight.clone(),
+        );
         let proxy_drops = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "proxy_drops",
@@ -223,6 +231,7 @@ impl Metrics {
             misdelivered,
             forwarded,
             relayed,
+            requests_in_flight,
             proxy_drops,
             local_answers,
             upstream_retransmits,

@@ -64,10 +64,23 @@ fn token(kind: u64, index: usize) -> u64 {
 }
 
 /// Which flow a request in flight belongs to; the generation tells a reused slot apart.
+/// The addresses let the answer reach the NAS even when the flow has ended meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FlowRef {
     slot: u32,
     generation: u32,
+    remote: SocketAddr,
+    local: SocketAddr,
+}
+
+/// How a request in flight upstream ends (see [`end_request`]).
+enum End<'a> {
+    /// The upstream answered; this is the reply, finished for the NAS.
+    Answered(&'a [u8]),
+    /// No answer in time, or a send the kernel refused: a NAS retransmission goes anew.
+    GivenUp,
+    /// Taken off this upstream to go to another server of the pool (failover).
+    Moved,
 }
 
 type Pending = InFlight<FlowRef>;
@@ -195,6 +208,8 @@ struct Worker {
     /// This worker's place in `shared.defined` (for the NAS directory).
     me: usize,
     bound: SocketAddr,
+    /// An accounting listener: Status-Server gets an Accounting-Response.
+    accounting: bool,
     wildcard: UdpSocket,
     poller: Poller,
     runtime: tokio::runtime::Handle,
@@ -259,12 +274,19 @@ const TICK: Duration = Duration::from_millis(100);
 /// The longest a worker waits at shutdown for answers to requests in flight.
 const DRAIN: Duration = Duration::from_secs(3);
 
+/// The listener a worker serves: its bound address, and whether it is an accounting one
+/// (how a Status-Server is answered).
+pub(crate) struct Listening {
+    pub bound: SocketAddr,
+    pub accounting: bool,
+}
+
 /// Runs one worker on the calling (dedicated) thread until the daemon is cancelled.
 /// `runtime` runs what must be async: dynamic definitions.
 pub(crate) fn run(
     shared: Arc<Shared>,
     wildcard: UdpSocket,
-    bound: SocketAddr,
+    Listening { bound, accounting }: Listening,
     index: usize,
     me: usize,
     inbox: InboxRx,
@@ -302,6 +324,7 @@ pub(crate) fn run(
         index,
         me,
         bound,
+        accounting,
         wildcard,
         poller,
         runtime,
@@ -624,8 +647,8 @@ impl Worker {
                 shared,
                 &client,
                 &self.wbuf[..n],
-                remote,
-                local,
+                (remote, local),
+                self.accounting,
                 &mut self.out,
             );
             return;
@@ -769,6 +792,8 @@ impl Worker {
             reply_to: FlowRef {
                 slot: slot as u32,
                 generation: flow.generation,
+                remote: flow.remote,
+                local: flow.local,
             },
             wire: Vec::new(),
             retries: 0,
@@ -801,7 +826,9 @@ impl Worker {
                 let (off, len) = self.out.keep(wire);
                 let index = up_index(li, acct, si);
                 self.out.up.push((index, up_id, off, len));
+                // Begun: from here only end_request ends it.
                 flow.in_flight += 1;
+                shared.metrics.requests_in_flight.inc();
                 flow.dedup.begin(
                     prepared.nas_id,
                     &prepared.nas_auth,
@@ -811,6 +838,7 @@ impl Worker {
                 true
             }
             Err(e) => {
+                // Not begun yet (no dedup entry, not counted): only the Identifier to free.
                 up.ids.take(up_id);
                 shared.metrics.proxy_drop(e.reason());
                 false
@@ -859,17 +887,21 @@ impl Worker {
                 shared.metrics.upstream_retransmit(cause);
             }
             Some(to) => {
-                let Some(p) = self.up_sock(index).and_then(|u| u.ids.take(id)) else {
+                // Ended here, begun anew there: if the new send cannot be made, nothing of
+                // the old one is left behind.
+                let Some(p) = self.end(index, id, End::Moved, now) else {
                     return;
                 };
                 let n = p.nas_packet.len().min(self.wbuf.len());
                 self.wbuf[..n].copy_from_slice(&p.nas_packet[..n]);
-                let slot = p.reply_to.slot as usize;
-                if let Some(f) = self.flows.get_mut(slot).and_then(Option::as_mut) {
-                    f.in_flight = f.in_flight.saturating_sub(1);
-                }
+                let r = p.reply_to;
+                let flow_alive = self
+                    .flows
+                    .get(r.slot as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|f| f.generation == r.generation);
                 info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
-                if self.forward(slot, &p.client, &to, n, now) {
+                if flow_alive && self.forward(r.slot as usize, &p.client, &to, n, now) {
                     shared.metrics.upstream_retransmit("failover");
                 }
             }
@@ -963,9 +995,7 @@ impl Worker {
         }
         for (index, id) in failed {
             shared.metrics.proxy_drop("send_to_upstream");
-            if let Some(p) = self.up_sock(index).and_then(|u| u.ids.take(id)) {
-                self.release(p.reply_to);
-            }
+            self.end(index, id, End::GivenUp, Instant::now());
         }
         let any = self.bound.ip().is_unspecified();
         let batch: Vec<socket::Outgoing<'_>> = out
@@ -1003,38 +1033,32 @@ impl Worker {
         up_sock(&mut self.links, index)
     }
 
-    /// A request of this flow is no longer in flight.
-    fn release(&mut self, r: FlowRef) {
-        if let Some(f) = self
-            .flows
-            .get_mut(r.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|f| f.generation == r.generation)
-        {
-            f.in_flight = f.in_flight.saturating_sub(1);
-        }
+    /// Ends the request at (`index`, `id`) without an answer; see [`end_request`].
+    fn end(&mut self, index: usize, id: u8, end: End<'_>, now: Instant) -> Option<Pending> {
+        end_request(
+            &self.shared,
+            &mut self.links,
+            &mut self.flows,
+            index,
+            id,
+            end,
+            now,
+        )
+        .map(|(p, _)| p)
     }
 
     /// Replies on one of this worker's upstream sockets: each checked, re-signed for its
     /// NAS and sent from its flow's child.
     fn read_upstream(&mut self, index: usize) {
-        let (li, acct, si) = split_up_index(index);
-        let Some(link) = self.links.get_mut(li) else {
+        let (li, ..) = split_up_index(index);
+        let Some(upstream) = self.links.get(li).map(|l| l.upstream.clone()) else {
             return;
         };
-        let port = if acct {
-            link.acct.as_mut()
-        } else {
-            Some(&mut link.auth)
-        };
-        let Some(up) = port
-            .and_then(|p| p.socks.get_mut(si))
-            .and_then(Option::as_mut)
-        else {
-            return;
-        };
-        let shared = &self.shared;
+        let shared = self.shared.clone();
         for _ in 0..WILDCARD_BUDGET {
+            let Some(up) = up_sock(&mut self.links, index) else {
+                return;
+            };
             let n = match up.sock.recv(&mut self.rbuf) {
                 Ok(n) => n,
                 Err(_) => return,
@@ -1051,7 +1075,7 @@ impl Worker {
             let len = match proxy::process_reply(
                 &mut self.rbuf,
                 n,
-                &link.upstream,
+                &upstream,
                 pending,
                 &shared.proxy_state,
             ) {
@@ -1059,11 +1083,11 @@ impl Worker {
                     if r.learnt_upstream_signs {
                         shared.metrics.set_message_authenticator_required(
                             "upstream",
-                            &link.upstream.name,
+                            &upstream.name,
                             true,
                         );
                         info!(
-                            upstream = %link.upstream.name,
+                            upstream = %upstream.name,
                             "upstream signs its Access replies without EAP: a \
                              Message-Authenticator is now required from it \
                              (require_message_authenticator = auto)"
@@ -1075,11 +1099,21 @@ impl Worker {
                 // follow.
                 Err(e) => {
                     shared.metrics.proxy_drop(e.reason());
-                    warn!(upstream = %link.upstream.name, error = %e, "reply dropped");
+                    warn!(upstream = %upstream.name, error = %e, "reply dropped");
                     continue;
                 }
             };
-            let Some(done) = up.ids.take(id) else {
+            let now = Instant::now();
+            upstream.health.on_answer(crate::pool::millis(now));
+            let Some((done, send_to)) = end_request(
+                &shared,
+                &mut self.links,
+                &mut self.flows,
+                index,
+                id,
+                End::Answered(&self.rbuf[..len]),
+                now,
+            ) else {
                 continue;
             };
             if done.client.pool.spreads()
@@ -1087,41 +1121,13 @@ impl Worker {
                 && let Ok(p) = Packet::parse(&self.rbuf[..len])
                 && let Some(st) = p.get(crate::codec::attr::STATE)
             {
-                shared.eap_states.remember(
-                    st.value,
-                    &link.upstream.name,
-                    crate::pool::millis(Instant::now()),
-                );
+                shared
+                    .eap_states
+                    .remember(st.value, &upstream.name, crate::pool::millis(now));
             }
-            link.upstream
-                .health
-                .on_answer(crate::pool::millis(Instant::now()));
-            if up.ids.in_flight() == 0 {
-                up.idle_since = Instant::now();
-            }
-            let r = done.reply_to;
-            match self
-                .flows
-                .get_mut(r.slot as usize)
-                .and_then(Option::as_mut)
-                .filter(|f| f.generation == r.generation)
-            {
-                Some(flow) => {
-                    flow.in_flight = flow.in_flight.saturating_sub(1);
-                    let (nas_id, nas_auth) = (done.prepared.nas_id, done.prepared.nas_auth);
-                    let reply = &self.rbuf[..len];
-                    if flow
-                        .dedup
-                        .on_reply(nas_id, &nas_auth, reply, Instant::now(), &shared.dedup)
-                    {
-                        let (off, len) = self.out.keep(reply);
-                        self.out.nas.push((flow.remote, flow.local, off, len));
-                    } else {
-                        // The NAS has moved on to a new request with this Identifier.
-                        shared.metrics.proxy_drop("reply_superseded");
-                    }
-                }
-                None => shared.metrics.proxy_drop("flow_gone"),
+            if let Some((remote, local)) = send_to {
+                let (off, len) = self.out.keep(&self.rbuf[..len]);
+                self.out.nas.push((remote, local, off, len));
             }
         }
     }
@@ -1132,6 +1138,7 @@ impl Worker {
         let shared = self.shared.clone();
         self.ticks = self.ticks.wrapping_add(1);
         let mut due = Vec::new();
+        let mut expired = Vec::new();
         for (li, link) in self.links.iter_mut().enumerate() {
             let timeout = link.upstream.timeout;
             let (retry, max_retries) = (
@@ -1143,27 +1150,13 @@ impl Worker {
             {
                 for (si, slot) in port.socks.iter_mut().enumerate() {
                     let Some(up) = slot else { continue };
-                    for p in up.ids.expire(|p| now.duration_since(p.sent_at) > timeout) {
-                        shared.metrics.proxy_drop("upstream_timeout");
-                        link.upstream.health.on_unanswered(
-                            crate::pool::millis(now),
-                            (retry / 2).as_millis() as u64,
-                        );
-                        let r = p.reply_to;
-                        if let Some(f) = self
-                            .flows
-                            .get_mut(r.slot as usize)
-                            .and_then(Option::as_mut)
-                            .filter(|f| f.generation == r.generation)
-                        {
-                            f.in_flight = f.in_flight.saturating_sub(1);
-                            f.dedup.on_give_up(p.prepared.nas_id, &p.prepared.nas_auth);
-                        }
-                        up.idle_since = now;
-                    }
-                    // Our own retransmissions, for NASes that do not retransmit.
                     let index = up_index(li, acct, si);
                     up.ids.for_each_mut(|id, p| {
+                        if now.duration_since(p.sent_at) > timeout {
+                            expired.push((index, id));
+                            return;
+                        }
+                        // Our own retransmissions, for NASes that do not retransmit.
                         if p.retries < max_retries && now >= p.next_retry && !p.wire.is_empty() {
                             p.retries += 1;
                             p.next_retry = now + jittered(retry);
@@ -1179,6 +1172,19 @@ impl Worker {
                         debug!(upstream = %link.upstream.name, to = %port.to, "idle extra upstream socket closed");
                     }
                 }
+            }
+        }
+        for (index, id) in expired {
+            if let Some(p) = self.end(index, id, End::GivenUp, now) {
+                shared.metrics.proxy_drop("upstream_timeout");
+                let (li, ..) = split_up_index(index);
+                if let Some(link) = self.links.get(li) {
+                    let window = (link.upstream.options.retry / 2).as_millis() as u64;
+                    link.upstream
+                        .health
+                        .on_unanswered(crate::pool::millis(now), window);
+                }
+                debug!(remote = %p.reply_to.remote, client = %p.client.name, "request given up: no answer upstream");
             }
         }
         for (index, id) in due {
@@ -1275,6 +1281,63 @@ fn up_sock(links: &mut [Link], index: usize) -> Option<&mut UpSock> {
         &mut link.auth
     };
     port.socks.get_mut(si)?.as_mut()
+}
+
+/// Ends the request in flight at (`index`, `id`): the one operation that frees its upstream
+/// Identifier, takes it off its flow's in-flight count and ends its dedup entry (answered:
+/// the reply is cached for retransmissions; given up or moved: forgotten, so the NAS's next
+/// retransmission is forwarded anew). Returns the request, and for an answer where to send
+/// the reply: to the flow's NAS, even when the flow has ended meanwhile, unless the NAS has
+/// moved on to a new request with that Identifier.
+#[allow(clippy::type_complexity)]
+fn end_request(
+    shared: &Shared,
+    links: &mut [Link],
+    flows: &mut [Option<Flow>],
+    index: usize,
+    id: u8,
+    end: End<'_>,
+    now: Instant,
+) -> Option<(Pending, Option<(SocketAddr, SocketAddr)>)> {
+    let up = up_sock(links, index)?;
+    let p = up.ids.take(id)?;
+    if up.ids.in_flight() == 0 {
+        up.idle_since = now;
+    }
+    shared.metrics.requests_in_flight.dec();
+    let r = p.reply_to;
+    let (nas_id, nas_auth) = (p.prepared.nas_id, p.prepared.nas_auth);
+    let tag = UpRef { index, id };
+    let flow = flows
+        .get_mut(r.slot as usize)
+        .and_then(Option::as_mut)
+        .filter(|f| f.generation == r.generation);
+    let mut send_to = None;
+    match (flow, end) {
+        (Some(f), end) => {
+            f.in_flight = f.in_flight.saturating_sub(1);
+            match end {
+                End::Answered(reply) => {
+                    if f.dedup
+                        .on_reply(nas_id, &nas_auth, reply, now, &shared.dedup)
+                    {
+                        send_to = Some((f.remote, f.local));
+                    } else {
+                        // The NAS has moved on to a new request with this Identifier.
+                        shared.metrics.proxy_drop("reply_superseded");
+                    }
+                }
+                End::GivenUp | End::Moved => f.dedup.on_give_up(nas_id, &nas_auth, tag),
+            }
+        }
+        // The flow ended (evicted) while this was in flight: its NAS still gets the answer.
+        (None, End::Answered(_)) => {
+            shared.metrics.local_answer("after_flow_ended");
+            send_to = Some((r.remote, r.local));
+        }
+        (None, End::GivenUp | End::Moved) => {}
+    }
+    Some((p, send_to))
 }
 
 /// The flow's client: known, or learnt from this request (NAT).
@@ -1435,14 +1498,15 @@ fn jittered(d: Duration) -> Duration {
 }
 
 /// RFC 5997: a Status-Server from a NAS is answered by the sidecar itself (never forwarded),
-/// with Access-Accept on an authentication port and Accounting-Response on an accounting
-/// port (1813, 1646); one without a valid Message-Authenticator is dropped.
+/// with Access-Accept on an authentication listener and Accounting-Response on an
+/// accounting one (by the listener's role); one without a valid Message-Authenticator is
+/// dropped.
 fn answer_status_server(
     shared: &Shared,
     client: &Client,
     request: &[u8],
-    remote: SocketAddr,
-    local: SocketAddr,
+    (remote, local): (SocketAddr, SocketAddr),
+    accounting: bool,
     out: &mut Outbox,
 ) {
     let Ok(p) = Packet::parse(request) else {
@@ -1459,7 +1523,7 @@ fn answer_status_server(
         shared.metrics.proxy_drop("bad_signature");
         return;
     }
-    let code = if matches!(local.port(), 1813 | 1646) {
+    let code = if accounting {
         Code::AccountingResponse
     } else {
         Code::AccessAccept

@@ -27,13 +27,32 @@ fn sidecar(ns: &NetNs, tag: &str, fast: bool, upstream: &str) -> Daemon {
 
 /// As [`sidecar`], the NASes' client naming `target` (an upstream or a pool).
 fn sidecar_to(ns: &NetNs, tag: &str, fast: bool, upstream: &str, target: Option<&str>) -> Daemon {
+    sidecar_on(
+        ns,
+        tag,
+        fast,
+        upstream,
+        target,
+        r#""127.0.0.1:1812", "127.0.0.1:1813""#,
+    )
+}
+
+/// As [`sidecar_to`], listening on `listen` (the inside of a TOML array).
+fn sidecar_on(
+    ns: &NetNs,
+    tag: &str,
+    fast: bool,
+    upstream: &str,
+    target: Option<&str>,
+    listen: &str,
+) -> Daemon {
     let target = target.map_or(String::new(), |t| format!("upstream = \"{t}\"\n"));
     sidecar_with_config(
         ns,
         tag,
         &format!(
             r#"[server]
-listen = ["127.0.0.1:1812", "127.0.0.1:1813"]
+listen = [{listen}]
 workers = 2
 iface = "lo"
 ebpf = "{}"
@@ -168,11 +187,20 @@ fn status_server_is_answered_by_the_sidecar(fast: bool) {
     }
     let ns = NetNs::new("pgstatus");
     let _fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], USERS, 11812);
-    let _d = sidecar(&ns, "pg-status", fast, &freeradius_upstream());
+    // Roles by port (1812, 1813), and said outright on ports that tell nothing or the
+    // opposite.
+    let _d = sidecar_on(
+        &ns,
+        "pg-status",
+        fast,
+        &freeradius_upstream(),
+        None,
+        r#""127.0.0.1:1812", "127.0.0.1:1813", "127.0.0.1:1700/acct", "127.0.0.1:1646/auth""#,
+    );
     let got = ns.run(|| {
         let s = nas("127.0.2.1");
         let mut out = Vec::new();
-        for (id, port) in [(1u8, 1812u16), (2, 1813)] {
+        for (id, port) in [(1u8, 1812u16), (2, 1813), (3, 1700), (4, 1646)] {
             let mut buf = [0u8; 4096];
             let p = edit::status_server(&mut buf, id, NAS_SECRET.as_bytes()).unwrap();
             let (req, a) = (p.as_bytes().to_vec(), p.authenticator());
@@ -204,12 +232,14 @@ fn status_server_is_answered_by_the_sidecar(fast: bool) {
         vec![
             Code::AccessAccept,
             Code::AccountingResponse,
+            Code::AccountingResponse,
+            Code::AccessAccept,
             Code::StatusServer
         ],
-        "Access-Accept on auth, Accounting-Response on acct, nothing without MA"
+        "Access-Accept on auth listeners, Accounting-Response on acct ones, nothing without MA"
     );
     let m = |s: &str| metric(&ns, METRICS, s);
-    assert_eq!(m("radius_local_answers_total{reason=\"status_server\"}"), 2);
+    assert_eq!(m("radius_local_answers_total{reason=\"status_server\"}"), 4);
     assert_eq!(m("radius_forwarded_total"), 0, "never forwarded");
     assert_eq!(
         m("radius_proxy_drops_total{reason=\"status_server_without_message_authenticator\"}"),
@@ -286,6 +316,71 @@ fn fast_path_hostile_upstream_answers_never_reach_the_nas() {
 #[test]
 fn user_space_path_hostile_upstream_answers_never_reach_the_nas() {
     hostile_upstream_answers_never_reach_the_nas(false);
+}
+
+/// A send to the upstream that the kernel refuses (its route prohibited for a moment) ends
+/// the request whole: Identifier, dedup entry, in-flight count. The NAS's retransmission of
+/// that same request is then forwarded anew and answered, not swallowed as "in flight".
+fn a_request_whose_send_failed_is_answered_on_the_nas_retransmission(fast: bool) {
+    if !require_root("proxy-grade send failure") {
+        return;
+    }
+    let side = NetNs::new("pgsendfail");
+    let up = NetNs::new("pgsendup");
+    sh(&[
+        "ip", "link", "add", "sfa", "netns", &side.name, "type", "veth", "peer", "name", "sfb",
+        "netns", &up.name,
+    ]);
+    side.ip(&["addr", "add", "203.0.113.1/24", "dev", "sfa"]);
+    side.ip(&["link", "set", "sfa", "up"]);
+    up.ip(&["addr", "add", "203.0.113.2/24", "dev", "sfb"]);
+    up.ip(&["link", "set", "sfb", "up"]);
+    let _r = up
+        .run(|| {
+            Responder::start(
+                ([203, 0, 113, 2], 41812).into(),
+                UP_SECRET.as_bytes(),
+                Behaviour::Correct,
+            )
+        })
+        .expect("the responder binds");
+    let upstream = format!(
+        "[[upstream]]\nname = \"own\"\nauth = \"203.0.113.2:41812\"\nsecret = \"{UP_SECRET}\"\nretry_ms = 10000\n"
+    );
+    let mut d = sidecar(&side, "pg-sendfail", fast, &upstream);
+    assert!(d.wait_for_log("upstream answers Status-Server", Duration::from_secs(5)));
+    let m = |s: &str| metric(&side, METRICS, s);
+    // One NAS socket: a retransmission comes from the same flow.
+    let s = side.run(|| nas("127.0.2.1"));
+    assert!(ask(&s, &pap_request(7, "alice", "alice-pw", NAS_SECRET, &[]).0).is_some());
+
+    side.ip(&["route", "add", "prohibit", "203.0.113.2/32"]);
+    let (req, _) = pap_request(8, "alice", "alice-pw", NAS_SECRET, &[]);
+    assert!(ask(&s, &req).is_none(), "no route: no answer");
+    assert!(m("radius_proxy_drops_total{reason=\"send_to_upstream\"}") >= 1);
+    assert_eq!(
+        m("radius_requests_in_flight"),
+        0,
+        "the failed send ended the request"
+    );
+
+    side.ip(&["route", "del", "prohibit", "203.0.113.2/32"]);
+    assert!(
+        ask(&s, &req).is_some(),
+        "the NAS's retransmission of the same request gets a fresh answer"
+    );
+    assert_eq!(m("radius_requests_in_flight"), 0);
+    assert_eq!(m("radius_relayed_total"), 2);
+}
+
+#[test]
+fn fast_path_a_request_whose_send_failed_is_answered_on_the_nas_retransmission() {
+    a_request_whose_send_failed_is_answered_on_the_nas_retransmission(true);
+}
+
+#[test]
+fn user_space_path_a_request_whose_send_failed_is_answered_on_the_nas_retransmission() {
+    a_request_whose_send_failed_is_answered_on_the_nas_retransmission(false);
 }
 
 #[test]
