@@ -11,7 +11,7 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    codec::{Packet, attr, auth, auth::Secret},
+    codec::{Code, Packet, attr, auth, auth::Secret},
     proxy::YesNoAuto,
 };
 
@@ -111,6 +111,121 @@ impl Client {
             YesNoAuto::Auto => {
                 self.learned.0.load(std::sync::atomic::Ordering::Relaxed) & SEEN_MA != 0
             }
+        }
+    }
+}
+
+/// A shared secret as written in a configuration file or given by a directory: text that is
+/// never echoed (its `Debug` shows only its length, and a value of the wrong type is refused
+/// without quoting it, as serde's own messages would).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretText(zeroize::Zeroizing<String>);
+
+impl SecretText {
+    pub fn new(s: String) -> Self {
+        Self(zeroize::Zeroizing::new(s))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretText({} bytes)", self.0.len())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        const WRONG: &str = "a secret must be a quoted string";
+        impl serde::de::Visitor<'_> for Text {
+            type Value = SecretText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a quoted string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretText, E> {
+                Ok(SecretText::new(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<SecretText, E> {
+                Ok(SecretText::new(v))
+            }
+            // serde's defaults would quote the value in the error.
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<SecretText, E> {
+                Err(E::custom(WRONG))
+            }
+        }
+        // Any: a deserializer asked for a string reports other types itself, value and all.
+        d.deserialize_any(Text)
+    }
+}
+
+/// What a packet proves about its source: only a signature made with the client's secret
+/// does. An upstream's answer proves nothing (it answers spoofed requests too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// A Message-Authenticator (Access-Request, Status-Server) or a Request Authenticator
+    /// (Accounting-Request) that verified with the client's secret.
+    Proved,
+    /// Nothing to verify: an Access-Request without Message-Authenticator from a client
+    /// that need not send one. It may be relayed, but it proves nothing.
+    Unverifiable,
+    /// Not relayed; the reason as counted in `radius_proxy_drops_total`.
+    Refused(&'static str),
+}
+
+impl Client {
+    /// What `packet` (a datagram from a NAS, not yet part of a flow it has proved) proves.
+    /// Learns nothing: the packet is checked again, and learnt from, when it is relayed.
+    pub fn proof(&self, packet: &[u8]) -> Proof {
+        let Ok(p) = Packet::parse(packet) else {
+            return Proof::Refused("malformed");
+        };
+        let has_ma = p.message_authenticator_offset().is_some();
+        match p.code() {
+            Code::AccessRequest if !has_ma => {
+                if self.requires_message_authenticator() {
+                    Proof::Refused("no_message_authenticator")
+                } else {
+                    Proof::Unverifiable
+                }
+            }
+            Code::StatusServer if !has_ma => {
+                Proof::Refused("status_server_without_message_authenticator")
+            }
+            Code::AccessRequest | Code::StatusServer | Code::AccountingRequest => {
+                match auth::verify(&p, &self.secret, None) {
+                    Ok(()) => Proof::Proved,
+                    Err(_) => Proof::Refused("bad_signature"),
+                }
+            }
+            // Answers to CoA requests belong to a flow that sent one; nothing else is
+            // taken from a NAS.
+            _ => Proof::Refused("not_forwarded"),
         }
     }
 }
@@ -286,6 +401,75 @@ mod tests {
         assert!(
             identify(&cands, &packet("ap-a", b"secret-a", false)).is_none(),
             "no MA, no proof"
+        );
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_refused_without_quoting_it() {
+        #[derive(serde::Deserialize, Debug)]
+        struct S {
+            #[allow(dead_code)]
+            secret: SecretText,
+        }
+        for text in [
+            "secret = 31415926535",
+            "secret = 3.1415926535",
+            "secret = true",
+            "secret = [31415926535]",
+        ] {
+            let e = toml::from_str::<S>(text).unwrap_err();
+            assert!(!e.message().contains("31415926535"), "{text}: {e}");
+            assert!(!e.message().contains("true"), "{text}: {e}");
+        }
+        let e = serde_json::from_str::<S>(r#"{"secret": 31415926535}"#).unwrap_err();
+        assert!(!e.to_string().contains("31415926535"), "{e}");
+        let ok: S = toml::from_str("secret = \"31415926535\"").unwrap();
+        assert_eq!(format!("{ok:?}"), "S { secret: SecretText(11 bytes) }");
+    }
+
+    #[test]
+    fn only_a_signature_with_the_clients_secret_proves_a_source() {
+        use crate::codec::{PacketMut, edit};
+        let mut c = client("192.0.2.0/24", "the-secret");
+        c.require_message_authenticator = YesNoAuto::Auto;
+        let access = |ma: bool, secret: &[u8]| {
+            let mut buf = [0u8; 4096];
+            let mut p = PacketMut::new(&mut buf, Code::AccessRequest, 1).unwrap();
+            p.set_authenticator(&auth::random_authenticator());
+            if ma {
+                p.message_authenticator_first().unwrap();
+            }
+            p.push(attr::USER_NAME, b"u").unwrap();
+            p.sign(secret, None).unwrap();
+            p.as_bytes().to_vec()
+        };
+        let accounting = |secret: &[u8]| {
+            let mut buf = [0u8; 4096];
+            let mut p = PacketMut::new(&mut buf, Code::AccountingRequest, 1).unwrap();
+            p.push(attr::ACCT_STATUS_TYPE, &1u32.to_be_bytes()).unwrap();
+            p.sign(secret, None).unwrap();
+            p.as_bytes().to_vec()
+        };
+        assert_eq!(c.proof(&access(true, b"the-secret")), Proof::Proved);
+        assert_eq!(
+            c.proof(&access(true, b"spoofer")),
+            Proof::Refused("bad_signature")
+        );
+        assert_eq!(c.proof(&access(false, b"spoofer")), Proof::Unverifiable);
+        assert_eq!(c.proof(&accounting(b"the-secret")), Proof::Proved);
+        assert_eq!(
+            c.proof(&accounting(b"spoofer")),
+            Proof::Refused("bad_signature")
+        );
+        let mut buf = [0u8; 64];
+        let st = edit::status_server(&mut buf, 1, b"the-secret").unwrap();
+        assert_eq!(c.proof(st.as_bytes()), Proof::Proved);
+        assert_eq!(c.proof(&[1, 2, 0, 3]), Proof::Refused("malformed"));
+        // Once the client is known to sign, an unsigned request is refused outright.
+        c.require_message_authenticator = YesNoAuto::Yes;
+        assert_eq!(
+            c.proof(&access(false, b"the-secret")),
+            Proof::Refused("no_message_authenticator")
         );
     }
 

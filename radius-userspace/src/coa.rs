@@ -62,36 +62,80 @@ impl NasName {
 }
 
 /// Where a NAS's flow lives: its worker and its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowHandle {
     pub worker: usize,
     pub key: FlowKey,
 }
 
 /// The NASes seen on flows, by name. Written once per flow (its first request that names
-/// its NAS), read once per CoA-Request: never per packet.
+/// its NAS, and again when the flow proves itself), read once per CoA-Request: never per
+/// packet. A name held by a proved flow is not taken by a provisional one, so spoofed
+/// requests cannot divert a NAS's CoA.
 #[derive(Debug, Default)]
 pub struct NasDirectory {
-    map: Mutex<HashMap<NasName, FlowHandle>>,
+    inner: Mutex<Names>,
+}
+
+#[derive(Debug, Default)]
+struct Names {
+    /// Name -> (flow, whether that flow has proved itself).
+    map: HashMap<NasName, (FlowHandle, bool)>,
+    /// Flow -> the names it registered: forgetting a flow costs its own names only.
+    by_flow: HashMap<FlowHandle, Vec<NasName>>,
 }
 
 impl NasDirectory {
-    pub fn register(&self, names: Vec<NasName>, at: FlowHandle) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn register(&self, names: Vec<NasName>, at: FlowHandle, proved: bool) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Names { map, by_flow } = &mut *g;
         for n in names {
-            m.insert(n, at);
+            if let Some((holder, true)) = map.get(&n)
+                && !proved
+                && *holder != at
+            {
+                continue;
+            }
+            if let Some((old, _)) = map.insert(n.clone(), (at, proved))
+                && old != at
+                && let Some(v) = by_flow.get_mut(&old)
+            {
+                v.retain(|x| *x != n);
+            }
+            let mine = by_flow.entry(at).or_default();
+            if !mine.contains(&n) {
+                mine.push(n);
+            }
         }
     }
 
     /// Forgets the names that point at a flow that ended.
     pub fn forget(&self, at: FlowHandle) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, v| *v != at);
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Names { map, by_flow } = &mut *g;
+        for n in by_flow.remove(&at).unwrap_or_default() {
+            if map.get(&n).is_some_and(|(h, _)| *h == at) {
+                map.remove(&n);
+            }
+        }
     }
 
     pub fn find(&self, names: &[NasName]) -> Option<FlowHandle> {
-        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        names.iter().find_map(|n| m.get(n).copied())
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        names.iter().find_map(|n| g.map.get(n).map(|(h, _)| *h))
+    }
+
+    /// Names registered (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -240,9 +284,52 @@ mod tests {
                 "192.0.2.1:1812".parse().unwrap(),
             ),
         };
-        d.register(vec![NasName::IpAddress(Ipv4Addr::new(192, 0, 2, 7))], at);
+        d.register(
+            vec![NasName::IpAddress(Ipv4Addr::new(192, 0, 2, 7))],
+            at,
+            true,
+        );
         assert_eq!(d.find(&names), Some(at));
         d.forget(at);
         assert_eq!(d.find(&names), None);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_provisional_flow_cannot_take_a_proved_flows_name() {
+        let handle = |port: u16| FlowHandle {
+            worker: 0,
+            key: crate::socket::flow_key(
+                SocketAddr::from(([192, 0, 2, 7], port)),
+                "192.0.2.1:1812".parse().unwrap(),
+            ),
+        };
+        let (real, spoofed, later) = (handle(1000), handle(2000), handle(3000));
+        let name = || vec![NasName::Identifier(b"ap-1".to_vec())];
+        let d = NasDirectory::default();
+        d.register(name(), real, true);
+        d.register(name(), spoofed, false);
+        assert_eq!(
+            d.find(&name()),
+            Some(real),
+            "spoofed requests divert no CoA"
+        );
+        d.forget(spoofed);
+        assert_eq!(d.find(&name()), Some(real));
+        // A proved flow of the same NAS (it moved port) takes the name over.
+        d.register(name(), later, true);
+        assert_eq!(d.find(&name()), Some(later));
+        d.forget(real);
+        assert_eq!(
+            d.find(&name()),
+            Some(later),
+            "forgetting the old flow keeps the new"
+        );
+        d.forget(later);
+        assert!(d.is_empty());
+        // Between provisional flows (NASes that sign nothing), the latest wins.
+        d.register(name(), spoofed, false);
+        d.register(name(), real, false);
+        assert_eq!(d.find(&name()), Some(real));
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    client::{Client, ClientTable, NasKey},
+    client::{Client, ClientTable, NasKey, SecretText},
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode, Listener},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
@@ -117,6 +117,11 @@ struct Server {
     cleanup_delay: u64,
     /// Most flows (also bounded by the open-file limit); 0 = that limit.
     max_flows: usize,
+    /// Most flows not yet proved by a signed request (they hold no socket); 0 = as many as
+    /// max_flows.
+    max_provisional_flows: usize,
+    /// Seconds without a packet after which a flow not yet proved ends.
+    provisional_idle_timeout: u64,
     /// Packets per second and burst allowed per source without a flow (XDP).
     new_source_pps: u64,
     new_source_burst: u64,
@@ -137,6 +142,8 @@ impl Default for Server {
             idle_timeout: d.idle_timeout.as_secs(),
             cleanup_delay: d.cleanup_delay.as_secs(),
             max_flows: 0,
+            max_provisional_flows: 0,
+            provisional_idle_timeout: d.provisional_idle_timeout.as_secs(),
             new_source_pps: d.new_source_pps,
             new_source_burst: d.new_source_burst,
             metrics: "127.0.0.1:9812".into(),
@@ -154,7 +161,7 @@ struct UpstreamSection {
     auth: SocketAddr,
     /// Where Accounting-Requests go.
     acct: Option<SocketAddr>,
-    secret: String,
+    secret: SecretText,
     /// Milliseconds before a request without an answer is given up.
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
@@ -224,7 +231,7 @@ fn default_auto() -> Spanned<String> {
 struct ClientSection {
     /// An address or prefix ("192.0.2.0/24", "2001:db8::/48").
     prefix: Spanned<String>,
-    secret: String,
+    secret: SecretText,
     /// Short name for logs and metrics (default: the prefix).
     name: Option<String>,
     /// Upstream name (default: the first upstream).
@@ -289,6 +296,28 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The key written on the line at `offset`, with its table (`upstream.secret`), for errors
+/// the TOML parser reports without one; "-" when the line holds no key. Never the value.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return "-".into();
+    };
+    let key = key.trim().trim_matches('"');
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    }
+}
+
 impl Config {
     /// Reads the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -322,8 +351,9 @@ impl Config {
         };
         let f: File = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            // toml names the field in its message ("unknown field `x`", "missing field").
-            err(span, "-", e.message().to_owned())
+            // The message alone (toml's Display would quote the line, secret and all).
+            let key = key_at(text, span.start);
+            err(span, &key, e.message().to_owned())
         })?;
         let (server_span, server) = match f.server {
             Some(s) => (s.span(), s.into_inner()),
@@ -360,6 +390,10 @@ impl Config {
         daemon.idle_timeout = Duration::from_secs(server.idle_timeout.max(1));
         daemon.cleanup_delay = Duration::from_secs(server.cleanup_delay);
         daemon.max_flows = (server.max_flows > 0).then_some(server.max_flows);
+        daemon.max_provisional_flows =
+            (server.max_provisional_flows > 0).then_some(server.max_provisional_flows);
+        daemon.provisional_idle_timeout =
+            Duration::from_secs(server.provisional_idle_timeout.max(1));
         daemon.new_source_pps = server.new_source_pps;
         daemon.new_source_burst = server.new_source_burst;
         daemon.metrics_listen = if server.metrics == "none" {
@@ -712,6 +746,36 @@ mod tests {
         .unwrap();
         assert_eq!((e.line, e.key.as_str()), (3, "server.listen"));
         assert!(e.message.contains("accounting"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_and_never_quote_a_secret() {
+        for (text, line, key) in [
+            (
+                "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = hunter2-bare\n",
+                4,
+                "upstream.secret",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"hunter2-open\n",
+                4,
+                "upstream.secret",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = 20242025\n",
+                4,
+                "upstream.secret",
+            ),
+            ("[server]\nworkers = \"two\"\n", 2, "server.workers"),
+        ] {
+            let e = Config::from_toml(text, "f.toml").err().unwrap();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("20242025"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

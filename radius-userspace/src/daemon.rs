@@ -126,6 +126,11 @@ pub struct DaemonConfig {
     pub cleanup_delay: Duration,
     /// Upper bound on flows; the open-file limit may lower it.
     pub max_flows: Option<usize>,
+    /// Most flows that have not proved their client's secret (none: as many as
+    /// `max_flows`). They hold no socket.
+    pub max_provisional_flows: Option<usize>,
+    /// A provisional flow with no packet for this long ends (at least `cleanup_delay`).
+    pub provisional_idle_timeout: Duration,
     /// Receive buffer of each wildcard, bytes.
     pub wildcard_rcvbuf: usize,
     /// `guard`'s limit for sources without a flow: packets per second and burst (0: off).
@@ -150,6 +155,8 @@ impl Default for DaemonConfig {
             idle_timeout: Duration::from_secs(300),
             cleanup_delay: Duration::from_secs(5),
             max_flows: None,
+            max_provisional_flows: None,
+            provisional_idle_timeout: Duration::from_secs(10),
             wildcard_rcvbuf: 4 << 20,
             new_source_pps: 2_000,
             new_source_burst: 4_000,
@@ -183,9 +190,14 @@ pub(crate) struct Shared {
     pub proxy_state: [u8; 8],
     pub fastpath: Option<Mutex<FastPath>>,
     pub metrics: Arc<Metrics>,
+    /// Flows with a child socket (proved ones), in all workers, and their bound.
     pub active: AtomicUsize,
     pub max_flows: usize,
+    /// Flows that have not proved themselves, in all workers, and their bound.
+    pub provisional_flows: AtomicUsize,
+    pub max_provisional: usize,
     pub idle_timeout: Duration,
+    pub provisional_idle: Duration,
     pub dedup: crate::dedup::DedupTimers,
     pub cancel: CancellationToken,
 }
@@ -202,9 +214,14 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
     let fd_bound = nofile.saturating_sub(FD_RESERVE) as usize;
     let max_flows = config.max_flows.map_or(fd_bound, |m| m.min(fd_bound));
+    // Provisional flows hold no socket: memory only, bounded on their own.
+    let max_provisional = config.max_provisional_flows.unwrap_or(max_flows).max(1);
     info!(
         open_files_limit = nofile,
-        max_flows, "open-file limit {nofile}: at most {max_flows} flows (one socket each)"
+        max_flows,
+        max_provisional,
+        "open-file limit {nofile}: at most {max_flows} flows with a socket each, and \
+         {max_provisional} provisional ones (not yet proved by a signed request; no socket)"
     );
     metrics.open_files_limit.set(nofile as i64);
     for u in &upstreams {
@@ -267,7 +284,11 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         metrics: metrics.clone(),
         active: AtomicUsize::new(0),
         max_flows,
+        provisional_flows: AtomicUsize::new(0),
+        max_provisional,
         idle_timeout: config.idle_timeout,
+        // A flow outlives its cached replies (RFC 5080 retransmissions hit the cache).
+        provisional_idle: config.provisional_idle_timeout.max(config.cleanup_delay),
         dedup: crate::dedup::DedupTimers {
             cleanup_delay: config.cleanup_delay,
             ..Default::default()

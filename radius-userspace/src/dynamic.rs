@@ -17,13 +17,16 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{client::Client, codec::auth::Secret};
+use crate::{
+    client::{Client, SecretText},
+    codec::auth::Secret,
+};
 
 /// What a directory says about one source address.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Definition {
-    pub secret: String,
+    pub secret: SecretText,
     pub name: Option<String>,
     pub upstream: Option<String>,
     #[serde(default)]
@@ -54,7 +57,6 @@ pub enum Directory {
 }
 
 /// A connection pool, opened on first use (`sqlite:` or `postgres://` URL).
-#[derive(Debug)]
 pub struct SqlDirectory {
     pub url: String,
     /// Upstream names: a row's `server` column picks one when it names one.
@@ -66,6 +68,28 @@ pub struct SqlDirectory {
 enum SqlPool {
     Sqlite(sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
+}
+
+impl std::fmt::Debug for SqlDirectory {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqlDirectory({})", redacted(&self.url))
+    }
+}
+
+/// `url` without the password of its user part (`postgres://user:***@host/db`).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}/{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 type NasRow = (String, Option<String>, String, Option<String>);
@@ -139,7 +163,7 @@ impl SqlDirectory {
             })
             .max_by_key(|(len, _)| *len);
         Ok(best.map(|(_, (_, shortname, secret, server))| Definition {
-            secret,
+            secret: SecretText::new(secret),
             name: shortname.filter(|s| !s.is_empty()),
             // FreeRADIUS's `server` is a virtual server; it picks an upstream only when one
             // has that name.
@@ -230,7 +254,7 @@ async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, Direct
     let e = |m: String| DirectoryError::Http(m);
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| e(format!("`{url}`: only http:// is supported")))?;
+        .ok_or_else(|| e(format!("`{}`: only http:// is supported", redacted(url))))?;
     let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
     let addr: SocketAddr = hostport
         .parse()

@@ -7,9 +7,10 @@
 //! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`coa`]: CoA and Disconnect requests from upstreams to NASes, through their flows.
-//! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`], [`pool`]: the
-//!   configuration model, static and dynamic clients, forwarding, RFC 5080 duplicate
-//!   detection, upstream pools and health (sans-IO).
+//! - [`config`], [`client`], [`dynamic`], [`proxy`], [`dedup`], [`pool`], [`admission`]:
+//!   the configuration model, static and dynamic clients, forwarding, RFC 5080 duplicate
+//!   detection, upstream pools and health, provisional flows (sans-IO).
+pub mod admission;
 pub mod client;
 pub mod coa;
 pub mod codec;

@@ -41,6 +41,9 @@ pub enum Refusal {
     DirectoryRefused,
     /// The packet queue of a source being defined was full.
     PendingFull,
+    /// Provisional flows are at their share of `max_flows` and this worker has none to
+    /// evict.
+    ProvisionalFull,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +89,12 @@ pub struct Metrics {
     pub flows_created: Counter,
     pub flows_ended: Counter,
     pub flows_active: Gauge,
+    /// Flows that have not proved their client's secret yet (see crate::admission).
+    pub flows_provisional: Gauge,
+    /// Flows that proved it (made proved, or turned so).
+    pub flows_proved: Counter,
+    /// Provisional flows ended to make room, by what was full.
+    pub flows_evicted: Family<ReasonLabel, Counter>,
     pub refused: Family<RefusalLabel, Counter>,
     pub kernel: Family<KernelLabel, Counter>,
     pub misdelivered: Counter,
@@ -131,6 +140,24 @@ impl Metrics {
         );
         let flows_active = Gauge::default();
         registry.register("flows_active", "Flows alive now", flows_active.clone());
+        let flows_provisional = Gauge::default();
+        registry.register(
+            "flows_provisional",
+            "Flows alive now that have not proved their client's secret",
+            flows_provisional.clone(),
+        );
+        let flows_proved = Counter::default();
+        registry.register(
+            "flows_proved",
+            "Flows that proved their client's secret (a signed request)",
+            flows_proved.clone(),
+        );
+        let flows_evicted = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "flows_evicted",
+            "Provisional flows ended to make room, by what was full",
+            flows_evicted.clone(),
+        );
         let refused = Family::<RefusalLabel, Counter>::default();
         registry.register("refused", "Packets not taken, by reason", refused.clone());
         let kernel = Family::<KernelLabel, Counter>::default();
@@ -226,6 +253,9 @@ impl Metrics {
             flows_created,
             flows_ended,
             flows_active,
+            flows_provisional,
+            flows_proved,
+            flows_evicted,
             refused,
             kernel,
             misdelivered,
@@ -289,6 +319,12 @@ impl Metrics {
                 name: name.to_owned(),
             })
             .set(i64::from(on));
+    }
+
+    pub fn flow_evicted(&self, reason: &'static str) {
+        self.flows_evicted
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn refuse(&self, reason: Refusal) {

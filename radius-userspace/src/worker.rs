@@ -9,6 +9,12 @@
 //! and the worker owns its flow table, so injection of a packet that reached the wildcard for
 //! a known flow is a plain call of the same handler a child read uses.
 //!
+//! A flow is made only for packets that pass their client's signature, or carry none to
+//! check; until one of its requests proves the client's secret it is *provisional* (see
+//! [`crate::admission`]): such flows have a bounded share of `max_flows`, a short idle
+//! lifetime, and are evicted least recently seen first when room is needed. Their requests
+//! in flight are still answered.
+//!
 //! Flows end after `idle_timeout` without traffic and nothing in flight: the worker
 //! unregisters the child from steer first (later packets reach the wildcard), drains it,
 //! closes it, and handles what it drained as wildcard packets, so nothing is lost.
@@ -27,7 +33,8 @@ use radius_common::FlowKey;
 use tracing::{debug, info, warn};
 
 use crate::{
-    client::{self as clients, Binding, Client},
+    admission::Provisional,
+    client::{self as clients, Binding, Client, Proof},
     coa::{CoaJob, FlowHandle, NasName},
     codec::{Code, Packet, PacketMut, auth},
     daemon::{Shared, lock},
@@ -85,19 +92,21 @@ enum End<'a> {
 
 type Pending = InFlight<FlowRef>;
 
-/// One flow: its child socket, its client (once known) and its counters.
+/// One flow: its child socket, its client and its counters.
 struct Flow {
     key: FlowKey,
     remote: SocketAddr,
     local: SocketAddr,
-    child: UdpSocket,
-    binding: Binding,
-    /// The flow's client, once known (at once, or for NAT from the first proven request;
-    /// the flow keeps it).
-    bound: Option<Arc<Client>>,
+    /// Its own socket, once it has proved its source (provisional flows have none).
+    child: Option<UdpSocket>,
+    /// The flow's client, known before the flow is made (for NAT, from its first proven
+    /// request; the flow keeps it).
+    client: Arc<Client>,
     /// Its place in load-balancing pools.
     hash: u64,
     generation: u32,
+    /// One of its requests carried a signature made with its client's secret.
+    proved: bool,
     last_seen: Instant,
     in_flight: u32,
     /// RFC 5080: requests in flight and recent replies, by Identifier.
@@ -218,6 +227,10 @@ struct Worker {
     by_key: HashMap<FlowKey, usize>,
     next_generation: u32,
     pending: HashMap<FlowKey, PendingFlow>,
+    /// This worker's flows that have not proved themselves, least recently seen first.
+    provisional: Provisional<usize>,
+    /// Datagrams drained from closing children, handled once the round's events are.
+    requeue: Vec<(socket::Received, Bytes)>,
     links: Vec<Link>,
     /// The wildcard's receive buffer.
     wildcard_buf: Vec<u8>,
@@ -333,6 +346,8 @@ pub(crate) fn run(
         by_key: HashMap::new(),
         next_generation: 0,
         pending: HashMap::new(),
+        provisional: Provisional::default(),
+        requeue: Vec::new(),
         links,
         wildcard_buf: vec![0u8; 65_536],
         rbuf: vec![0u8; 65_536],
@@ -365,6 +380,7 @@ pub(crate) fn run(
         }
         if now >= next_tick {
             w.on_tick(now);
+            w.handle_requeued();
             w.flush();
             next_tick = now + TICK;
         }
@@ -383,6 +399,7 @@ pub(crate) fn run(
                 w.on_ready(t);
             }
         }
+        w.handle_requeued();
         w.flush();
     }
     w.shutdown();
@@ -424,7 +441,10 @@ impl Worker {
             return;
         };
         let (remote, local) = (flow.remote, flow.local);
-        let n = match flow.child.recv_from(&mut self.wbuf) {
+        let Some(child) = flow.child.as_ref() else {
+            return;
+        };
+        let n = match child.recv_from(&mut self.wbuf) {
             Ok((n, from)) if !socket::is_own_datagram(remote, from) => {
                 // A child's datagram from another peer (see socket::is_own_datagram).
                 self.shared.metrics.misdelivered.inc();
@@ -536,8 +556,11 @@ impl Worker {
         }
     }
 
-    /// Makes a flow: its child socket (registered with steer on the fast path), and handles
-    /// the packets that reached the wildcard for it, in order.
+    /// Makes a flow for packets that passed [`screen`], and handles them in order. A flow
+    /// that proved its source gets its child socket (registered with steer on the fast
+    /// path) at once; a provisional one has none (its packets keep reaching the wildcard,
+    /// its replies leave from it as every reply does) until it proves itself, so spoofed
+    /// sources cost no socket and no place in `max_flows`.
     fn create_flow(
         &mut self,
         remote: SocketAddr,
@@ -547,76 +570,126 @@ impl Worker {
     ) {
         let shared = self.shared.clone();
         let key = socket::flow_key(remote, local);
-        // Reserve the slot atomically: workers create flows concurrently.
-        let max = shared.max_flows;
-        if shared
-            .active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_err()
-        {
-            shared.metrics.refuse(Refusal::MaxFlows);
-            debug!(%remote, "max_flows reached: packet of a new flow dropped");
+        let Some((client, packets, proved)) = screen(&shared, &binding, packets) else {
+            debug!(%remote, "no flow for packets that prove nothing of their source");
             return;
-        }
-        let release = || shared.active.fetch_sub(1, Ordering::AcqRel);
-        let child = match socket::bind_child(shared.path, self.bound, local, remote)
-            .and_then(|c| c.set_nonblocking(true).map(|()| c))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                release();
-                shared.metrics.refuse(Refusal::ChildSocket);
-                warn!(%remote, %local, error = %e, "no child socket for a new flow");
+        };
+        if proved {
+            if !reserve(&shared.active, shared.max_flows) {
+                shared.metrics.refuse(Refusal::MaxFlows);
+                debug!(%remote, "max_flows reached: packet of a new flow dropped");
                 return;
             }
-        };
+        } else {
+            // At their bound, the provisional flow of this worker seen least recently
+            // makes room; a proved flow never does.
+            while !reserve(&shared.provisional_flows, shared.max_provisional) {
+                if !self.evict_oldest_provisional() {
+                    shared.metrics.refuse(Refusal::ProvisionalFull);
+                    debug!(%remote, "provisional flows at their bound: packet of a new flow dropped");
+                    return;
+                }
+            }
+        }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.flows.push(None);
             self.flows.len() - 1
         });
-        if let Err(e) = self.poller.add(&child, token(CHILD, slot)) {
-            self.free_slots.push(slot);
-            release();
-            shared.metrics.refuse(Refusal::ChildSocket);
-            warn!(%remote, error = %e, "cannot watch a new flow's child");
-            return;
-        }
-        if let Some(fp) = &shared.fastpath {
-            use std::os::fd::AsRawFd;
-            if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
-                self.free_slots.push(slot);
-                release();
-                shared.metrics.refuse(Refusal::Register);
-                warn!(%remote, error = %e, "steer cannot take a new flow");
-                return;
-            }
-        }
         self.next_generation = self.next_generation.wrapping_add(1);
+        let now = Instant::now();
         self.flows[slot] = Some(Flow {
             key,
             remote,
             local,
-            child,
-            binding,
-            bound: None,
+            child: None,
+            client,
             hash: flow_hash(&key),
             generation: self.next_generation,
-            last_seen: Instant::now(),
+            proved,
+            last_seen: now,
             in_flight: 0,
             dedup: Dedup::default(),
             named: false,
             coa: HashMap::new(),
             coa_next_id: 0,
         });
+        if proved {
+            if let Err(why) = self.open_child(slot) {
+                self.flows[slot] = None;
+                self.free_slots.push(slot);
+                shared.active.fetch_sub(1, Ordering::AcqRel);
+                shared.metrics.refuse(why);
+                return;
+            }
+            shared.metrics.flows_proved.inc();
+        } else {
+            self.provisional.insert(slot, now);
+            shared.metrics.flows_provisional.inc();
+        }
         self.by_key.insert(key, slot);
         shared.metrics.flows_created.inc();
         shared.metrics.flows_active.inc();
-        debug!(%remote, %local, path = shared.path.as_str(), "flow created");
+        debug!(%remote, %local, path = shared.path.as_str(), proved, "flow created");
         for data in packets {
             self.inject(slot, &data);
         }
+    }
+
+    /// Gives flow `slot` its child socket: bound to the flow's addresses, watched, and
+    /// registered with steer on the fast path.
+    fn open_child(&mut self, slot: usize) -> Result<(), Refusal> {
+        let shared = self.shared.clone();
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
+            return Err(Refusal::ChildSocket);
+        };
+        let (remote, local, key) = (flow.remote, flow.local, flow.key);
+        let child = socket::bind_child(shared.path, self.bound, local, remote)
+            .and_then(|c| c.set_nonblocking(true).map(|()| c))
+            .map_err(|e| {
+                warn!(%remote, %local, error = %e, "no child socket for a flow");
+                Refusal::ChildSocket
+            })?;
+        self.poller.add(&child, token(CHILD, slot)).map_err(|e| {
+            warn!(%remote, error = %e, "cannot watch a flow's child");
+            Refusal::ChildSocket
+        })?;
+        if let Some(fp) = &shared.fastpath {
+            use std::os::fd::AsRawFd;
+            if let Err(e) = lock(fp).register_child(&key, child.as_raw_fd()) {
+                self.poller.remove(&child);
+                warn!(%remote, error = %e, "steer cannot take a flow");
+                return Err(Refusal::Register);
+            }
+        }
+        flow.child = Some(child);
+        Ok(())
+    }
+
+    /// Provisional flow `slot` has proved its source: it gets its child socket and a place
+    /// in `max_flows`, and is never evicted from now on. With no place or no socket it
+    /// stays provisional (and is served from the wildcard).
+    fn promote(&mut self, slot: usize) {
+        let shared = self.shared.clone();
+        if !reserve(&shared.active, shared.max_flows) {
+            shared.metrics.refuse(Refusal::MaxFlows);
+            return;
+        }
+        if let Err(why) = self.open_child(slot) {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.refuse(why);
+            return;
+        }
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        // Its NAS names (for CoA) are registered again, as a proved flow's.
+        flow.proved = true;
+        flow.named = false;
+        self.provisional.remove(slot);
+        shared.provisional_flows.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.flows_provisional.dec();
+        shared.metrics.flows_proved.inc();
+        debug!(remote = %flow.remote, client = %flow.client.name, "flow proved");
     }
 
     /// The request of flow `slot` in `wbuf[..n]`: a retransmission is answered from the
@@ -624,16 +697,23 @@ impl Worker {
     /// anything else prepared for its client's upstream, given an Identifier of one of this
     /// worker's sockets to it, signed and queued.
     fn on_request(&mut self, slot: usize, n: usize) {
-        let shared = &self.shared;
         let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         let now = Instant::now();
         flow.last_seen = now;
-        let Some(client) = client_for(flow, &self.wbuf[..n]) else {
-            shared.metrics.proxy_drop("nat_unproven");
+        if !flow.proved {
+            if flow.client.proof(&self.wbuf[..n]) == Proof::Proved {
+                self.promote(slot);
+            } else {
+                self.provisional.touch(slot, now);
+            }
+        }
+        let shared = &self.shared;
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
+        let client = flow.client.clone();
         if n < crate::codec::HEADER_LEN {
             shared.metrics.proxy_drop("malformed");
             return;
@@ -670,6 +750,7 @@ impl Worker {
                         worker: self.me,
                         key: flow.key,
                     },
+                    flow.proved,
                 );
             }
             flow.named = true;
@@ -917,9 +998,9 @@ impl Worker {
             .get(&job.key)
             .and_then(|&slot| self.flows.get_mut(slot))
             .and_then(Option::as_mut);
-        let Some((flow, client)) = flow.and_then(|f| {
-            let c = f.bound.clone()?;
-            Some((f, c))
+        let Some((flow, client)) = flow.map(|f| {
+            let c = f.client.clone();
+            (f, c)
         }) else {
             shared.metrics.coa("nas_not_found");
             if let Ok(p) = Packet::parse(&job.packet)
@@ -1202,13 +1283,14 @@ impl Worker {
                 }
             }
         }
-        let idle = shared.idle_timeout;
+        let (idle, provisional_idle) = (shared.idle_timeout, shared.provisional_idle);
         let ended: Vec<usize> = self
             .flows
             .iter()
             .enumerate()
             .filter_map(|(i, f)| {
                 let f = f.as_ref()?;
+                let idle = if f.proved { idle } else { provisional_idle };
                 (f.in_flight == 0 && now.duration_since(f.last_seen) >= idle).then_some(i)
             })
             .collect();
@@ -1217,41 +1299,82 @@ impl Worker {
         }
     }
 
-    /// Ends an idle flow without losing what reaches it meanwhile.
+    /// Evicts this worker's provisional flow seen least recently, to make room; false when
+    /// it has none.
+    fn evict_oldest_provisional(&mut self) -> bool {
+        while let Some(slot) = self.provisional.oldest() {
+            if self
+                .flows
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|f| !f.proved)
+            {
+                self.shared.metrics.flow_evicted("provisional_bound");
+                self.end_flow(slot);
+                return true;
+            }
+            // Not a provisional flow (cannot happen): forget it and look again.
+            self.provisional.remove(slot);
+        }
+        false
+    }
+
+    /// Handles what closing children gave back, as packets that reached the wildcard.
+    fn handle_requeued(&mut self) {
+        while !self.requeue.is_empty() {
+            for (rx, data) in std::mem::take(&mut self.requeue) {
+                self.on_packet(rx, &data);
+            }
+        }
+    }
+
+    /// Ends a flow (idle, or evicted with requests in flight: their answers still reach the
+    /// NAS) without losing what reaches it meanwhile.
     fn end_flow(&mut self, slot: usize) {
         let Some(flow) = self.flows.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        // Unregister first so later packets reach the wildcard and start a new flow.
-        if let Some(fp) = &self.shared.fastpath {
-            lock(fp).unregister_child(&flow.key);
+        if !flow.proved {
+            self.provisional.remove(slot);
+            self.shared.provisional_flows.fetch_sub(1, Ordering::AcqRel);
+            self.shared.metrics.flows_provisional.dec();
         }
         self.by_key.remove(&flow.key);
-        self.poller.remove(&flow.child);
         if flow.named {
             self.shared.nas_directory.forget(FlowHandle {
                 worker: self.me,
                 key: flow.key,
             });
         }
-        let mut drained = Vec::new();
-        while let Ok((n, from)) = flow.child.recv_from(&mut self.rbuf) {
-            let rx = socket::Received {
-                len: n,
-                remote: from,
-                local: flow.local,
-            };
-            drained.push((rx, Bytes::copy_from_slice(&self.rbuf[..n])));
+        let before = self.requeue.len();
+        if let Some(child) = flow.child {
+            // Unregister first so later packets reach the wildcard and start a new flow.
+            if let Some(fp) = &self.shared.fastpath {
+                lock(fp).unregister_child(&flow.key);
+            }
+            self.poller.remove(&child);
+            while let Ok((n, from)) = child.recv_from(&mut self.rbuf) {
+                let rx = socket::Received {
+                    len: n,
+                    remote: from,
+                    local: flow.local,
+                };
+                self.requeue
+                    .push((rx, Bytes::copy_from_slice(&self.rbuf[..n])));
+            }
+            drop(child);
+            self.shared.active.fetch_sub(1, Ordering::AcqRel);
         }
-        drop(flow.child);
         self.free_slots.push(slot);
-        self.shared.active.fetch_sub(1, Ordering::Relaxed);
         self.shared.metrics.flows_ended.inc();
         self.shared.metrics.flows_active.dec();
-        debug!(remote = %flow.remote, drained = drained.len(), "flow ended");
-        for (rx, data) in drained {
-            self.on_packet(rx, &data);
-        }
+        debug!(
+            remote = %flow.remote,
+            drained = self.requeue.len() - before,
+            proved = flow.proved,
+            in_flight = flow.in_flight,
+            "flow ended"
+        );
     }
 
     fn shutdown(&mut self) {
@@ -1260,10 +1383,16 @@ impl Worker {
             .collect();
         for slot in slots {
             if let Some(flow) = self.flows[slot].take() {
-                if let Some(fp) = &self.shared.fastpath {
-                    lock(fp).unregister_child(&flow.key);
+                if flow.child.is_some() {
+                    if let Some(fp) = &self.shared.fastpath {
+                        lock(fp).unregister_child(&flow.key);
+                    }
+                    self.shared.active.fetch_sub(1, Ordering::AcqRel);
                 }
-                self.shared.active.fetch_sub(1, Ordering::Relaxed);
+                if !flow.proved {
+                    self.shared.provisional_flows.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.metrics.flows_provisional.dec();
+                }
                 self.shared.metrics.flows_ended.inc();
                 self.shared.metrics.flows_active.dec();
             }
@@ -1281,6 +1410,65 @@ fn up_sock(links: &mut [Link], index: usize) -> Option<&mut UpSock> {
         &mut link.auth
     };
     port.socks.get_mut(si)?.as_mut()
+}
+
+/// Takes one of `bound` places in `count`, atomically (workers take them concurrently).
+fn reserve(count: &std::sync::atomic::AtomicUsize, bound: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < bound).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Screens the first packets of a would-be flow (in arrival order): a packet whose
+/// signature fails with its client's secret, or that must be signed and is not, is dropped
+/// and counted, and makes no flow. Returns the flow's client (for NAT, the entry the first
+/// proven packet names), the packets to handle, and whether one of them proved the source.
+fn screen(
+    shared: &Shared,
+    binding: &Binding,
+    packets: Vec<Bytes>,
+) -> Option<(Arc<Client>, Vec<Bytes>, bool)> {
+    match binding {
+        Binding::One(client) => {
+            let mut proved = false;
+            let kept: Vec<Bytes> = packets
+                .into_iter()
+                .filter(|p| match client.proof(p) {
+                    Proof::Proved => {
+                        proved = true;
+                        true
+                    }
+                    Proof::Unverifiable => true,
+                    Proof::Refused(reason) => {
+                        shared.metrics.proxy_drop(reason);
+                        false
+                    }
+                })
+                .collect();
+            (!kept.is_empty()).then(|| (client.clone(), kept, proved))
+        }
+        // Several NASes behind one address: the first packet whose Message-Authenticator
+        // proves an entry's secret decides (the ones before it prove nothing).
+        Binding::Nat(candidates) => {
+            let first = packets
+                .iter()
+                .position(|p| clients::identify(candidates, p).is_some());
+            let Some(first) = first else {
+                for _ in &packets {
+                    shared.metrics.proxy_drop("nat_unproven");
+                }
+                return None;
+            };
+            for _ in 0..first {
+                shared.metrics.proxy_drop("nat_unproven");
+            }
+            let client = clients::identify(candidates, &packets[first])?;
+            info!(client = %client.name, "NAS behind a shared address identified");
+            Some((client, packets[first..].to_vec(), true))
+        }
+    }
 }
 
 /// Ends the request in flight at (`index`, `id`): the one operation that frees its upstream
@@ -1338,22 +1526,6 @@ fn end_request(
         (None, End::GivenUp | End::Moved) => {}
     }
     Some((p, send_to))
-}
-
-/// The flow's client: known, or learnt from this request (NAT).
-fn client_for(flow: &mut Flow, packet: &[u8]) -> Option<Arc<Client>> {
-    if let Some(b) = &flow.bound {
-        return Some(b.clone());
-    }
-    let client = match &flow.binding {
-        Binding::One(c) => c.clone(),
-        Binding::Nat(candidates) => clients::identify(candidates, packet)?,
-    };
-    if let Binding::Nat(_) = flow.binding {
-        info!(remote = %flow.remote, client = %client.name, "NAS behind a shared address identified");
-    }
-    flow.bound = Some(client);
-    flow.bound.clone()
 }
 
 /// A flow's place in a load-balancing pool: the same for every request of the flow.

@@ -51,6 +51,7 @@ pub fn sh(args: &[&str]) {
 
 pub mod loadgen;
 pub mod responder;
+pub mod spray;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -81,6 +82,21 @@ impl NetNs {
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Runs `f` on a new thread in this namespace and returns at once.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
     }
 
     /// A command that runs in this namespace.

@@ -41,6 +41,19 @@ fn args(extra: &[&'static str]) -> Vec<String> {
     v
 }
 
+/// An Accounting-Request signed with the client's secret: it proves its source, so each
+/// flow is a proved one (unsigned junk makes no flow at all).
+fn accounting(flow: usize, seq: u32) -> Vec<u8> {
+    use radius_sidecar::codec::{Code, PacketMut, attr};
+    let mut buf = [0u8; 256];
+    let mut p = PacketMut::new(&mut buf, Code::AccountingRequest, seq as u8).unwrap();
+    p.push(attr::ACCT_STATUS_TYPE, &3u32.to_be_bytes()).unwrap();
+    p.push(attr::ACCT_SESSION_ID, format!("{flow}-{seq}").as_bytes())
+        .unwrap();
+    p.sign(b"nas", None).unwrap();
+    p.as_bytes().to_vec()
+}
+
 /// Sends `per_flow` packets from each of `flows` NAS sockets (one address, many ports: NAT).
 fn send_flows(topo: &Topology, flows: usize, per_flow: u32) {
     let to: SocketAddr = format!("{SIDECAR1_V4}:1812").parse().unwrap();
@@ -48,7 +61,7 @@ fn send_flows(topo: &Topology, flows: usize, per_flow: u32) {
         let socks: Vec<_> = (0..flows).map(|_| nas_socket(NAS1_V4)).collect();
         for seq in 0..per_flow {
             for (i, s) in socks.iter().enumerate() {
-                s.send_to(&packet(i as u32, seq, 40), to).unwrap();
+                s.send_to(&accounting(i, seq), to).unwrap();
             }
             std::thread::sleep(Duration::from_millis(5));
         }
