@@ -300,6 +300,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `radius-sidecar` in `ns` with `args`, as `user` (None: root).
     pub fn start<S: AsRef<std::ffi::OsStr>>(ns: &NetNs, user: Option<&str>, args: &[S]) -> Self {
+        Self::start_logging(ns, user, args, "info")
+    }
+
+    /// As [`Daemon::start`], with `RUST_LOG` set to `filter` (e.g. "trace").
+    pub fn start_logging<S: AsRef<std::ffi::OsStr>>(
+        ns: &NetNs,
+        user: Option<&str>,
+        args: &[S],
+        filter: &str,
+    ) -> Self {
         let bin = sidecar_bin();
         let mut cmd = match user {
             None => ns.command(bin.to_str().expect("utf-8 path")),
@@ -316,7 +326,7 @@ impl Daemon {
             }
         };
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
