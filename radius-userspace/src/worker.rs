@@ -1519,10 +1519,7 @@ fn end_request(
             }
         }
         // The flow ended (evicted) while this was in flight: its NAS still gets the answer.
-        (None, End::Answered(_)) => {
-            shared.metrics.local_answer("after_flow_ended");
-            send_to = Some((r.remote, r.local));
-        }
+        (None, End::Answered(_)) => send_to = Some((r.remote, r.local)),
         (None, End::GivenUp | End::Moved) => {}
     }
     Some((p, send_to))

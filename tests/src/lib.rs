@@ -310,7 +310,18 @@ impl Daemon {
         args: &[S],
         filter: &str,
     ) -> Self {
-        let bin = sidecar_bin();
+        Self::start_binary(&sidecar_bin(), ns, user, args, filter)
+    }
+
+    /// As [`Daemon::start_logging`], running the daemon binary at `bin` (another build, for
+    /// benchmarks).
+    pub fn start_binary<S: AsRef<std::ffi::OsStr>>(
+        bin: &std::path::Path,
+        ns: &NetNs,
+        user: Option<&str>,
+        args: &[S],
+        filter: &str,
+    ) -> Self {
         let mut cmd = match user {
             None => ns.command(bin.to_str().expect("utf-8 path")),
             Some(u) => {
@@ -583,9 +594,23 @@ impl Drop for FreeRadius {
 /// Starts the sidecar in `ns` on the configuration `toml` (written to a temporary file) and
 /// waits until it listens.
 pub fn sidecar_with_config(ns: &NetNs, tag: &str, toml: &str) -> Daemon {
+    sidecar_with_config_of(ns, tag, toml, None)
+}
+
+/// As [`sidecar_with_config`], with the daemon binary at `bin` (None: this build's).
+pub fn sidecar_with_config_of(
+    ns: &NetNs,
+    tag: &str,
+    toml: &str,
+    bin: Option<&std::path::Path>,
+) -> Daemon {
     let path = std::env::temp_dir().join(format!("rs-{tag}-{}.toml", std::process::id()));
     std::fs::write(&path, toml).expect("write the configuration");
-    let mut d = Daemon::start(ns, None, &["--config", path.to_str().expect("utf-8")]);
+    let args = ["--config", path.to_str().expect("utf-8")];
+    let mut d = match bin {
+        Some(b) => Daemon::start_binary(b, ns, None, &args, "info"),
+        None => Daemon::start(ns, None, &args),
+    };
     assert!(
         d.wait_for_log("listening", Duration::from_secs(20)),
         "the sidecar starts on {}",

@@ -77,7 +77,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "10,1000,15000")]
         flows: Vec<usize>,
         /// Extra arguments for the benchmark binary (proxy: --seconds, --rounds,
-        /// --outstanding, --sources, --only, --workers).
+        /// --outstanding, --sources, --only, --workers, --baseline PATH; and
+        /// --baseline-rev REV, which builds that git revision's daemon to compare with).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         extra: Vec<String>,
     },
@@ -239,6 +240,36 @@ fn build() -> anyhow::Result<()> {
     ]))
 }
 
+/// Builds the daemon of git revision `rev` in a worktree under `target/baseline`, with a
+/// target directory of its own; returns the binary.
+fn build_baseline(rev: &str) -> anyhow::Result<PathBuf> {
+    let dir = root().join("target/baseline");
+    let src = dir.join("src");
+    if src.join(".git").exists() {
+        run(Command::new("git")
+            .current_dir(&src)
+            .args(["checkout", "--quiet", "--detach", rev]))?;
+    } else {
+        run(Command::new("git")
+            .current_dir(root())
+            .args(["worktree", "add", "--detach"])
+            .arg(&src)
+            .arg(rev))?;
+    }
+    run(cargo()
+        .current_dir(&src)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "radius-userspace",
+            "--bin",
+            "radius-sidecar",
+        ])
+        .env("CARGO_TARGET_DIR", dir.join("target")))?;
+    Ok(dir.join("target/release/radius-sidecar"))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup { test_deps } => setup(test_deps),
@@ -330,6 +361,19 @@ fn main() -> anyhow::Result<()> {
                 setup(true)?;
                 install_packages(BENCH_PACKAGES)?;
                 build()?;
+                // `--baseline-rev REV`: that revision's daemon, built beside this one, is
+                // measured in the same rounds (`--baseline PATH` takes a binary as it is).
+                let mut extra = extra;
+                if let Some(i) = extra.iter().position(|a| a == "--baseline-rev") {
+                    let rev = extra
+                        .get(i + 1)
+                        .cloned()
+                        .context("--baseline-rev needs a git revision")?;
+                    extra.drain(i..i + 2);
+                    let bin = build_baseline(&rev)?;
+                    extra.push("--baseline".into());
+                    extra.push(bin.display().to_string());
+                }
                 run(Command::new(root().join("target/release/proxy-bench"))
                     .args(&extra)
                     .arg("--write")

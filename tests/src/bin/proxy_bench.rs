@@ -7,6 +7,9 @@
 //! own batching responder directly, through the sidecar and through radsecproxy. Each row
 //! gives answered requests/s, p50/p99, losses and the CPU (user + system, from /proc) the
 //! proxy spent per request. Rounds are interleaved; each row is the median round by rate.
+//! With `--baseline PATH` (another `radius-sidecar` binary, e.g. the previous build), the
+//! sidecar rows are measured with both binaries in the same rounds, and the table gives the
+//! ratios of the new build to the baseline.
 
 use std::{
     fmt::Write as _,
@@ -37,6 +40,9 @@ enum Proxy {
     None,
     SidecarFast,
     SidecarUser,
+    /// The same, with the `--baseline` binary.
+    BaselineFast,
+    BaselineUser,
     Radsecproxy,
     FreeRadiusHop,
 }
@@ -47,6 +53,8 @@ impl Proxy {
             Proxy::None => "direct",
             Proxy::SidecarFast => "radius-sidecar, fast path",
             Proxy::SidecarUser => "radius-sidecar, user-space path",
+            Proxy::BaselineFast => "baseline radius-sidecar, fast path",
+            Proxy::BaselineUser => "baseline radius-sidecar, user-space path",
             Proxy::Radsecproxy => "radsecproxy 1.9",
             Proxy::FreeRadiusHop => "FreeRADIUS 3.2 as proxy",
         }
@@ -101,6 +109,8 @@ struct Opts {
     sweep: bool,
     /// The failover run.
     failover: bool,
+    /// Another radius-sidecar binary to measure beside this one.
+    baseline: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         workers: 0,
         sweep: true,
         failover: true,
+        baseline: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -132,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             "--workers" => o.workers = num()? as usize,
             "--no-sweep" => o.sweep = false,
             "--no-failover" => o.failover = false,
+            "--baseline" => o.baseline = Some(args.next().context("a binary")?.into()),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -177,12 +189,26 @@ fn main() -> anyhow::Result<()> {
     .map(|(p, u)| (p, u, o.outstanding))
     .chain(
         [
+            (Proxy::BaselineFast, Upstream::FreeRadius),
+            (Proxy::BaselineUser, Upstream::FreeRadius),
+        ]
+        .into_iter()
+        .filter(|_| o.baseline.is_some())
+        .map(|(p, u)| (p, u, o.outstanding)),
+    )
+    .chain(
+        [
             (Proxy::None, Upstream::Responder),
             (Proxy::SidecarFast, Upstream::Responder),
             (Proxy::SidecarUser, Upstream::Responder),
+            (Proxy::BaselineFast, Upstream::Responder),
+            (Proxy::BaselineUser, Upstream::Responder),
             (Proxy::Radsecproxy, Upstream::Responder),
         ]
         .into_iter()
+        .filter(|(p, _)| {
+            o.baseline.is_some() || !matches!(p, Proxy::BaselineFast | Proxy::BaselineUser)
+        })
         .map(|(p, u)| (p, u, o.ceiling_outstanding)),
     )
     .chain(
@@ -302,17 +328,22 @@ fn start_proxy(
     ns: &NetNs,
     proxy: Proxy,
     upstream: Upstream,
-    workers: usize,
+    o: &Opts,
 ) -> anyhow::Result<(Running, u16)> {
     let up = upstream.port();
+    let workers = o.workers;
     Ok(match proxy {
         Proxy::None if upstream == Upstream::Responder => (Running::None, RESPONDER_DIRECT_PORT),
         Proxy::None => (Running::None, up),
-        Proxy::SidecarFast | Proxy::SidecarUser => {
-            let ebpf = if proxy == Proxy::SidecarFast {
+        Proxy::SidecarFast | Proxy::SidecarUser | Proxy::BaselineFast | Proxy::BaselineUser => {
+            let ebpf = if matches!(proxy, Proxy::SidecarFast | Proxy::BaselineFast) {
                 "require"
             } else {
                 "off"
+            };
+            let bin = match proxy {
+                Proxy::BaselineFast | Proxy::BaselineUser => o.baseline.clone(),
+                _ => None,
             };
             let toml = format!(
                 r#"
@@ -336,7 +367,7 @@ secret = "{NAS_SECRET}"
 upstream = "up"
 "#
             );
-            let d = tests::sidecar_with_config(ns, "pbench", &toml);
+            let d = tests::sidecar_with_config_of(ns, "pbench", &toml, bin.as_deref());
             (Running::Sidecar(d), SIDECAR_PORT)
         }
         Proxy::Radsecproxy => (
@@ -445,7 +476,7 @@ fn measure(
     upstream: Upstream,
     outstanding: usize,
 ) -> anyhow::Result<Row> {
-    let (running, port) = start_proxy(ns, proxy, upstream, o.workers)?;
+    let (running, port) = start_proxy(ns, proxy, upstream, o)?;
     let spec = LoadSpec {
         target: ([127, 0, 0, 1], port).into(),
         sources: (0..o.sources)
@@ -576,6 +607,23 @@ fn render(rows: &[Row], o: &Opts) -> String {
                 q.name(),
                 u.name()
             );
+        }
+    }
+    // This build against the baseline binary, measured in the same rounds.
+    for (p, q) in [
+        (Proxy::SidecarFast, Proxy::BaselineFast),
+        (Proxy::SidecarUser, Proxy::BaselineUser),
+    ] {
+        for u in [Upstream::FreeRadius, Upstream::Responder] {
+            if let Some((rate, cpu)) = ratio(p, q, u) {
+                let _ = writeln!(
+                    t,
+                    "- {} vs the baseline build behind {}: {rate:.2}x the rate, {:+.1} % CPU per request.",
+                    p.name(),
+                    u.name(),
+                    (1.0 / cpu - 1.0) * 100.0
+                );
+            }
         }
     }
     t
