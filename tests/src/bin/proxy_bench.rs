@@ -280,12 +280,20 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{table}");
     if let Some(path) = &o.write {
-        tests::splice_markdown(
-            path,
-            "proxy",
-            "proxy: NAS -> proxy -> AAA server (`cargo xtask bench proxy`)",
-            &table,
-        )?;
+        // A comparison with a baseline build has a section of its own: it does not replace
+        // the table of the peers.
+        let (marker, heading) = if o.baseline.is_some() {
+            (
+                "proxy-baseline",
+                "proxy: this build beside a baseline build (`--baseline-rev`)",
+            )
+        } else {
+            (
+                "proxy",
+                "proxy: NAS -> proxy -> AAA server (`cargo xtask bench proxy`)",
+            )
+        };
+        tests::splice_markdown(path, marker, heading, &table)?;
         eprintln!("written to {path}");
     }
     Ok(())
