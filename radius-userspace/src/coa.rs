@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::{
     codec::{Code, Packet, PacketMut, attr, auth},
     daemon::Shared,
-    proxy::Upstream,
+    upstream::Upstream,
     worker::ToWorker,
 };
 

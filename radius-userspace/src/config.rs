@@ -9,12 +9,13 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
+    blastradius::YesNoAuto,
     client::{Client, ClientTable, NasKey, SecretText},
     codec::auth::Secret,
     daemon::{DaemonConfig, EbpfMode, Listener},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
-    pool::{Health, HealthPolicy, Policy, Pool},
-    proxy::{Upstream, UpstreamOptions, YesNoAuto},
+    pool::{Policy, Pool},
+    upstream::{Health, HealthPolicy, Upstream, UpstreamOptions},
 };
 
 /// The configuration `cargo xtask run` uses when no file is given.

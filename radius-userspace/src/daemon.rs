@@ -30,8 +30,8 @@ use crate::{
     config::Config,
     fastpath::{FastPath, FastPathOptions},
     metrics::{self, Metrics},
-    proxy::Upstream,
     socket::{self, SteeringPath},
+    upstream::Upstream,
     worker,
 };
 
@@ -499,7 +499,7 @@ async fn status_server_once(u: &Upstream, wait: Duration) -> Result<(), String> 
 /// Probes `u` with Status-Server every `check_interval` while it is a zombie or dead, moves
 /// its health on the answers, and keeps its state in the metrics.
 async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    use crate::pool::{State, millis};
+    use crate::upstream::{State, millis};
     let mut tick = tokio::time::interval(u.options.check_interval);
     let mut last = State::Alive;
     loop {

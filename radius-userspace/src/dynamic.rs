@@ -442,11 +442,11 @@ impl DynamicClients {
             pool,
             // The directory's `true` forces it; otherwise FreeRADIUS 3.2.5's default, auto.
             require_message_authenticator: if d.require_message_authenticator {
-                crate::proxy::YesNoAuto::Yes
+                crate::blastradius::YesNoAuto::Yes
             } else {
-                crate::proxy::YesNoAuto::Auto
+                crate::blastradius::YesNoAuto::Auto
             },
-            limit_proxy_state: crate::proxy::YesNoAuto::Auto,
+            limit_proxy_state: crate::blastradius::YesNoAuto::Auto,
             learned: Default::default(),
             nas_key: None,
         }))
@@ -456,7 +456,7 @@ impl DynamicClients {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Upstream;
+    use crate::upstream::Upstream;
 
     fn upstream() -> Arc<Upstream> {
         Arc::new(Upstream {

@@ -41,8 +41,9 @@ use crate::{
     dedup::{Dedup, Verdict},
     dynamic::Resolution,
     metrics::{Refusal, Via},
-    proxy::{self, IdPool, InFlight, Upstream},
+    proxy::{self, IdPool, InFlight},
     socket::{self, Poller, Wake},
+    upstream::Upstream,
 };
 
 /// The outcome of a dynamic definition, sent to every worker.
@@ -786,7 +787,11 @@ impl Worker {
                     .map(|a| a.value.to_vec())
             })
             .flatten()
-            .and_then(|st| shared.eap_states.server_of(&st, crate::pool::millis(now)))
+            .and_then(|st| {
+                shared
+                    .eap_states
+                    .server_of(&st, crate::upstream::millis(now))
+            })
             .and_then(|name| client.pool.usable(&name).cloned());
         let Some(upstream) = sticky.or_else(|| client.pool.pick(hash, None).cloned()) else {
             return;
@@ -941,7 +946,7 @@ impl Worker {
         let window = (upstream.options.retry / 2).as_millis() as u64;
         let alive = upstream
             .health
-            .on_unanswered(crate::pool::millis(now), window);
+            .on_unanswered(crate::upstream::millis(now), window);
         let flow = p.reply_to;
         let hash = self
             .flows
@@ -953,8 +958,8 @@ impl Worker {
             .then(|| p.client.pool.pick(hash, Some(&upstream.name)).cloned())
             .flatten()
             .filter(|o| {
-                o.health.state() != crate::pool::State::Dead
-                    || upstream.health.state() == crate::pool::State::Dead
+                o.health.state() != crate::upstream::State::Dead
+                    || upstream.health.state() == crate::upstream::State::Dead
             });
         match other {
             None => {
@@ -1185,7 +1190,7 @@ impl Worker {
                 }
             };
             let now = Instant::now();
-            upstream.health.on_answer(crate::pool::millis(now));
+            upstream.health.on_answer(crate::upstream::millis(now));
             let Some((done, send_to)) = end_request(
                 &shared,
                 &mut self.links,
@@ -1204,7 +1209,7 @@ impl Worker {
             {
                 shared
                     .eap_states
-                    .remember(st.value, &upstream.name, crate::pool::millis(now));
+                    .remember(st.value, &upstream.name, crate::upstream::millis(now));
             }
             if let Some((remote, local)) = send_to {
                 let (off, len) = self.out.keep(&self.rbuf[..len]);
@@ -1263,7 +1268,7 @@ impl Worker {
                     let window = (link.upstream.options.retry / 2).as_millis() as u64;
                     link.upstream
                         .health
-                        .on_unanswered(crate::pool::millis(now), window);
+                        .on_unanswered(crate::upstream::millis(now), window);
                 }
                 debug!(remote = %p.reply_to.remote, client = %p.client.name, "request given up: no answer upstream");
             }

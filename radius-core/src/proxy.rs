@@ -1,101 +1,29 @@
 //! Forwarding, sans-IO: what happens to a NAS's request on its way to an upstream, and to
-//! the upstream's reply on its way back. The daemon's tasks only move the bytes.
+//! the upstream's reply on its way back. Drivers only move the bytes.
 //!
-//! - [`prepare_request`] (flow task): parse, verify with the client's secret, add our
-//!   Proxy-State, put a Message-Authenticator first (BlastRADIUS), give an Access-Request a
-//!   fresh authenticator and re-hide its User-Password for the upstream.
-//! - [`finalize_request`] (upstream task, which owns the Identifier space): set the
-//!   Identifier and sign with the upstream's secret.
-//! - [`process_reply`] (upstream task): verify with the upstream's secret and the
-//!   authenticator we sent, strip our Proxy-State, restore the NAS's Identifier, re-hide
-//!   Tunnel-Password and MPPE keys for the NAS, sign with the client's secret.
-//!
-//! Retransmission, dedup, failover and Status-Server come with the proxy-grade issue.
+//! - [`prepare_request`]: parse, verify with the client's secret, apply its BlastRADIUS
+//!   switches, add our Proxy-State, put a Message-Authenticator first, give an
+//!   Access-Request a fresh authenticator and re-hide its User-Password for the upstream.
+//! - [`finalize_request`] (whoever owns the Identifier space): set the Identifier and sign
+//!   with the upstream's secret.
+//! - [`process_reply`]: verify with the upstream's secret and the authenticator we sent,
+//!   apply the upstream's BlastRADIUS switch, strip our Proxy-State, restore the NAS's
+//!   Identifier, re-hide Tunnel-Password and MPPE keys for the NAS, sign with the client's
+//!   secret.
+//! - [`IdPool`]: the 256 Identifiers of one upstream socket, and [`InFlight`], what is
+//!   kept of a request while it is out.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use crate::{
+    blastradius::YesNoAuto,
     client::Client,
     codec::{
         Code, EditError, Packet, PacketMut, ParseError, attr,
-        auth::{self, Secret, SharedSecret, VerifyError},
+        auth::{self, SharedSecret, VerifyError},
     },
+    upstream::Upstream,
 };
-
-/// An AAA server the sidecar forwards to.
-#[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
-    pub auth: SocketAddr,
-    pub acct: Option<SocketAddr>,
-    pub secret: Secret,
-    /// A request without an answer after this long is given up.
-    pub timeout: Duration,
-    pub options: UpstreamOptions,
-    /// Alive, zombie or dead (see [`crate::pool`]); shared by every worker.
-    pub health: crate::pool::Health,
-}
-
-/// A BlastRADIUS (CVE-2024-3596) switch as FreeRADIUS 3.2.5 has them: for upstreams, whether
-/// Access replies must carry a Message-Authenticator; for clients, whether Access-Requests
-/// must (`require_message_authenticator`) and whether Proxy-State without one is refused
-/// (`limit_proxy_state`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum YesNoAuto {
-    Yes,
-    No,
-    /// Required once the peer has shown that it signs what it need not: a reply (or, for a
-    /// client, a request) *without* EAP-Message that carried a valid one. EAP packets must
-    /// carry one anyway (RFC 3579), and Status-Server answers too (RFC 5997), so they prove
-    /// nothing: Debian 12's FreeRADIUS 3.2.1 signs its EAP replies and not its PAP ones, and
-    /// stays "not required".
-    #[default]
-    Auto,
-}
-
-/// Retransmission and reply policy of an upstream.
-#[derive(Debug)]
-pub struct UpstreamOptions {
-    /// Resend a request that got no answer after this long (with up to 25 % jitter).
-    pub retry: Duration,
-    /// Resends per request on our own timer (NAS retransmissions also cause one each, at
-    /// most one a second).
-    pub max_retries: u32,
-    pub require_message_authenticator: YesNoAuto,
-    /// This upstream has sent an Access reply without EAP-Message that carried a valid
-    /// Message-Authenticator (what `Auto` learns).
-    pub seen_message_authenticator: std::sync::atomic::AtomicBool,
-    /// How often a zombie or dead server is probed with Status-Server.
-    pub check_interval: Duration,
-    pub health: crate::pool::HealthPolicy,
-}
-
-impl UpstreamOptions {
-    /// Whether Access replies must carry a Message-Authenticator now (configured, or learnt
-    /// by `auto`).
-    pub fn requires_message_authenticator(&self) -> bool {
-        match self.require_message_authenticator {
-            YesNoAuto::Yes => true,
-            YesNoAuto::No => false,
-            YesNoAuto::Auto => self
-                .seen_message_authenticator
-                .load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-}
-
-impl Default for UpstreamOptions {
-    fn default() -> Self {
-        Self {
-            retry: Duration::from_secs(2),
-            max_retries: 2,
-            require_message_authenticator: YesNoAuto::Auto,
-            seen_message_authenticator: false.into(),
-            check_interval: Duration::from_secs(1),
-            health: crate::pool::HealthPolicy::default(),
-        }
-    }
-}
 
 /// Why a packet is not relayed.
 #[derive(Debug, thiserror::Error)]
@@ -392,7 +320,8 @@ impl<T> IdPool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::hide;
+    use crate::{codec::auth::Secret, codec::hide, upstream::UpstreamOptions};
+    use std::time::Duration;
 
     fn client() -> Client {
         Client {

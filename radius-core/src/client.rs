@@ -11,8 +11,8 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
+    blastradius::YesNoAuto,
     codec::{Code, Packet, attr, auth, auth::Secret},
-    proxy::YesNoAuto,
 };
 
 /// Which NAS behind a shared address (NAT) an entry is: the flow learns it from its first
@@ -331,7 +331,7 @@ impl ClientTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Upstream;
+    use crate::upstream::Upstream;
     use std::time::Duration;
 
     fn client(prefix: &str, secret: &str) -> Client {

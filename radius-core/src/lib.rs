@@ -1,0 +1,21 @@
+//! radius-sidecar's core, sans-IO: plain structs fed with bytes and the time, tested on a
+//! virtual clock. The daemon (`radius-userspace`) drives them from its sockets; nothing here
+//! opens, reads or writes one (the crate has no IO dependency to do it with).
+//!
+//! Layers, lowest first (a module imports only those above it in this list):
+//! - [`codec`]: the only RADIUS parser and signer.
+//! - [`blastradius`]: the yes/no/auto switches of CVE-2024-3596.
+//! - [`dedup`]: RFC 5080 duplicate detection of one flow.
+//! - [`admission`]: which flows have not proved themselves, and which makes room.
+//! - [`upstream`]: AAA servers, their policy and health.
+//! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
+//! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
+//! - [`proxy`]: forwarding: a request prepared for an upstream, a reply for the NAS.
+pub mod admission;
+pub mod blastradius;
+pub mod client;
+pub mod codec;
+pub mod dedup;
+pub mod pool;
+pub mod proxy;
+pub mod upstream;

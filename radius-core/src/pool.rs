@@ -1,0 +1,168 @@
+//! Upstream pools (FreeRADIUS's home server pools), sans-IO: which server of a pool a
+//! request goes to, by policy and by each server's health (see [`crate::upstream`]), and
+//! which server an EAP conversation is on.
+
+use std::sync::Arc;
+
+use crate::upstream::{State, Upstream};
+
+/// How a pool spreads requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// The first usable server in the listed order.
+    #[default]
+    FailOver,
+    /// Spread by flow (a flow, and an EAP conversation, stays on one server while it lives).
+    LoadBalance,
+}
+
+/// A named group of upstreams a client sends to.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub members: Vec<Arc<Upstream>>,
+    pub policy: Policy,
+}
+
+impl Pool {
+    /// A pool of one upstream, named after it.
+    pub fn single(u: Arc<Upstream>) -> Self {
+        Self {
+            name: u.name.clone(),
+            members: vec![u],
+            policy: Policy::FailOver,
+        }
+    }
+
+    /// The server for a request of the flow with hash `flow_hash`, other than `avoid`:
+    /// alive ones first, zombies if none is alive, dead ones as a last resort.
+    pub fn pick(&self, flow_hash: u64, avoid: Option<&str>) -> Option<&Arc<Upstream>> {
+        for wanted in [State::Alive, State::Zombie, State::Dead] {
+            let usable: Vec<&Arc<Upstream>> = self
+                .members
+                .iter()
+                .filter(|u| u.health.state() == wanted && Some(u.name.as_str()) != avoid)
+                .collect();
+            if usable.is_empty() {
+                continue;
+            }
+            return Some(match self.policy {
+                Policy::FailOver => usable[0],
+                Policy::LoadBalance => usable[(flow_hash % usable.len() as u64) as usize],
+            });
+        }
+        None
+    }
+}
+
+/// EAP conversations in load-balancing pools: the State an Access-Challenge carried, and
+/// the server that sent it, so that the next request of the conversation goes back to it
+/// even when it comes from another flow (a NAS that changes source port). Taken once per
+/// Access-Challenge and once per request that carries a State, never per other packet.
+#[derive(Debug, Default)]
+pub struct EapStates {
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, u64)>>,
+}
+
+/// How long a conversation's State is remembered.
+const STATE_LIFETIME_MS: u64 = 60_000;
+/// Past this many entries, expired ones are swept on insert.
+const STATE_SWEEP_AT: usize = 10_000;
+
+impl EapStates {
+    pub fn remember(&self, state: &[u8], upstream: &str, now_ms: u64) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= STATE_SWEEP_AT {
+            m.retain(|_, (_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS);
+        }
+        m.insert(state.to_vec(), (upstream.to_owned(), now_ms));
+    }
+
+    /// The server that sent this State, if it is recent.
+    pub fn server_of(&self, state: &[u8], now_ms: u64) -> Option<String> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(state)
+            .filter(|(_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS)
+            .map(|(u, _)| u.clone())
+    }
+}
+
+impl Pool {
+    /// Whether requests of one conversation may land on different servers (and so need
+    /// [`EapStates`]).
+    pub fn spreads(&self) -> bool {
+        self.policy == Policy::LoadBalance && self.members.len() > 1
+    }
+
+    /// The member named `name`, unless it is dead.
+    pub fn usable(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.members
+            .iter()
+            .find(|u| u.name == name && u.health.state() != State::Dead)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        codec::auth::Secret,
+        upstream::{Health, UpstreamOptions},
+    };
+
+    fn up(name: &str) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            name: name.into(),
+            auth: "127.0.0.1:1".parse().unwrap(),
+            acct: None,
+            secret: Secret::new(b"s"),
+            timeout: std::time::Duration::from_secs(5),
+            options: UpstreamOptions::default(),
+            health: Health::default(),
+        })
+    }
+
+    #[test]
+    fn an_eap_state_points_back_at_its_server_for_a_minute() {
+        let s = EapStates::default();
+        s.remember(b"st-1", "a", 1_000);
+        assert_eq!(s.server_of(b"st-1", 30_000).as_deref(), Some("a"));
+        assert_eq!(s.server_of(b"st-1", 62_000), None);
+        assert_eq!(s.server_of(b"other", 1_000), None);
+    }
+
+    #[test]
+    fn pools_prefer_alive_servers_and_keep_a_flow_on_one() {
+        let (a, b) = (up("a"), up("b"));
+        let fo = Pool {
+            name: "p".into(),
+            members: vec![a.clone(), b.clone()],
+            policy: Policy::FailOver,
+        };
+        assert_eq!(fo.pick(7, None).unwrap().name, "a");
+        assert_eq!(fo.pick(7, Some("a")).unwrap().name, "b");
+        a.health.on_unanswered(1000, 150);
+        assert_eq!(fo.pick(7, None).unwrap().name, "b", "a is a zombie");
+        b.health.on_unanswered(1000, 150);
+        assert_eq!(
+            fo.pick(7, None).unwrap().name,
+            "a",
+            "both zombies: in order"
+        );
+        a.health.on_answer(3);
+        b.health.on_answer(3);
+        let lb = Pool {
+            name: "q".into(),
+            members: vec![a, b],
+            policy: Policy::LoadBalance,
+        };
+        let first = lb.pick(12345, None).unwrap().name.clone();
+        for _ in 0..10 {
+            assert_eq!(lb.pick(12345, None).unwrap().name, first, "sticky per flow");
+        }
+        assert_ne!(
+            lb.pick(0, None).unwrap().name,
+            lb.pick(1, None).unwrap().name
+        );
+    }
+}
