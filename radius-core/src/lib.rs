@@ -11,9 +11,11 @@
 //! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
 //! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
 //! - [`proxy`]: forwarding: a request prepared for an upstream, a reply for the NAS.
+//! - [`coa`]: CoA bookkeeping: NAS names, which flow carries each NAS, the sidecar's NAK.
 pub mod admission;
 pub mod blastradius;
 pub mod client;
+pub mod coa;
 pub mod codec;
 pub mod dedup;
 pub mod pool;

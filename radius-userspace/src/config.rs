@@ -12,7 +12,6 @@ use crate::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable, NasKey, SecretText},
     codec::auth::Secret,
-    daemon::{DaemonConfig, EbpfMode, Listener},
     dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
     pool::{Policy, Pool},
     upstream::{Health, HealthPolicy, Upstream, UpstreamOptions},
@@ -20,6 +19,137 @@ use crate::{
 
 /// The configuration `cargo xtask run` uses when no file is given.
 pub const DEFAULT: &str = include_str!("../config/default.toml");
+
+/// Whether to use the eBPF fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfMode {
+    /// Use it when it loads; otherwise say why and run the user-space path.
+    Auto,
+    /// Never load it (`--no-ebpf`).
+    Off,
+    /// Refuse to start without it (`--require-ebpf`).
+    Require,
+}
+
+/// What a listener serves, which decides how a NAS's Status-Server is answered (RFC 5997:
+/// Access-Accept on an authentication port, Accounting-Response on an accounting port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    Auth,
+    Acct,
+    /// By port number: 1813 and 1646 are accounting, any other authentication.
+    #[default]
+    Auto,
+}
+
+impl Role {
+    /// Whether a listener of this role on `port` is an accounting one.
+    pub fn is_accounting(self, port: u16) -> bool {
+        match self {
+            Role::Auth => false,
+            Role::Acct => true,
+            Role::Auto => matches!(port, 1813 | 1646),
+        }
+    }
+}
+
+/// A UDP address NASes send to, and its role: written `ADDR:PORT` (role by port) or
+/// `ADDR:PORT/auth`, `ADDR:PORT/acct`, `ADDR:PORT/auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub role: Role,
+}
+
+impl From<SocketAddr> for Listener {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            role: Role::Auto,
+        }
+    }
+}
+
+impl std::str::FromStr for Listener {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, role) = match s.rsplit_once('/') {
+            Some((a, r)) => (a, r),
+            None => (s, "auto"),
+        };
+        let role = match role {
+            "auth" => Role::Auth,
+            "acct" => Role::Acct,
+            "auto" => Role::Auto,
+            other => {
+                return Err(format!(
+                    "`{other}`: a listener's role is \"auth\", \"acct\" or \"auto\""
+                ));
+            }
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an address:port"))?;
+        Ok(Self { addr, role })
+    }
+}
+
+/// What the run loop needs, from the TOML file (or the embedded default) and the flags.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// UDP services to listen on (address and port of the wildcards), with their roles.
+    pub listen: Vec<Listener>,
+    /// Wildcard sockets (worker tasks) per listen address.
+    pub workers: usize,
+    /// NIC for `guard`; none: no XDP.
+    pub iface: Option<String>,
+    pub ebpf: EbpfMode,
+    /// A flow with no packet for this long ends and closes its child.
+    pub idle_timeout: Duration,
+    /// How long a reply is kept to answer NAS retransmissions (RFC 5080).
+    pub cleanup_delay: Duration,
+    /// Upper bound on flows; the open-file limit may lower it.
+    pub max_flows: Option<usize>,
+    /// Most flows that have not proved their client's secret (none: as many as
+    /// `max_flows`). They hold no socket.
+    pub max_provisional_flows: Option<usize>,
+    /// A provisional flow with no packet for this long ends (at least `cleanup_delay`).
+    pub provisional_idle_timeout: Duration,
+    /// Receive buffer of each wildcard, bytes.
+    pub wildcard_rcvbuf: usize,
+    /// `guard`'s limit for sources without a flow: packets per second and burst (0: off).
+    pub new_source_pps: u64,
+    pub new_source_burst: u64,
+    /// Where to serve `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where upstreams send CoA and Disconnect requests (RFC 5176); none: no listener.
+    pub coa_listen: Option<SocketAddr>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 1812)).into(),
+                SocketAddr::from(([127, 0, 0, 1], 1813)).into(),
+            ],
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            iface: Some("lo".into()),
+            ebpf: EbpfMode::Auto,
+            idle_timeout: Duration::from_secs(300),
+            cleanup_delay: Duration::from_secs(5),
+            max_flows: None,
+            max_provisional_flows: None,
+            provisional_idle_timeout: Duration::from_secs(10),
+            wildcard_rcvbuf: 4 << 20,
+            new_source_pps: 2_000,
+            new_source_burst: 4_000,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
+            coa_listen: None,
+        }
+    }
+}
 
 /// A configuration error: where and what.
 #[derive(Debug, thiserror::Error)]
@@ -725,7 +855,7 @@ mod tests {
 
     #[test]
     fn a_listener_says_its_role_or_takes_it_from_its_port() {
-        use crate::daemon::Role;
+        use super::Role;
         let c = Config::from_toml(
             "[server]\nlisten = [\"127.0.0.1:1813\", \"[::1]:1700/acct\", \"0.0.0.0:1646/auth\"]\n",
             "f.toml",

@@ -26,181 +26,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    client::ClientTable,
-    config::Config,
+    config::{Config, DaemonConfig, EbpfMode, Listener},
     fastpath::{FastPath, FastPathOptions},
     metrics::{self, Metrics},
+    shared::{self, Shared, lock},
     socket::{self, SteeringPath},
     upstream::Upstream,
     worker,
 };
 
-/// Whether to use the eBPF fast path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum EbpfMode {
-    /// Use it when it loads; otherwise say why and run the user-space path.
-    Auto,
-    /// Never load it (`--no-ebpf`).
-    Off,
-    /// Refuse to start without it (`--require-ebpf`).
-    Require,
-}
-
-/// What a listener serves, which decides how a NAS's Status-Server is answered (RFC 5997:
-/// Access-Accept on an authentication port, Accounting-Response on an accounting port).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Role {
-    Auth,
-    Acct,
-    /// By port number: 1813 and 1646 are accounting, any other authentication.
-    #[default]
-    Auto,
-}
-
-impl Role {
-    /// Whether a listener of this role on `port` is an accounting one.
-    pub fn is_accounting(self, port: u16) -> bool {
-        match self {
-            Role::Auth => false,
-            Role::Acct => true,
-            Role::Auto => matches!(port, 1813 | 1646),
-        }
-    }
-}
-
-/// A UDP address NASes send to, and its role: written `ADDR:PORT` (role by port) or
-/// `ADDR:PORT/auth`, `ADDR:PORT/acct`, `ADDR:PORT/auto`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Listener {
-    pub addr: SocketAddr,
-    pub role: Role,
-}
-
-impl From<SocketAddr> for Listener {
-    fn from(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            role: Role::Auto,
-        }
-    }
-}
-
-impl std::str::FromStr for Listener {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, role) = match s.rsplit_once('/') {
-            Some((a, r)) => (a, r),
-            None => (s, "auto"),
-        };
-        let role = match role {
-            "auth" => Role::Auth,
-            "acct" => Role::Acct,
-            "auto" => Role::Auto,
-            other => {
-                return Err(format!(
-                    "`{other}`: a listener's role is \"auth\", \"acct\" or \"auto\""
-                ));
-            }
-        };
-        let addr = addr
-            .parse()
-            .map_err(|_| format!("`{addr}` is not an address:port"))?;
-        Ok(Self { addr, role })
-    }
-}
-
-/// What the run loop needs. The TOML configuration will produce this.
-#[derive(Clone, Debug)]
-pub struct DaemonConfig {
-    /// UDP services to listen on (address and port of the wildcards), with their roles.
-    pub listen: Vec<Listener>,
-    /// Wildcard sockets (worker tasks) per listen address.
-    pub workers: usize,
-    /// NIC for `guard`; none: no XDP.
-    pub iface: Option<String>,
-    pub ebpf: EbpfMode,
-    /// A flow with no packet for this long ends and closes its child.
-    pub idle_timeout: Duration,
-    /// How long a reply is kept to answer NAS retransmissions (RFC 5080).
-    pub cleanup_delay: Duration,
-    /// Upper bound on flows; the open-file limit may lower it.
-    pub max_flows: Option<usize>,
-    /// Most flows that have not proved their client's secret (none: as many as
-    /// `max_flows`). They hold no socket.
-    pub max_provisional_flows: Option<usize>,
-    /// A provisional flow with no packet for this long ends (at least `cleanup_delay`).
-    pub provisional_idle_timeout: Duration,
-    /// Receive buffer of each wildcard, bytes.
-    pub wildcard_rcvbuf: usize,
-    /// `guard`'s limit for sources without a flow: packets per second and burst (0: off).
-    pub new_source_pps: u64,
-    pub new_source_burst: u64,
-    /// Where to serve `/metrics`.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Where upstreams send CoA and Disconnect requests (RFC 5176); none: no listener.
-    pub coa_listen: Option<SocketAddr>,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        Self {
-            listen: vec![
-                SocketAddr::from(([127, 0, 0, 1], 1812)).into(),
-                SocketAddr::from(([127, 0, 0, 1], 1813)).into(),
-            ],
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            iface: Some("lo".into()),
-            ebpf: EbpfMode::Auto,
-            idle_timeout: Duration::from_secs(300),
-            cleanup_delay: Duration::from_secs(5),
-            max_flows: None,
-            max_provisional_flows: None,
-            provisional_idle_timeout: Duration::from_secs(10),
-            wildcard_rcvbuf: 4 << 20,
-            new_source_pps: 2_000,
-            new_source_burst: 4_000,
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
-            coa_listen: None,
-        }
-    }
-}
-
 /// File descriptors kept back from flows: wildcards, metrics, eBPF maps and programs, logs.
 const FD_RESERVE: u64 = 128;
-
-/// What a running daemon shares between its workers (read-mostly: per packet, only
-/// counters are touched).
-pub(crate) struct Shared {
-    pub path: SteeringPath,
-    pub clients: ClientTable,
-    pub dynamic: Option<crate::dynamic::DynamicClients>,
-    /// One inbox per worker, for the outcome of dynamic definitions and CoA requests.
-    pub defined: Vec<worker::Inbox>,
-    /// Which flow carries which NAS (for CoA).
-    pub nas_directory: crate::coa::NasDirectory,
-    /// Which server an EAP conversation is on (load-balancing pools).
-    pub eap_states: crate::pool::EapStates,
-    /// Packets kept, in all workers, while their sources are being defined.
-    pub pending_packets: AtomicUsize,
-    /// The configured upstreams; each worker opens its own sockets to each.
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub upstream_index: HashMap<String, usize>,
-    /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
-    pub proxy_state: [u8; 8],
-    pub fastpath: Option<Mutex<FastPath>>,
-    pub metrics: Arc<Metrics>,
-    /// Flows with a child socket (proved ones), in all workers, and their bound.
-    pub active: AtomicUsize,
-    pub max_flows: usize,
-    /// Flows that have not proved themselves, in all workers, and their bound.
-    pub provisional_flows: AtomicUsize,
-    pub max_provisional: usize,
-    pub idle_timeout: Duration,
-    pub provisional_idle: Duration,
-    pub dedup: crate::dedup::DedupTimers,
-    pub cancel: CancellationToken,
-}
 
 /// Sets up the fast path (or says why not), serves until `cancel`, then drains and detaches.
 pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -264,7 +100,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     let workers_per_listener = config.workers.max(1);
     let n_workers = config.listen.len() * workers_per_listener;
     let (defined_txs, mut defined_rxs): (Vec<_>, Vec<_>) = (0..n_workers)
-        .map(|_| worker::inbox())
+        .map(|_| shared::inbox())
         .collect::<std::io::Result<Vec<_>>>()
         .context("creating the workers' eventfds")?
         .into_iter()
@@ -340,7 +176,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             .await
             .with_context(|| format!("binding the CoA listener {addr}"))?;
         info!(listen = %addr, "CoA/Disconnect listener (RFC 5176)");
-        tasks.spawn(crate::coa::listen(shared.clone(), sock));
+        tasks.spawn(crate::coa_listener::listen(shared.clone(), sock));
     }
     if let Some(addr) = config.metrics_listen {
         let (m, c) = (metrics.clone(), cancel.clone());
@@ -419,11 +255,6 @@ fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Opt
             Ok(None)
         }
     }
-}
-
-pub(crate) fn lock(fp: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
-    // A panic elsewhere must not stop steering; the maps stay consistent per call.
-    fp.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn poll_kernel_counters(shared: Arc<Shared>) {

@@ -1,22 +1,25 @@
 //! radius-sidecar: a RADIUS proxy beside an AAA server, with an eBPF fast path. This crate
 //! is the IO side; the decisions live in the sans-IO core ([`radius_core`], re-exported here
 //! under the same names: [`codec`], [`client`], [`upstream`], [`pool`], [`proxy`],
-//! [`dedup`], [`admission`], [`blastradius`]).
+//! [`dedup`], [`admission`], [`blastradius`], [`coa`]).
 //!
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
-//! - [`coa`]: CoA and Disconnect requests from upstreams to NASes, through their flows.
+//! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
+//!   the NAS's flow.
+//! - [`shared`]: what the threads share, and how the tokio side reaches a worker.
 //! - [`dynamic`]: dynamic clients: the directories (file, HTTP, SQL) and their cache.
 //! - [`config`]: the configuration model (TOML, with file:line:key errors).
-pub use radius_core::{admission, blastradius, client, codec, dedup, pool, proxy, upstream};
-pub mod coa;
+pub use radius_core::{admission, blastradius, client, coa, codec, dedup, pool, proxy, upstream};
+pub mod coa_listener;
 pub mod config;
 pub mod daemon;
 pub mod dynamic;
 pub mod fastpath;
 pub mod metrics;
+pub mod shared;
 pub mod socket;
 pub mod worker;

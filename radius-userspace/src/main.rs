@@ -7,8 +7,8 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radius_sidecar::{
-    config::{self, Config},
-    daemon::{self, EbpfMode},
+    config::{self, Config, EbpfMode, Listener},
+    daemon,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +27,7 @@ struct Cli {
     /// UDP address to serve (repeat for several); replaces `server.listen`. A suffix gives
     /// its role for Status-Server: `/auth`, `/acct` (default: by port, 1813 and 1646 acct).
     #[arg(long = "listen", value_name = "ADDR:PORT[/ROLE]")]
-    listen: Vec<daemon::Listener>,
+    listen: Vec<Listener>,
     /// Wildcard sockets (workers) per listen address.
     #[arg(long)]
     workers: Option<usize>,

@@ -111,7 +111,7 @@ pub struct Metrics {
     pub upstream_retransmits: Family<ReasonLabel, Counter>,
     /// CoA and Disconnect requests, by what became of them.
     pub coa: Family<ReasonLabel, Counter>,
-    /// 0 alive, 1 zombie, 2 dead (see crate::pool).
+    /// 0 alive, 1 zombie, 2 dead (see crate::upstream).
     pub upstream_state: Family<UpstreamLabel, Gauge>,
     /// BlastRADIUS: 1 when a peer's Access packets must carry a Message-Authenticator
     /// (configured `yes`, or learnt by `auto`), 0 when not (yet).

@@ -35,23 +35,16 @@ use tracing::{debug, info, warn};
 use crate::{
     admission::Provisional,
     client::{self as clients, Binding, Client, Proof},
-    coa::{CoaJob, FlowHandle, NasName},
+    coa::NasName,
     codec::{Code, Packet, PacketMut, auth},
-    daemon::{Shared, lock},
     dedup::{Dedup, Verdict},
     dynamic::Resolution,
     metrics::{Refusal, Via},
     proxy::{self, IdPool, InFlight},
-    socket::{self, Poller, Wake},
+    shared::{CoaJob, Defined, FlowHandle, InboxRx, Shared, ToWorker, lock},
+    socket::{self, Poller},
     upstream::Upstream,
 };
-
-/// The outcome of a dynamic definition, sent to every worker.
-#[derive(Clone, Debug)]
-pub(crate) struct Defined {
-    pub ip: IpAddr,
-    pub outcome: Result<Arc<Client>, String>,
-}
 
 /// Upstream sockets a worker may open per (upstream, port): 16 x 256 requests in flight.
 const MAX_UPSTREAM_SOCKETS: usize = 16;
@@ -241,46 +234,6 @@ struct Worker {
     wbuf: Vec<u8>,
     out: Outbox,
     ticks: u64,
-}
-
-/// What reaches a worker from other threads: the outcome of definitions, and the eventfd
-/// that wakes it for them.
-pub(crate) struct Inbox {
-    pub tx: std::sync::mpsc::Sender<ToWorker>,
-    pub wake: Arc<Wake>,
-}
-
-/// What other threads tell a worker.
-pub(crate) enum ToWorker {
-    Defined(Defined),
-    Coa(CoaJob),
-}
-
-impl Inbox {
-    pub fn send(&self, d: ToWorker) {
-        if self.tx.send(d).is_ok() {
-            self.wake.wake();
-        }
-    }
-}
-
-/// A worker's end of its [`Inbox`].
-pub(crate) struct InboxRx {
-    pub rx: std::sync::mpsc::Receiver<ToWorker>,
-    pub wake: Arc<Wake>,
-}
-
-/// A new inbox: the sending half for [`Shared`], the receiving half for the worker.
-pub(crate) fn inbox() -> std::io::Result<(Inbox, InboxRx)> {
-    let wake = Arc::new(Wake::new()?);
-    let (tx, rx) = std::sync::mpsc::channel();
-    Ok((
-        Inbox {
-            tx,
-            wake: wake.clone(),
-        },
-        InboxRx { rx, wake },
-    ))
 }
 
 /// How often a worker looks at timeouts, idle flows and cancellation.
@@ -1009,7 +962,8 @@ impl Worker {
         }) else {
             shared.metrics.coa("nas_not_found");
             if let Ok(p) = Packet::parse(&job.packet)
-                && let Some(nak) = crate::coa::nak(&p, &job.upstream, 503)
+                && let Some(nak) =
+                    crate::coa::nak(&p, &job.upstream, crate::coa::SESSION_CONTEXT_NOT_FOUND)
             {
                 let _ = job.answer.try_send((nak, job.origin));
             }

@@ -1,33 +1,17 @@
-//! Dynamic Authorization (RFC 5176): CoA-Request and Disconnect-Request from an upstream to
-//! a NAS, through the NAS's own flow.
-//!
-//! The upstream sends to the sidecar's `coa_listen` socket; [`listen`] checks the request
-//! with that upstream's secret (the origin is the upstream whose address it comes from),
-//! finds the NAS by NAS-Identifier, NAS-IP-Address or Operator-NAS-Identifier among the
-//! flows that carried them ([`NasDirectory`]), and hands the job to the flow's worker. The
-//! worker re-signs it for the NAS and sends it from the flow's address and port to the NAS's
-//! (so it crosses the NAS's NAT like any reply); the NAS's ACK or NAK comes back on the flow,
-//! is checked with the NAS's secret, re-signed for the upstream and sent back from here.
+//! Dynamic Authorization (RFC 5176) bookkeeping, sans-IO: how a CoA-Request names its NAS
+//! ([`NasName`]), which flow carries each NAS ([`NasDirectory`], proved flows first), and the
+//! NAK the sidecar sends itself when there is no such NAS ([`nak`]). The daemon's CoA
+//! listener and its workers move the packets.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
-};
-
-use radius_common::FlowKey;
-use tokio::{net::UdpSocket, sync::mpsc};
-use tracing::{debug, info, warn};
+use std::{collections::HashMap, hash::Hash, net::Ipv4Addr, sync::Mutex};
 
 use crate::{
-    codec::{Code, Packet, PacketMut, attr, auth},
-    daemon::Shared,
+    codec::{Code, Packet, PacketMut, attr},
     upstream::Upstream,
-    worker::ToWorker,
 };
 
 /// RFC 5176 Error-Cause 503: Session-Context-Not-Found.
-const SESSION_CONTEXT_NOT_FOUND: u32 = 503;
+pub const SESSION_CONTEXT_NOT_FOUND: u32 = 503;
 /// RFC 8559: Operator-NAS-Identifier is the extended attribute 241.8 (octets).
 const EXT_OPERATOR_NAS_IDENTIFIER: u8 = 8;
 
@@ -61,32 +45,36 @@ impl NasName {
     }
 }
 
-/// Where a NAS's flow lives: its worker and its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowHandle {
-    pub worker: usize,
-    pub key: FlowKey,
-}
-
-/// The NASes seen on flows, by name. Written once per flow (its first request that names
+/// The NASes seen on flows, by name; `H` says where a flow is (the driver's handle). Written once per flow (its first request that names
 /// its NAS, and again when the flow proves itself), read once per CoA-Request: never per
 /// packet. A name held by a proved flow is not taken by a provisional one, so spoofed
 /// requests cannot divert a NAS's CoA.
-#[derive(Debug, Default)]
-pub struct NasDirectory {
-    inner: Mutex<Names>,
+#[derive(Debug)]
+pub struct NasDirectory<H> {
+    inner: Mutex<Names<H>>,
 }
 
-#[derive(Debug, Default)]
-struct Names {
+#[derive(Debug)]
+struct Names<H> {
     /// Name -> (flow, whether that flow has proved itself).
-    map: HashMap<NasName, (FlowHandle, bool)>,
+    map: HashMap<NasName, (H, bool)>,
     /// Flow -> the names it registered: forgetting a flow costs its own names only.
-    by_flow: HashMap<FlowHandle, Vec<NasName>>,
+    by_flow: HashMap<H, Vec<NasName>>,
 }
 
-impl NasDirectory {
-    pub fn register(&self, names: Vec<NasName>, at: FlowHandle, proved: bool) {
+impl<H> Default for NasDirectory<H> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Names {
+                map: HashMap::new(),
+                by_flow: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<H: Copy + Eq + Hash> NasDirectory<H> {
+    pub fn register(&self, names: Vec<NasName>, at: H, proved: bool) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Names { map, by_flow } = &mut *g;
         for n in names {
@@ -110,7 +98,7 @@ impl NasDirectory {
     }
 
     /// Forgets the names that point at a flow that ended.
-    pub fn forget(&self, at: FlowHandle) {
+    pub fn forget(&self, at: H) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Names { map, by_flow } = &mut *g;
         for n in by_flow.remove(&at).unwrap_or_default() {
@@ -120,7 +108,7 @@ impl NasDirectory {
         }
     }
 
-    pub fn find(&self, names: &[NasName]) -> Option<FlowHandle> {
+    pub fn find(&self, names: &[NasName]) -> Option<H> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         names.iter().find_map(|n| g.map.get(n).map(|(h, _)| *h))
     }
@@ -139,20 +127,6 @@ impl NasDirectory {
     }
 }
 
-/// A CoA or Disconnect request on its way to a NAS's flow.
-#[derive(Debug)]
-pub(crate) struct CoaJob {
-    pub key: FlowKey,
-    /// Where the answer goes, and what it must be signed against.
-    pub origin: SocketAddr,
-    pub origin_id: u8,
-    pub origin_auth: [u8; 16],
-    pub upstream: Arc<Upstream>,
-    pub packet: Vec<u8>,
-    /// The channel back to [`listen`]: (answer, origin).
-    pub answer: mpsc::Sender<(Vec<u8>, SocketAddr)>,
-}
-
 /// Builds the NAK the sidecar itself sends when it cannot deliver `req` (no such NAS).
 pub fn nak(req: &Packet<'_>, upstream: &Upstream, cause: u32) -> Option<Vec<u8>> {
     let code = match req.code() {
@@ -169,89 +143,6 @@ pub fn nak(req: &Packet<'_>, upstream: &Upstream, cause: u32) -> Option<Vec<u8>>
     m.message_authenticator_first().ok()?;
     m.sign(&upstream.secret, Some(req.authenticator())).ok()?;
     Some(m.as_bytes().to_vec())
-}
-
-/// Serves the CoA listener until cancelled.
-pub(crate) async fn listen(shared: Arc<Shared>, sock: UdpSocket) {
-    let (answer_tx, mut answers) = mpsc::channel::<(Vec<u8>, SocketAddr)>(1024);
-    let mut buf = vec![0u8; 4096];
-    loop {
-        tokio::select! {
-            r = sock.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                if let Some(reply) = on_request(&shared, &buf[..n], from, &answer_tx) {
-                    let _ = sock.send_to(&reply, from).await;
-                }
-            }
-            Some((answer, to)) = answers.recv() => {
-                if sock.send_to(&answer, to).await.is_ok() {
-                    shared.metrics.coa("answered");
-                }
-            }
-            () = shared.cancel.cancelled() => return,
-        }
-    }
-}
-
-/// Checks a request from an upstream and hands it to the NAS's worker; returns an
-/// immediate answer (a NAK) when there is no such NAS.
-fn on_request(
-    shared: &Shared,
-    data: &[u8],
-    from: SocketAddr,
-    answer: &mpsc::Sender<(Vec<u8>, SocketAddr)>,
-) -> Option<Vec<u8>> {
-    let m = &shared.metrics;
-    let Some(upstream) = origin(shared, from.ip()) else {
-        m.coa("unknown_origin");
-        debug!(%from, "CoA from an address that is no upstream: dropped");
-        return None;
-    };
-    let Ok(p) = Packet::parse(data) else {
-        m.coa("malformed");
-        return None;
-    };
-    if !matches!(p.code(), Code::CoaRequest | Code::DisconnectRequest) {
-        m.coa("not_coa");
-        return None;
-    }
-    if auth::verify(&p, &upstream.secret, None).is_err() {
-        m.coa("bad_signature");
-        warn!(upstream = %upstream.name, "CoA request that does not verify: dropped");
-        return None;
-    }
-    let names = NasName::of(&p);
-    let Some(at) = shared.nas_directory.find(&names) else {
-        m.coa("nas_not_found");
-        info!(upstream = %upstream.name, "CoA for a NAS with no flow: NAK");
-        return nak(&p, &upstream, SESSION_CONTEXT_NOT_FOUND);
-    };
-    let job = CoaJob {
-        key: at.key,
-        origin: from,
-        origin_id: p.identifier(),
-        origin_auth: *p.authenticator(),
-        upstream,
-        packet: data[..p.len()].to_vec(),
-        answer: answer.clone(),
-    };
-    match shared.defined.get(at.worker) {
-        Some(inbox) => {
-            inbox.send(ToWorker::Coa(job));
-            m.coa("to_nas");
-        }
-        None => m.coa("nas_not_found"),
-    }
-    None
-}
-
-/// The upstream a CoA comes from: the one whose address it is.
-fn origin(shared: &Shared, ip: IpAddr) -> Option<Arc<Upstream>> {
-    shared
-        .upstreams
-        .iter()
-        .find(|u| u.auth.ip() == ip || u.acct.is_some_and(|a| a.ip() == ip))
-        .cloned()
 }
 
 #[cfg(test)]
@@ -277,13 +168,7 @@ mod tests {
             ]
         );
         let d = NasDirectory::default();
-        let at = FlowHandle {
-            worker: 1,
-            key: crate::socket::flow_key(
-                "192.0.2.7:5000".parse().unwrap(),
-                "192.0.2.1:1812".parse().unwrap(),
-            ),
-        };
+        let at = 7u32;
         d.register(
             vec![NasName::IpAddress(Ipv4Addr::new(192, 0, 2, 7))],
             at,
@@ -297,16 +182,9 @@ mod tests {
 
     #[test]
     fn a_provisional_flow_cannot_take_a_proved_flows_name() {
-        let handle = |port: u16| FlowHandle {
-            worker: 0,
-            key: crate::socket::flow_key(
-                SocketAddr::from(([192, 0, 2, 7], port)),
-                "192.0.2.1:1812".parse().unwrap(),
-            ),
-        };
-        let (real, spoofed, later) = (handle(1000), handle(2000), handle(3000));
+        let (real, spoofed, later) = (1000u32, 2000, 3000);
         let name = || vec![NasName::Identifier(b"ap-1".to_vec())];
-        let d = NasDirectory::default();
+        let d = NasDirectory::<u32>::default();
         d.register(name(), real, true);
         d.register(name(), spoofed, false);
         assert_eq!(
