@@ -7,6 +7,7 @@
 //! - [`blastradius`]: the yes/no/auto switches of CVE-2024-3596.
 //! - [`dedup`]: RFC 5080 duplicate detection of one flow.
 //! - [`admission`]: which flows have not proved themselves, and which makes room.
+//! - [`pending`]: packets of sources being defined: kept in order, bounded, handed back.
 //! - [`upstream`]: AAA servers, their policy and health.
 //! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
 //! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod coa;
 pub mod codec;
 pub mod dedup;
+pub mod pending;
 pub mod pool;
 pub mod proxy;
 pub mod upstream;

@@ -41,6 +41,8 @@ pub enum Refusal {
     DirectoryRefused,
     /// The packet queue of a source being defined was full.
     PendingFull,
+    /// Kept for a definition that never ended.
+    PendingExpired,
     /// Provisional flows are at their share of `max_flows` and this worker has none to
     /// evict.
     ProvisionalFull,

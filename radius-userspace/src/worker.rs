@@ -40,6 +40,7 @@ use crate::{
     dedup::{Dedup, Verdict},
     dynamic::Resolution,
     metrics::{Refusal, Via},
+    pending::{Kept, PendingSources},
     proxy::{self, IdPool, InFlight},
     shared::{CoaJob, Defined, FlowHandle, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
@@ -129,11 +130,11 @@ struct UpRef {
     id: u8,
 }
 
-/// A flow whose source is being defined: its packets in arrival order.
-struct PendingFlow {
+/// A datagram kept while its source is being defined (see [`PendingSources`]).
+struct Arrived {
     remote: SocketAddr,
     local: SocketAddr,
-    packets: Vec<Bytes>,
+    data: Bytes,
 }
 
 /// One socket to an upstream port, with its Identifier space.
@@ -220,7 +221,8 @@ struct Worker {
     free_slots: Vec<usize>,
     by_key: HashMap<FlowKey, usize>,
     next_generation: u32,
-    pending: HashMap<FlowKey, PendingFlow>,
+    /// Packets of sources being defined, per flow in arrival order.
+    pending: PendingSources<FlowKey, Arrived>,
     /// This worker's flows that have not proved themselves, least recently seen first.
     provisional: Provisional<usize>,
     /// Datagrams drained from closing children, handled once the round's events are.
@@ -299,7 +301,10 @@ pub(crate) fn run(
         free_slots: Vec::new(),
         by_key: HashMap::new(),
         next_generation: 0,
-        pending: HashMap::new(),
+        pending: match &shared.dynamic {
+            Some(d) => PendingSources::new(d.max_pending_per_flow, d.max_pending_packets),
+            None => PendingSources::new(1, 1),
+        },
         provisional: Provisional::default(),
         requeue: Vec::new(),
         links,
@@ -427,8 +432,8 @@ impl Worker {
             self.inject(slot, data);
             return;
         }
-        if let Some(p) = self.pending.get_mut(&key) {
-            keep_pending(&shared, p, data);
+        if self.pending.contains(&key) {
+            self.keep_pending(key, rx, data);
             return;
         }
         if let Some(binding) = shared.clients.binding(rx.remote.ip()) {
@@ -458,13 +463,7 @@ impl Worker {
                 debug!(remote = %rx.remote, "no client for this source: dropped");
             }
             Resolution::Defining { start } => {
-                let mut p = PendingFlow {
-                    remote: rx.remote,
-                    local: rx.local,
-                    packets: Vec::new(),
-                };
-                keep_pending(&shared, &mut p, data);
-                self.pending.insert(key, p);
+                self.keep_pending(key, rx, data);
                 if start {
                     spawn_definition(&self.runtime, shared.clone(), rx.remote.ip());
                 }
@@ -484,29 +483,44 @@ impl Worker {
     /// A definition finished: make the flows that waited for it, and inject their packets
     /// in arrival order; or drop them, counted, on a refusal.
     fn on_defined(&mut self, d: Defined) {
-        let keys: Vec<FlowKey> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.remote.ip() == d.ip)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let Some(p) = self.pending.remove(&key) else {
+        let shared = self.shared.clone();
+        for (_, packets) in self.pending.take_source(d.ip, &shared.pending_packets) {
+            let Some(first) = packets.first() else {
                 continue;
             };
-            self.shared
-                .pending_packets
-                .fetch_sub(p.packets.len(), Ordering::Relaxed);
+            let (remote, local) = (first.remote, first.local);
             match &d.outcome {
-                Ok(client) => {
-                    self.create_flow(p.remote, p.local, Binding::One(client.clone()), p.packets)
-                }
+                Ok(client) => self.create_flow(
+                    remote,
+                    local,
+                    Binding::One(client.clone()),
+                    packets.into_iter().map(|a| a.data).collect(),
+                ),
                 Err(_) => {
-                    for _ in &p.packets {
-                        self.shared.metrics.refuse(Refusal::DirectoryRefused);
+                    for _ in &packets {
+                        shared.metrics.refuse(Refusal::DirectoryRefused);
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps a packet of a source being defined, within the per-flow and global bounds.
+    fn keep_pending(&mut self, key: FlowKey, rx: socket::Received, data: &[u8]) {
+        let arrived = Arrived {
+            remote: rx.remote,
+            local: rx.local,
+            data: Bytes::copy_from_slice(data),
+        };
+        let kept = self.pending.keep(
+            key,
+            rx.remote.ip(),
+            arrived,
+            Instant::now(),
+            &self.shared.pending_packets,
+        );
+        if kept != Kept::Kept {
+            self.shared.metrics.refuse(Refusal::PendingFull);
         }
     }
 
@@ -1230,7 +1244,19 @@ impl Worker {
         for (index, id) in due {
             self.resend(index, id, now, "timer");
         }
-        // Once a second: cached replies past cleanup_delay, CoA requests unanswered.
+        // Once a second: cached replies past cleanup_delay, CoA requests unanswered, and
+        // packets of a definition that never ended (a directory answers or times out within
+        // its timeout; a queue for the concurrency limit may add a few more).
+        if self.ticks.is_multiple_of(10)
+            && let Some(d) = &shared.dynamic
+        {
+            let max_wait = d.timeout * 4 + Duration::from_secs(5);
+            for (_, packets) in self.pending.expire(now, max_wait, &shared.pending_packets) {
+                for _ in &packets {
+                    shared.metrics.refuse(Refusal::PendingExpired);
+                }
+            }
+        }
         if self.ticks.is_multiple_of(10) {
             for f in self.flows.iter_mut().flatten() {
                 f.dedup.expire(now);
@@ -1668,21 +1694,6 @@ fn answer_status_server(
     let (off, len) = out.keep(m.as_bytes());
     out.nas.push((remote, local, off, len));
     shared.metrics.local_answer("status_server");
-}
-
-/// Keeps a packet of a source being defined, within the per-flow and global bounds.
-fn keep_pending(shared: &Shared, p: &mut PendingFlow, data: &[u8]) {
-    let Some(dynamic) = &shared.dynamic else {
-        return;
-    };
-    if p.packets.len() >= dynamic.max_pending_per_flow
-        || shared.pending_packets.load(Ordering::Relaxed) >= dynamic.max_pending_packets
-    {
-        shared.metrics.refuse(Refusal::PendingFull);
-        return;
-    }
-    shared.pending_packets.fetch_add(1, Ordering::Relaxed);
-    p.packets.push(Bytes::copy_from_slice(data));
 }
 
 /// Asks the directory about `ip` and tells every worker the outcome.
