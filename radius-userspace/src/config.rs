@@ -20,8 +20,41 @@ use crate::{
 /// The configuration `cargo xtask run` uses when no file is given.
 pub const DEFAULT: &str = include_str!("../config/default.toml");
 
+/// A value that "none" switches off: a NIC, an address. Read from the file and from flags
+/// by one parser.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrNone<T>(pub Option<T>);
+
+impl<T: std::str::FromStr> std::str::FromStr for OrNone<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|v| Self(Some(v)))
+            .map_err(|e| format!("`{s}`: {e} (or \"none\")"))
+    }
+}
+
+impl<'de, T: std::str::FromStr> Deserialize<'de> for OrNone<T>
+where
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Whether to use the eBPF fast path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EbpfMode {
     /// Use it when it loads; otherwise say why and run the user-space path.
     Auto,
@@ -96,7 +129,8 @@ impl std::str::FromStr for Listener {
 }
 
 /// What the run loop needs, from the TOML file (or the embedded default) and the flags.
-#[derive(Clone, Debug)]
+/// Its `Default` is the one source of every default.
+#[derive(Clone, Debug, PartialEq)]
 pub struct DaemonConfig {
     /// UDP services to listen on (address and port of the wildcards), with their roles.
     pub listen: Vec<Listener>,
@@ -164,7 +198,7 @@ pub struct ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    server: Option<Spanned<Server>>,
+    server: Option<Server>,
     #[serde(default, rename = "upstream")]
     upstreams: Vec<Spanned<UpstreamSection>>,
     #[serde(default, rename = "pool")]
@@ -238,9 +272,9 @@ struct Server {
     /// Wildcard sockets per address; 0 = one per core.
     workers: usize,
     /// NIC for the XDP guard; "none" for no XDP.
-    iface: String,
+    iface: OrNone<String>,
     /// "auto", "off" or "require".
-    ebpf: String,
+    ebpf: EbpfMode,
     /// Seconds without a packet after which a flow ends.
     idle_timeout: u64,
     /// Seconds a reply is kept to answer NAS retransmissions (RFC 5080; FreeRADIUS's
@@ -257,19 +291,20 @@ struct Server {
     new_source_pps: u64,
     new_source_burst: u64,
     /// Prometheus endpoint, or "none".
-    metrics: String,
+    metrics: OrNone<SocketAddr>,
     /// Where upstreams send CoA and Disconnect requests (RFC 5176), or "none".
-    coa_listen: String,
+    coa_listen: OrNone<SocketAddr>,
 }
 
+// One source of defaults: the file's are DaemonConfig's (0 and "none" stand for None).
 impl Default for Server {
     fn default() -> Self {
         let d = DaemonConfig::default();
         Self {
             listen: Vec::new(),
             workers: 0,
-            iface: "lo".into(),
-            ebpf: "auto".into(),
+            iface: OrNone(d.iface),
+            ebpf: d.ebpf,
             idle_timeout: d.idle_timeout.as_secs(),
             cleanup_delay: d.cleanup_delay.as_secs(),
             max_flows: 0,
@@ -277,8 +312,8 @@ impl Default for Server {
             provisional_idle_timeout: d.provisional_idle_timeout.as_secs(),
             new_source_pps: d.new_source_pps,
             new_source_burst: d.new_source_burst,
-            metrics: "127.0.0.1:9812".into(),
-            coa_listen: "none".into(),
+            metrics: OrNone(d.metrics_listen),
+            coa_listen: OrNone(d.coa_listen),
         }
     }
 }
@@ -305,8 +340,7 @@ struct UpstreamSection {
     max_retries: u32,
     /// BlastRADIUS: must Access replies carry a Message-Authenticator? "yes", "no", or
     /// "auto" (once this upstream has sent one).
-    #[serde(default = "default_auto")]
-    require_message_authenticator: Spanned<String>,
+    require_message_authenticator: Option<Spanned<Switch>>,
     /// Milliseconds between Status-Server probes of a zombie or dead server.
     #[serde(default = "default_check_interval_ms")]
     check_interval_ms: u64,
@@ -351,9 +385,6 @@ fn default_retry_ms() -> u64 {
 }
 fn default_max_retries() -> u32 {
     2
-}
-fn default_auto() -> Spanned<String> {
-    Spanned::new(0..0, "auto".to_owned())
 }
 
 /// `[[client]]`: NASes allowed to talk to the sidecar.
@@ -486,10 +517,7 @@ impl Config {
             let key = key_at(text, span.start);
             err(span, &key, e.message().to_owned())
         })?;
-        let (server_span, server) = match f.server {
-            Some(s) => (s.span(), s.into_inner()),
-            None => (0..0, Server::default()),
-        };
+        let server = f.server.unwrap_or_default();
         let mut daemon = DaemonConfig::default();
         if !server.listen.is_empty() {
             daemon.listen = server
@@ -505,19 +533,8 @@ impl Config {
         if server.workers > 0 {
             daemon.workers = server.workers;
         }
-        daemon.iface = (server.iface != "none").then_some(server.iface);
-        daemon.ebpf = match server.ebpf.as_str() {
-            "auto" => EbpfMode::Auto,
-            "off" => EbpfMode::Off,
-            "require" => EbpfMode::Require,
-            other => {
-                return Err(err(
-                    server_span,
-                    "server.ebpf",
-                    format!("`{other}`: expected \"auto\", \"off\" or \"require\""),
-                ));
-            }
-        };
+        daemon.iface = server.iface.0;
+        daemon.ebpf = server.ebpf;
         daemon.idle_timeout = Duration::from_secs(server.idle_timeout.max(1));
         daemon.cleanup_delay = Duration::from_secs(server.cleanup_delay);
         daemon.max_flows = (server.max_flows > 0).then_some(server.max_flows);
@@ -527,29 +544,8 @@ impl Config {
             Duration::from_secs(server.provisional_idle_timeout.max(1));
         daemon.new_source_pps = server.new_source_pps;
         daemon.new_source_burst = server.new_source_burst;
-        daemon.metrics_listen = if server.metrics == "none" {
-            None
-        } else {
-            Some(server.metrics.parse().map_err(|_| {
-                err(
-                    server_span.clone(),
-                    "server.metrics",
-                    format!("`{}` is not an address:port", server.metrics),
-                )
-            })?)
-        };
-
-        daemon.coa_listen = if server.coa_listen == "none" {
-            None
-        } else {
-            Some(server.coa_listen.parse().map_err(|_| {
-                err(
-                    server_span.clone(),
-                    "server.coa_listen",
-                    format!("`{}` is not an address:port", server.coa_listen),
-                )
-            })?)
-        };
+        daemon.metrics_listen = server.metrics.0;
+        daemon.coa_listen = server.coa_listen.0;
 
         let mut upstreams = Vec::new();
         for u in f.upstreams {
@@ -565,19 +561,12 @@ impl Config {
                     format!("`{}` defined twice", u.name),
                 ));
             }
-            let require_message_authenticator =
-                match u.require_message_authenticator.get_ref().as_str() {
-                    "yes" => YesNoAuto::Yes,
-                    "no" => YesNoAuto::No,
-                    "auto" => YesNoAuto::Auto,
-                    other => {
-                        return Err(err(
-                            u.require_message_authenticator.span(),
-                            "upstream.require_message_authenticator",
-                            format!("`{other}`: expected \"yes\", \"no\" or \"auto\""),
-                        ));
-                    }
-                };
+            let require_message_authenticator = switch(
+                u.require_message_authenticator,
+                YesNoAuto::Auto,
+                "upstream.require_message_authenticator",
+                &err,
+            )?;
             upstreams.push(Arc::new(Upstream {
                 name: u.name,
                 auth: u.auth,
@@ -814,6 +803,43 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_default_file_says_what_the_built_in_defaults_are() {
+        let file = Config::from_toml(DEFAULT, "default.toml").unwrap().daemon;
+        let built_in = Config::from_toml("", "empty.toml").unwrap().daemon;
+        assert_eq!(file, built_in);
+        assert_eq!(built_in, DaemonConfig::default());
+    }
+
+    #[test]
+    fn none_and_typed_values_are_read_by_one_parser_with_their_line() {
+        let c = Config::from_toml(
+            "[server]\niface = \"none\"\nmetrics = \"none\"\ncoa_listen = \"127.0.0.1:3799\"\nebpf = \"off\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.iface, None);
+        assert_eq!(c.daemon.metrics_listen, None);
+        assert_eq!(c.daemon.coa_listen, Some("127.0.0.1:3799".parse().unwrap()));
+        assert_eq!(c.daemon.ebpf, EbpfMode::Off);
+        let e = Config::from_toml("[server]\nworkers = 1\nmetrics = \"localhost\"\n", "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (3, "server.metrics"), "{e}");
+        let e = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\nrequire_message_authenticator = \"maybe\"\n",
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.key, "upstream.require_message_authenticator", "{e}");
+        assert_eq!(
+            "none".parse::<OrNone<SocketAddr>>().unwrap(),
+            OrNone(None),
+            "flags use the same parser"
+        );
+    }
 
     #[test]
     fn the_embedded_default_loads() {

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radius_sidecar::{
-    config::{self, Config, EbpfMode, Listener},
+    config::{self, Config, EbpfMode, Listener, OrNone},
     daemon,
 };
 use tokio_util::sync::CancellationToken;
@@ -32,8 +32,8 @@ struct Cli {
     #[arg(long)]
     workers: Option<usize>,
     /// NIC to attach the XDP guard to ("none" for no XDP).
-    #[arg(long)]
-    iface: Option<String>,
+    #[arg(long, value_name = "NIC|none")]
+    iface: Option<OrNone<String>>,
     /// Never load the eBPF programs: steer in user space.
     #[arg(long, conflicts_with = "require_ebpf")]
     no_ebpf: bool,
@@ -53,8 +53,8 @@ struct Cli {
     #[arg(long)]
     new_source_burst: Option<u64>,
     /// Address of the Prometheus endpoint ("none" to disable).
-    #[arg(long)]
-    metrics: Option<String>,
+    #[arg(long, value_name = "ADDR:PORT|none")]
+    metrics: Option<OrNone<std::net::SocketAddr>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,8 +75,8 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(w) = cli.workers {
         d.workers = w.max(1);
     }
-    if let Some(i) = &cli.iface {
-        d.iface = (i != "none").then(|| i.clone());
+    if let Some(OrNone(i)) = &cli.iface {
+        d.iface = i.clone();
     }
     if cli.no_ebpf {
         d.ebpf = EbpfMode::Off;
@@ -95,15 +95,8 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(b) = cli.new_source_burst {
         d.new_source_burst = b;
     }
-    if let Some(m) = &cli.metrics {
-        d.metrics_listen = if m == "none" {
-            None
-        } else {
-            Some(
-                m.parse()
-                    .with_context(|| format!("--metrics: `{m}` is not an address:port"))?,
-            )
-        };
+    if let Some(OrNone(m)) = cli.metrics {
+        d.metrics_listen = m;
     }
     Ok(c)
 }
