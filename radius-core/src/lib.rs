@@ -12,6 +12,7 @@
 //! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
 //! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
 //! - [`proxy`]: forwarding: a request prepared for an upstream, a reply for the NAS.
+//! - [`requests`]: a worker's requests in flight upstream: Identifier spaces, timers.
 //! - [`coa`]: CoA bookkeeping: NAS names, which flow carries each NAS, the sidecar's NAK.
 pub mod admission;
 pub mod blastradius;
@@ -22,4 +23,5 @@ pub mod dedup;
 pub mod pending;
 pub mod pool;
 pub mod proxy;
+pub mod requests;
 pub mod upstream;

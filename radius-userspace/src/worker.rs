@@ -41,16 +41,13 @@ use crate::{
     dynamic::Resolution,
     metrics::{Refusal, Via},
     pending::{Kept, PendingSources},
-    proxy::{self, IdPool, InFlight},
+    proxy::{self, InFlight},
+    requests::{self, Allocation, At, Requests},
     shared::{CoaJob, Defined, FlowHandle, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
     upstream::Upstream,
 };
 
-/// Upstream sockets a worker may open per (upstream, port): 16 x 256 requests in flight.
-const MAX_UPSTREAM_SOCKETS: usize = 16;
-/// An extra upstream socket with nothing in flight for this long is closed.
-const UPSTREAM_SOCKET_IDLE: Duration = Duration::from_secs(30);
 /// Datagrams a wildcard gives per round before the other sockets get their turn.
 const WILDCARD_BUDGET: usize = 64;
 
@@ -105,7 +102,7 @@ struct Flow {
     last_seen: Instant,
     in_flight: u32,
     /// RFC 5080: requests in flight and recent replies, by Identifier.
-    dedup: Dedup<UpRef>,
+    dedup: Dedup<At>,
     /// Its NAS's names are in the NAS directory (for CoA).
     named: bool,
     /// CoA/Disconnect requests sent to the NAS, by the Identifier we gave them.
@@ -123,13 +120,6 @@ struct PendingCoa {
 /// How long a NAS has to answer a CoA or Disconnect request.
 const COA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a request's upstream copy is: an upstream socket and the Identifier on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct UpRef {
-    index: usize,
-    id: u8,
-}
-
 /// A datagram kept while its source is being defined (see [`PendingSources`]).
 struct Arrived {
     remote: SocketAddr,
@@ -137,34 +127,20 @@ struct Arrived {
     data: Bytes,
 }
 
-/// One socket to an upstream port, with its Identifier space.
-struct UpSock {
-    sock: UdpSocket,
-    ids: IdPool<Pending>,
-    idle_since: Instant,
-}
-
-/// The sockets to one upstream port.
-struct UpPort {
-    to: SocketAddr,
-    socks: Vec<Option<UpSock>>,
-}
-
-/// This worker's way to one upstream.
+/// This worker's way to one upstream: its two ports are `2 * link` (auth) and
+/// `2 * link + 1` (acct) in the request table, whose socket indexes index `up_socks`.
 struct Link {
     upstream: Arc<Upstream>,
-    auth: UpPort,
-    acct: Option<UpPort>,
 }
 
-fn up_index(link: usize, acct: bool, sock: usize) -> usize {
-    (link * 2 + usize::from(acct)) * MAX_UPSTREAM_SOCKETS + sock
+/// The request table's port of upstream `link`.
+fn port(link: usize, acct: bool) -> usize {
+    link * 2 + usize::from(acct)
 }
 
-fn split_up_index(i: usize) -> (usize, bool, usize) {
-    let s = i % MAX_UPSTREAM_SOCKETS;
-    let p = i / MAX_UPSTREAM_SOCKETS;
-    (p / 2, p % 2 == 1, s)
+/// The upstream link of a socket index.
+fn link_of(socket: usize) -> usize {
+    requests::port_of(socket) / 2
 }
 
 fn open_upstream_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -228,6 +204,10 @@ struct Worker {
     /// Datagrams drained from closing children, handled once the round's events are.
     requeue: Vec<(socket::Received, Bytes)>,
     links: Vec<Link>,
+    /// Sockets to upstreams, by the request table's socket index.
+    up_socks: Vec<Option<UdpSocket>>,
+    /// Requests in flight upstream: Identifier spaces and timers (sans-IO).
+    requests: Requests<FlowRef>,
     /// The wildcard's receive buffer.
     wildcard_buf: Vec<u8>,
     /// Receive buffer (upstream replies, draining children), and the buffer a request or
@@ -266,26 +246,23 @@ pub(crate) fn run(
     poller.add(&wildcard, token(WILDCARD, 0))?;
     poller.add(&*inbox.wake, token(WAKE, 0))?;
     let mut links = Vec::new();
+    let mut up_socks = Vec::new();
+    let mut requests = Requests::default();
     for (li, u) in shared.upstreams.iter().enumerate() {
-        let port = |to: SocketAddr, acct: bool| -> std::io::Result<UpPort> {
+        // One socket per port to start; more when 256 requests are in flight on each.
+        for (acct, to) in [(false, Some(u.auth)), (true, u.acct)] {
+            let Some(to) = to else { continue };
+            let index = port(li, acct) * requests::MAX_SOCKETS;
             let sock = open_upstream_socket(to)?;
-            poller.add(&sock, token(UPSTREAM, up_index(li, acct, 0)))?;
-            Ok(UpPort {
-                to,
-                socks: vec![Some(UpSock {
-                    sock,
-                    ids: IdPool::default(),
-                    idle_since: Instant::now(),
-                })],
-            })
-        };
+            poller.add(&sock, token(UPSTREAM, index))?;
+            if up_socks.len() <= index {
+                up_socks.resize_with(index + 1, || None);
+            }
+            up_socks[index] = Some(sock);
+            requests.add_socket(index, Instant::now());
+        }
         links.push(Link {
             upstream: u.clone(),
-            auth: port(u.auth, false)?,
-            acct: match u.acct {
-                Some(a) => Some(port(a, true)?),
-                None => None,
-            },
         });
     }
     let mut w = Worker {
@@ -301,6 +278,8 @@ pub(crate) fn run(
         free_slots: Vec::new(),
         by_key: HashMap::new(),
         next_generation: 0,
+        up_socks,
+        requests,
         pending: match &shared.dynamic {
             Some(d) => PendingSources::new(d.max_pending_per_flow, d.max_pending_packets),
             None => PendingSources::new(1, 1),
@@ -737,7 +716,7 @@ impl Worker {
                     // The NAS retransmits: follow it upstream (once a second at most)
                     // rather than sending a second request; to another server when this
                     // one has gone quiet.
-                    self.resend(tag.index, tag.id, now, "nas_retransmission");
+                    self.resend(tag, now, "nas_retransmission");
                 }
                 return;
             }
@@ -816,28 +795,29 @@ impl Worker {
                 return false;
             }
         };
-        let Some(link) = self.links.get_mut(li) else {
+        let Some(link) = self.links.get(li) else {
             return false;
         };
         let acct = prepared.code == Code::AccountingRequest;
-        let port = match (acct, link.acct.as_mut()) {
-            (false, _) => &mut link.auth,
-            (true, Some(a)) => a,
-            (true, None) => {
-                shared.metrics.proxy_drop("no_acct_upstream");
-                protocol_error(
-                    shared,
-                    client,
-                    flow,
-                    &self.wbuf,
-                    &prepared,
-                    UNSUPPORTED_SERVICE,
-                    &mut self.out,
-                );
-                return false;
-            }
+        let to = if acct {
+            link.upstream.acct
+        } else {
+            Some(link.upstream.auth)
         };
-        let pending = InFlight {
+        let Some(to) = to else {
+            shared.metrics.proxy_drop("no_acct_upstream");
+            protocol_error(
+                shared,
+                client,
+                flow,
+                &self.wbuf,
+                &prepared,
+                UNSUPPORTED_SERVICE,
+                &mut self.out,
+            );
+            return false;
+        };
+        let mut pending = InFlight {
             client: client.clone(),
             prepared,
             up_auth: [0; 16],
@@ -853,7 +833,36 @@ impl Worker {
             next_retry: now + jittered(link.upstream.options.retry),
             nas_packet,
         };
-        let Some((si, up_id)) = allocate(&self.poller, li, acct, port, pending) else {
+        // An Identifier of one of this worker's sockets to that port; another socket when
+        // all 256 of each are in flight.
+        let at = loop {
+            match self.requests.allocate(port(li, acct), pending) {
+                Allocation::At(at) => break Some(at),
+                Allocation::OpenSocket { socket, request } => {
+                    let opened = open_upstream_socket(to).and_then(|sock| {
+                        self.poller.add(&sock, token(UPSTREAM, socket))?;
+                        Ok(sock)
+                    });
+                    match opened {
+                        Ok(sock) => {
+                            if self.up_socks.len() <= socket {
+                                self.up_socks.resize_with(socket + 1, || None);
+                            }
+                            self.up_socks[socket] = Some(sock);
+                            self.requests.add_socket(socket, now);
+                            debug!(%to, socket, "another upstream socket: 256 requests in flight on each");
+                            pending = request;
+                        }
+                        Err(e) => {
+                            warn!(%to, error = %e, "no further upstream socket");
+                            break None;
+                        }
+                    }
+                }
+                Allocation::Exhausted(_) => break None,
+            }
+        };
+        let Some(at) = at else {
             shared.metrics.proxy_drop("upstream_ids_exhausted");
             protocol_error(
                 shared,
@@ -866,48 +875,43 @@ impl Worker {
             );
             return false;
         };
-        let Some(up) = port.socks[si].as_mut() else {
-            return false;
-        };
-        match proxy::finalize_request(&mut self.wbuf, prepared.len, up_id, &link.upstream) {
+        match proxy::finalize_request(&mut self.wbuf, prepared.len, at.id, &link.upstream) {
             Ok(up_auth) => {
                 let wire = &self.wbuf[..prepared.len];
-                if let Some(p) = up.ids.get_mut(up_id) {
+                if let Some(p) = self.requests.get_mut(at) {
                     p.up_auth = up_auth;
                     p.wire = wire.to_vec();
                 }
                 let (off, len) = self.out.keep(wire);
-                let index = up_index(li, acct, si);
-                self.out.up.push((index, up_id, off, len));
+                self.out.up.push((at.socket, at.id, off, len));
                 // Begun: from here only end_request ends it.
                 flow.in_flight += 1;
                 shared.metrics.requests_in_flight.inc();
-                flow.dedup.begin(
-                    prepared.nas_id,
-                    &prepared.nas_auth,
-                    now,
-                    UpRef { index, id: up_id },
-                );
+                flow.dedup
+                    .begin(prepared.nas_id, &prepared.nas_auth, now, at);
                 true
             }
             Err(e) => {
                 // Not begun yet (no dedup entry, not counted): only the Identifier to free.
-                up.ids.take(up_id);
+                self.requests.take(at, now);
                 shared.metrics.proxy_drop(e.reason());
                 false
             }
         }
     }
 
-    /// Sends the request at (`index`, `id`) again: to the same server while it answers
-    /// anything, else to another server of its client's pool (failover).
-    fn resend(&mut self, index: usize, id: u8, now: Instant, cause: &'static str) {
+    /// Sends the request at `at` again: to the same server while it answers anything,
+    /// else to another server of its client's pool (failover).
+    fn resend(&mut self, at: At, now: Instant, cause: &'static str) {
         let shared = self.shared.clone();
-        let (li, ..) = split_up_index(index);
-        let Some(upstream) = self.links.get(li).map(|l| l.upstream.clone()) else {
+        let Some(upstream) = self
+            .links
+            .get(link_of(at.socket))
+            .map(|l| l.upstream.clone())
+        else {
             return;
         };
-        let Some(p) = up_sock(&mut self.links, index).and_then(|u| u.ids.get_mut(id)) else {
+        let Some(p) = self.requests.get_mut(at) else {
             return;
         };
         let window = (upstream.options.retry / 2).as_millis() as u64;
@@ -930,19 +934,18 @@ impl Worker {
             });
         match other {
             None => {
-                let Some(p) = up_sock(&mut self.links, index).and_then(|u| u.ids.get_mut(id))
-                else {
+                let Some(p) = self.requests.get_mut(at) else {
                     return;
                 };
                 p.next_retry = now + jittered(upstream.options.retry);
                 let (off, len) = self.out.keep(&p.wire);
-                self.out.up.push((index, id, off, len));
+                self.out.up.push((at.socket, at.id, off, len));
                 shared.metrics.upstream_retransmit(cause);
             }
             Some(to) => {
                 // Ended here, begun anew there: if the new send cannot be made, nothing of
                 // the old one is left behind.
-                let Some(p) = self.end(index, id, End::Moved, now) else {
+                let Some(p) = self.end(at, End::Moved, now) else {
                     return;
                 };
                 let n = p.nas_packet.len().min(self.wbuf.len());
@@ -1030,7 +1033,7 @@ impl Worker {
         let mut failed: Vec<(usize, u8)> = Vec::new();
         for group in out.up.chunk_by(|a, b| a.0 == b.0) {
             let index = group[0].0;
-            let Some(up) = self.up_sock(index) else {
+            let Some(sock) = self.up_socks.get(index).and_then(Option::as_ref) else {
                 continue;
             };
             let batch: Vec<socket::Outgoing<'_>> = group
@@ -1041,15 +1044,15 @@ impl Worker {
                     data: &out.bytes[off..off + len],
                 })
                 .collect();
-            let sent = socket::send_batch(&up.sock, &batch, |i, e| {
+            let sent = socket::send_batch(sock, &batch, |i, e| {
                 debug!(error = %e, "request not sent upstream");
                 failed.push((index, group[i].1));
             });
             shared.metrics.forwarded.inc_by(sent as u64);
         }
-        for (index, id) in failed {
+        for (socket, id) in failed {
             shared.metrics.proxy_drop("send_to_upstream");
-            self.end(index, id, End::GivenUp, Instant::now());
+            self.end(At { socket, id }, End::GivenUp, Instant::now());
         }
         let any = self.bound.ip().is_unspecified();
         let batch: Vec<socket::Outgoing<'_>> = out
@@ -1075,26 +1078,16 @@ impl Worker {
 
     /// Requests of this worker in flight upstream.
     fn in_flight(&self) -> usize {
-        self.links
-            .iter()
-            .flat_map(|l| std::iter::once(&l.auth).chain(l.acct.as_ref()))
-            .flat_map(|p| p.socks.iter().flatten())
-            .map(|u| u.ids.in_flight())
-            .sum()
+        self.requests.in_flight()
     }
 
-    fn up_sock(&mut self, index: usize) -> Option<&mut UpSock> {
-        up_sock(&mut self.links, index)
-    }
-
-    /// Ends the request at (`index`, `id`) without an answer; see [`end_request`].
-    fn end(&mut self, index: usize, id: u8, end: End<'_>, now: Instant) -> Option<Pending> {
+    /// Ends the request at `at` without an answer; see [`end_request`].
+    fn end(&mut self, at: At, end: End<'_>, now: Instant) -> Option<Pending> {
         end_request(
             &self.shared,
-            &mut self.links,
+            &mut self.requests,
             &mut self.flows,
-            index,
-            id,
+            at,
             end,
             now,
         )
@@ -1104,16 +1097,15 @@ impl Worker {
     /// Replies on one of this worker's upstream sockets: each checked, re-signed for its
     /// NAS and sent from its flow's child.
     fn read_upstream(&mut self, index: usize) {
-        let (li, ..) = split_up_index(index);
-        let Some(upstream) = self.links.get(li).map(|l| l.upstream.clone()) else {
+        let Some(upstream) = self.links.get(link_of(index)).map(|l| l.upstream.clone()) else {
             return;
         };
         let shared = self.shared.clone();
         for _ in 0..WILDCARD_BUDGET {
-            let Some(up) = up_sock(&mut self.links, index) else {
+            let Some(sock) = self.up_socks.get(index).and_then(Option::as_ref) else {
                 return;
             };
-            let n = match up.sock.recv(&mut self.rbuf) {
+            let n = match sock.recv(&mut self.rbuf) {
                 Ok(n) => n,
                 Err(_) => return,
             };
@@ -1121,8 +1113,11 @@ impl Worker {
                 shared.metrics.proxy_drop("reply_malformed");
                 continue;
             }
-            let id = self.rbuf[1];
-            let Some(pending) = up.ids.get(id) else {
+            let at = At {
+                socket: index,
+                id: self.rbuf[1],
+            };
+            let Some(pending) = self.requests.get(at) else {
                 shared.metrics.proxy_drop("reply_unknown_id");
                 continue;
             };
@@ -1161,10 +1156,9 @@ impl Worker {
             upstream.health.on_answer(crate::upstream::millis(now));
             let Some((done, send_to)) = end_request(
                 &shared,
-                &mut self.links,
+                &mut self.requests,
                 &mut self.flows,
-                index,
-                id,
+                at,
                 End::Answered(&self.rbuf[..len]),
                 now,
             ) else {
@@ -1191,48 +1185,32 @@ impl Worker {
     fn on_tick(&mut self, now: Instant) {
         let shared = self.shared.clone();
         self.ticks = self.ticks.wrapping_add(1);
-        let mut due = Vec::new();
-        let mut expired = Vec::new();
-        for (li, link) in self.links.iter_mut().enumerate() {
-            let timeout = link.upstream.timeout;
-            let (retry, max_retries) = (
-                link.upstream.options.retry,
-                link.upstream.options.max_retries,
-            );
-            for (acct, port) in std::iter::once((false, &mut link.auth))
-                .chain(link.acct.as_mut().map(|a| (true, a)))
-            {
-                for (si, slot) in port.socks.iter_mut().enumerate() {
-                    let Some(up) = slot else { continue };
-                    let index = up_index(li, acct, si);
-                    up.ids.for_each_mut(|id, p| {
-                        if now.duration_since(p.sent_at) > timeout {
-                            expired.push((index, id));
-                            return;
-                        }
-                        // Our own retransmissions, for NASes that do not retransmit.
-                        if p.retries < max_retries && now >= p.next_retry && !p.wire.is_empty() {
-                            p.retries += 1;
-                            p.next_retry = now + jittered(retry);
-                            due.push((index, id));
-                        }
+        let (mut due, mut expired) = (Vec::new(), Vec::new());
+        for (li, link) in self.links.iter().enumerate() {
+            let u = &link.upstream;
+            let (timeout, retry, max_retries) = (u.timeout, u.options.retry, u.options.max_retries);
+            for acct in [false, true] {
+                // Our own retransmissions, for NASes that do not retransmit; requests past
+                // their timeout; extra sockets of a burst, once idle.
+                let sweep = self
+                    .requests
+                    .sweep(port(li, acct), now, timeout, max_retries, || {
+                        jittered(retry)
                     });
-                    if si > 0
-                        && up.ids.in_flight() == 0
-                        && now.duration_since(up.idle_since) > UPSTREAM_SOCKET_IDLE
-                    {
-                        self.poller.remove(&up.sock);
-                        *slot = None;
-                        debug!(upstream = %link.upstream.name, to = %port.to, "idle extra upstream socket closed");
+                expired.extend(sweep.expired);
+                due.extend(sweep.resend);
+                for socket in sweep.closed {
+                    if let Some(sock) = self.up_socks.get_mut(socket).and_then(Option::take) {
+                        self.poller.remove(&sock);
+                        debug!(upstream = %u.name, socket, "idle extra upstream socket closed");
                     }
                 }
             }
         }
-        for (index, id) in expired {
-            if let Some(p) = self.end(index, id, End::GivenUp, now) {
+        for at in expired {
+            if let Some(p) = self.end(at, End::GivenUp, now) {
                 shared.metrics.proxy_drop("upstream_timeout");
-                let (li, ..) = split_up_index(index);
-                if let Some(link) = self.links.get(li) {
+                if let Some(link) = self.links.get(link_of(at.socket)) {
                     let window = (link.upstream.options.retry / 2).as_millis() as u64;
                     link.upstream
                         .health
@@ -1241,8 +1219,8 @@ impl Worker {
                 debug!(remote = %p.reply_to.remote, client = %p.client.name, "request given up: no answer upstream");
             }
         }
-        for (index, id) in due {
-            self.resend(index, id, now, "timer");
+        for at in due {
+            self.resend(at, now, "timer");
         }
         // Once a second: cached replies past cleanup_delay, CoA requests unanswered, and
         // packets of a definition that never ended (a directory answers or times out within
@@ -1385,18 +1363,6 @@ impl Worker {
     }
 }
 
-/// The upstream socket at `index` (see [`up_index`]).
-fn up_sock(links: &mut [Link], index: usize) -> Option<&mut UpSock> {
-    let (li, acct, si) = split_up_index(index);
-    let link = links.get_mut(li)?;
-    let port = if acct {
-        link.acct.as_mut()?
-    } else {
-        &mut link.auth
-    };
-    port.socks.get_mut(si)?.as_mut()
-}
-
 /// Takes one of `bound` places in `count`, atomically (workers take them concurrently).
 fn reserve(count: &std::sync::atomic::AtomicUsize, bound: usize) -> bool {
     count
@@ -1465,22 +1431,17 @@ fn screen(
 #[allow(clippy::type_complexity)]
 fn end_request(
     shared: &Shared,
-    links: &mut [Link],
+    requests: &mut Requests<FlowRef>,
     flows: &mut [Option<Flow>],
-    index: usize,
-    id: u8,
+    at: At,
     end: End<'_>,
     now: Instant,
 ) -> Option<(Pending, Option<(SocketAddr, SocketAddr)>)> {
-    let up = up_sock(links, index)?;
-    let p = up.ids.take(id)?;
-    if up.ids.in_flight() == 0 {
-        up.idle_since = now;
-    }
+    let p = requests.take(at, now)?;
     shared.metrics.requests_in_flight.dec();
     let r = p.reply_to;
     let (nas_id, nas_auth) = (p.prepared.nas_id, p.prepared.nas_auth);
-    let tag = UpRef { index, id };
+    let tag = at;
     let flow = flows
         .get_mut(r.slot as usize)
         .and_then(Option::as_mut)
@@ -1516,43 +1477,6 @@ fn flow_hash(key: &FlowKey) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
-}
-
-/// A free Identifier on one of `port`'s sockets, opening another socket when all are busy.
-fn allocate(
-    poller: &Poller,
-    link: usize,
-    acct: bool,
-    port: &mut UpPort,
-    mut pending: Pending,
-) -> Option<(usize, u8)> {
-    for (si, slot) in port.socks.iter_mut().enumerate() {
-        if let Some(up) = slot {
-            match up.ids.allocate(pending) {
-                Ok(id) => return Some((si, id)),
-                Err(p) => pending = p,
-            }
-        }
-    }
-    let si = port.socks.iter().position(Option::is_none).or_else(|| {
-        (port.socks.len() < MAX_UPSTREAM_SOCKETS).then(|| {
-            port.socks.push(None);
-            port.socks.len() - 1
-        })
-    })?;
-    let sock = open_upstream_socket(port.to).ok()?;
-    poller
-        .add(&sock, token(UPSTREAM, up_index(link, acct, si)))
-        .ok()?;
-    debug!(to = %port.to, sockets = si + 1, "another upstream socket: 256 requests in flight on each");
-    let mut up = UpSock {
-        sock,
-        ids: IdPool::default(),
-        idle_since: Instant::now(),
-    };
-    let id = up.ids.allocate(pending).ok()?;
-    port.socks[si] = Some(up);
-    Some((si, id))
 }
 
 /// A NAS's CoA/Disconnect ACK or NAK: checked with the NAS's secret, re-signed for the
@@ -1740,8 +1664,10 @@ mod tests {
     fn upstream_socket_indexes_round_trip() {
         for link in 0..5 {
             for acct in [false, true] {
-                for s in 0..MAX_UPSTREAM_SOCKETS {
-                    assert_eq!(split_up_index(up_index(link, acct, s)), (link, acct, s));
+                for s in 0..requests::MAX_SOCKETS {
+                    let socket = port(link, acct) * requests::MAX_SOCKETS + s;
+                    assert_eq!(link_of(socket), link);
+                    assert_eq!(requests::port_of(socket), port(link, acct));
                 }
             }
         }
