@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::upstream::{State, Upstream};
 
-/// How a pool spreads requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a pool spreads requests (written `"fail-over"` or `"load-balance"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// The first usable server in the listed order.
     #[default]

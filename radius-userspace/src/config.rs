@@ -208,13 +208,22 @@ struct File {
     dynamic: Option<Spanned<DynamicSection>>,
 }
 
+/// Which kind of directory defines dynamic clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DirectoryKind {
+    File,
+    Http,
+    Sql,
+}
+
 /// `[dynamic]`: prefixes whose NASes are defined at run time by a directory.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DynamicSection {
     prefixes: Vec<IpNet>,
-    /// "file" or "http".
-    directory: String,
+    /// "file", "http" or "sql".
+    directory: DirectoryKind,
     /// For "file": a TOML file of `[[client]]` entries (relative to this file).
     file: Option<String>,
     /// For "http": `GET <url>?address=<ip>`, JSON answer, 404 to refuse. For "sql":
@@ -360,13 +369,10 @@ struct PoolSection {
     /// `[[upstream]]` names, in order.
     upstreams: Vec<String>,
     /// "fail-over" (the first usable, in order) or "load-balance" (by flow).
-    #[serde(default = "default_policy")]
-    policy: String,
+    #[serde(default)]
+    policy: Policy,
 }
 
-fn default_policy() -> String {
-    "fail-over".into()
-}
 fn default_check_interval_ms() -> u64 {
     1_000
 }
@@ -617,17 +623,7 @@ impl Config {
             if members.is_empty() {
                 return Err(err(span, "pool.upstreams", "must not be empty".into()));
             }
-            let policy = match p.policy.as_str() {
-                "fail-over" => Policy::FailOver,
-                "load-balance" => Policy::LoadBalance,
-                other => {
-                    return Err(err(
-                        span,
-                        "pool.policy",
-                        format!("`{other}`: expected \"fail-over\" or \"load-balance\""),
-                    ));
-                }
-            };
+            let policy = p.policy;
             pools.push(Arc::new(Pool {
                 name: p.name,
                 members,
@@ -735,8 +731,8 @@ impl Config {
             Some(d) => {
                 let span = d.span();
                 let d = d.into_inner();
-                let directory = match d.directory.as_str() {
-                    "file" => Directory::File(FileDirectory::new(
+                let directory = match d.directory {
+                    DirectoryKind::File => Directory::File(FileDirectory::new(
                         d.file
                             .ok_or_else(|| {
                                 err(
@@ -747,7 +743,7 @@ impl Config {
                             })?
                             .into(),
                     )),
-                    "http" => Directory::Http {
+                    DirectoryKind::Http => Directory::Http {
                         url: d.url.ok_or_else(|| {
                             err(
                                 span.clone(),
@@ -756,7 +752,7 @@ impl Config {
                             )
                         })?,
                     },
-                    "sql" => Directory::Sql(SqlDirectory::new(
+                    DirectoryKind::Sql => Directory::Sql(SqlDirectory::new(
                         d.url.ok_or_else(|| {
                             err(
                                 span.clone(),
@@ -766,13 +762,6 @@ impl Config {
                         })?,
                         pools.iter().map(|p| p.name.clone()).collect(),
                     )),
-                    other => {
-                        return Err(err(
-                            span,
-                            "dynamic.directory",
-                            format!("`{other}`: expected \"file\", \"http\" or \"sql\""),
-                        ));
-                    }
                 };
                 if upstreams.is_empty() {
                     return Err(err(span, "dynamic", "no [[upstream]] is defined".into()));
@@ -839,6 +828,34 @@ mod tests {
             OrNone(None),
             "flags use the same parser"
         );
+    }
+
+    #[test]
+    fn word_values_are_typed_and_a_wrong_one_names_its_key_and_line() {
+        let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n";
+        let c = Config::from_toml(
+            &format!(
+                "{up}[[pool]]\nname = \"p\"\nupstreams = [\"a\"]\npolicy = \"load-balance\"\n"
+            ),
+            "f.toml",
+        )
+        .unwrap();
+        assert!(c.clients.is_empty());
+        let e = Config::from_toml(
+            &format!("{up}[[pool]]\nname = \"p\"\nupstreams = [\"a\"]\npolicy = \"round-robin\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (8, "pool.policy"), "{e}");
+        assert!(e.message.contains("load-balance"), "{e}");
+        let e = Config::from_toml(
+            &format!("{up}[dynamic]\nprefixes = [\"10.0.0.0/8\"]\ndirectory = \"ldap\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (7, "dynamic.directory"), "{e}");
     }
 
     #[test]
