@@ -12,9 +12,11 @@
 //! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
 //! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
 //! - [`proxy`]: forwarding: a request prepared for an upstream, a reply for the NAS.
+//! - [`answers`]: what the sidecar answers itself (Status-Server, Protocol-Error).
 //! - [`requests`]: a worker's requests in flight upstream: Identifier spaces, timers.
 //! - [`coa`]: CoA bookkeeping: NAS names, which flow carries each NAS, the sidecar's NAK.
 pub mod admission;
+pub mod answers;
 pub mod blastradius;
 pub mod client;
 pub mod coa;

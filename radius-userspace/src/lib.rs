@@ -1,7 +1,8 @@
 //! radius-sidecar: a RADIUS proxy beside an AAA server, with an eBPF fast path. This crate
 //! is the IO side; the decisions live in the sans-IO core ([`radius_core`], re-exported here
 //! under the same names: [`codec`], [`client`], [`upstream`], [`pool`], [`proxy`],
-//! [`dedup`], [`admission`], [`blastradius`], [`coa`], [`pending`], [`requests`]).
+//! [`dedup`], [`admission`], [`blastradius`], [`coa`], [`pending`], [`requests`],
+//! [`answers`]).
 //!
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
@@ -14,7 +15,8 @@
 //! - [`dynamic`]: dynamic clients: the directories (file, HTTP, SQL) and their cache.
 //! - [`config`]: the configuration model (TOML, with file:line:key errors).
 pub use radius_core::{
-    admission, blastradius, client, coa, codec, dedup, pending, pool, proxy, requests, upstream,
+    admission, answers, blastradius, client, coa, codec, dedup, pending, pool, proxy, requests,
+    upstream,
 };
 pub mod coa_listener;
 pub mod config;

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::Provisional,
+    answers,
     client::{self as clients, Binding, Client, Proof},
     coa::NasName,
     codec::{Code, Packet, PacketMut, auth},
@@ -1535,34 +1536,15 @@ fn protocol_error(
     cause: u32,
     out: &mut Outbox,
 ) {
-    let Ok(req) = Packet::parse(&buf[..prepared.len]) else {
-        return;
-    };
     let mut b = [0u8; 1024];
-    let Ok(mut m) = PacketMut::new(&mut b, Code::ProtocolError, prepared.nas_id) else {
-        return;
-    };
-    let code = u32::from(prepared.code as u8).to_be_bytes();
-    let built = m.message_authenticator_first().is_ok()
-        && m.push(crate::codec::attr::ERROR_CAUSE, &cause.to_be_bytes())
-            .is_ok()
-        && m.push(
-            crate::codec::attr::EXTENDED_1,
-            &[
-                crate::codec::attr::EXT_ORIGINAL_PACKET_CODE,
-                code[0],
-                code[1],
-                code[2],
-                code[3],
-            ],
-        )
-        .is_ok()
-        && req
-            .get_all(crate::codec::attr::PROXY_STATE)
-            .filter(|ps| ps.value != shared.proxy_state)
-            .all(|ps| m.push(crate::codec::attr::PROXY_STATE, ps.value).is_ok())
-        && m.sign(&client.secret, Some(&prepared.nas_auth)).is_ok();
-    if built {
+    if let Some(m) = answers::protocol_error(
+        &mut b,
+        buf,
+        prepared,
+        &shared.proxy_state,
+        cause,
+        &client.secret,
+    ) {
         let (off, len) = out.keep(m.as_bytes());
         out.nas.push((flow.remote, flow.local, off, len));
         shared.metrics.local_answer("protocol_error");
@@ -1587,37 +1569,15 @@ fn answer_status_server(
     accounting: bool,
     out: &mut Outbox,
 ) {
-    let Ok(p) = Packet::parse(request) else {
-        shared.metrics.proxy_drop("malformed");
-        return;
-    };
-    if p.message_authenticator_offset().is_none() {
-        shared
-            .metrics
-            .proxy_drop("status_server_without_message_authenticator");
-        return;
-    }
-    if auth::verify(&p, &client.secret, None).is_err() {
-        shared.metrics.proxy_drop("bad_signature");
-        return;
-    }
-    let code = if accounting {
-        Code::AccountingResponse
-    } else {
-        Code::AccessAccept
-    };
     let mut buf = [0u8; 64];
-    let Ok(mut m) = PacketMut::new(&mut buf, code, p.identifier()) else {
-        return;
-    };
-    if m.message_authenticator_first().is_err()
-        || m.sign(&client.secret, Some(p.authenticator())).is_err()
-    {
-        return;
+    match answers::status_server(&mut buf, request, &client.secret, accounting) {
+        Ok(m) => {
+            let (off, len) = out.keep(m.as_bytes());
+            out.nas.push((remote, local, off, len));
+            shared.metrics.local_answer("status_server");
+        }
+        Err(reason) => shared.metrics.proxy_drop(reason),
     }
-    let (off, len) = out.keep(m.as_bytes());
-    out.nas.push((remote, local, off, len));
-    shared.metrics.local_answer("status_server");
 }
 
 /// Asks the directory about `ip` and tells every worker the outcome.

@@ -311,10 +311,32 @@ pub fn protocol_error<'a, S: SharedSecret + ?Sized>(
     error_cause: u32,
     secret: &S,
 ) -> Result<PacketMut<'a>, EditError> {
-    let mut p = PacketMut::new(buf, Code::ProtocolError, request.identifier())?;
+    protocol_error_to(
+        buf,
+        (
+            request.identifier(),
+            request.authenticator(),
+            request.code(),
+        ),
+        request.get_all(attr::PROXY_STATE).map(|a| a.value),
+        error_cause,
+        secret,
+    )
+}
+
+/// A Protocol-Error to the request `(identifier, authenticator, code)` with these
+/// Proxy-States: for a proxy, whose copy of the request has already been rewritten.
+pub fn protocol_error_to<'a, 'r, S: SharedSecret + ?Sized>(
+    buf: &'a mut [u8],
+    (id, request_auth, request_code): (u8, &[u8; 16], Code),
+    proxy_states: impl Iterator<Item = &'r [u8]>,
+    error_cause: u32,
+    secret: &S,
+) -> Result<PacketMut<'a>, EditError> {
+    let mut p = PacketMut::new(buf, Code::ProtocolError, id)?;
     p.message_authenticator_first()?;
     p.push(attr::ERROR_CAUSE, &error_cause.to_be_bytes())?;
-    let code = u32::from(request.code() as u8).to_be_bytes();
+    let code = u32::from(request_code as u8).to_be_bytes();
     p.push(
         attr::EXTENDED_1,
         &[
@@ -325,9 +347,9 @@ pub fn protocol_error<'a, S: SharedSecret + ?Sized>(
             code[3],
         ],
     )?;
-    for ps in request.get_all(attr::PROXY_STATE) {
-        p.push(attr::PROXY_STATE, ps.value)?;
+    for ps in proxy_states {
+        p.push(attr::PROXY_STATE, ps)?;
     }
-    p.sign(secret, Some(request.authenticator()))?;
+    p.sign(secret, Some(request_auth))?;
     Ok(p)
 }
