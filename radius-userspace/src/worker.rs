@@ -1404,10 +1404,11 @@ fn screen(
         // Several NASes behind one address: the first packet whose Message-Authenticator
         // proves an entry's secret decides (the ones before it prove nothing).
         Binding::Nat(candidates) => {
-            let first = packets
+            let found = packets
                 .iter()
-                .position(|p| clients::identify(candidates, p).is_some());
-            let Some(first) = first else {
+                .enumerate()
+                .find_map(|(i, p)| Some((i, clients::identify(candidates, p)?)));
+            let Some((first, client)) = found else {
                 for _ in &packets {
                     shared.metrics.proxy_drop("nat_unproven");
                 }
@@ -1416,7 +1417,6 @@ fn screen(
             for _ in 0..first {
                 shared.metrics.proxy_drop("nat_unproven");
             }
-            let client = clients::identify(candidates, &packets[first])?;
             info!(client = %client.name, "NAS behind a shared address identified");
             Some((client, packets[first..].to_vec(), true))
         }
