@@ -3,7 +3,14 @@
 //! NAK the sidecar sends itself when there is no such NAS ([`nak`]). The daemon's CoA
 //! listener and its workers move the packets.
 
-use std::{collections::HashMap, hash::Hash, net::Ipv4Addr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use radius_common::FlowKey;
 
 use crate::{
     codec::{Code, Packet, PacketMut, attr},
@@ -14,6 +21,38 @@ use crate::{
 pub const SESSION_CONTEXT_NOT_FOUND: u32 = 503;
 /// RFC 8559: Operator-NAS-Identifier is the extended attribute 241.8 (octets).
 const EXT_OPERATOR_NAS_IDENTIFIER: u8 = 8;
+
+/// Where a NAS's flow lives: its worker and its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowHandle {
+    pub worker: usize,
+    pub key: FlowKey,
+}
+
+/// Hands a NAS's answer (signed for the upstream) back to the CoA listener; false when it
+/// is too busy to take it.
+pub type Answer = Box<dyn FnOnce(Vec<u8>) -> bool + Send>;
+
+/// A CoA or Disconnect request on its way to a NAS's flow.
+pub struct CoaJob {
+    pub key: FlowKey,
+    /// The upstream's Identifier and authenticator: what the answer is signed against.
+    pub origin_id: u8,
+    pub origin_auth: [u8; 16],
+    pub upstream: Arc<Upstream>,
+    pub packet: Vec<u8>,
+    pub answer: Answer,
+}
+
+impl std::fmt::Debug for CoaJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoaJob")
+            .field("origin_id", &self.origin_id)
+            .field("upstream", &self.upstream.name)
+            .field("len", &self.packet.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// How a NAS is named in a CoA-Request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]

@@ -2,7 +2,10 @@
 //! request goes to, by policy and by each server's health (see [`crate::upstream`]), and
 //! which server an EAP conversation is on.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::upstream::{State, Upstream};
 
@@ -62,28 +65,28 @@ impl Pool {
 /// Access-Challenge and once per request that carries a State, never per other packet.
 #[derive(Debug, Default)]
 pub struct EapStates {
-    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, u64)>>,
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, Instant)>>,
 }
 
 /// How long a conversation's State is remembered.
-const STATE_LIFETIME_MS: u64 = 60_000;
+const STATE_LIFETIME: Duration = Duration::from_secs(60);
 /// Past this many entries, expired ones are swept on insert.
 const STATE_SWEEP_AT: usize = 10_000;
 
 impl EapStates {
-    pub fn remember(&self, state: &[u8], upstream: &str, now_ms: u64) {
+    pub fn remember(&self, state: &[u8], upstream: &str, now: Instant) {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= STATE_SWEEP_AT {
-            m.retain(|_, (_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS);
+            m.retain(|_, (_, t)| now.saturating_duration_since(*t) < STATE_LIFETIME);
         }
-        m.insert(state.to_vec(), (upstream.to_owned(), now_ms));
+        m.insert(state.to_vec(), (upstream.to_owned(), now));
     }
 
     /// The server that sent this State, if it is recent.
-    pub fn server_of(&self, state: &[u8], now_ms: u64) -> Option<String> {
+    pub fn server_of(&self, state: &[u8], now: Instant) -> Option<String> {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         m.get(state)
-            .filter(|(_, t)| now_ms.saturating_sub(*t) < STATE_LIFETIME_MS)
+            .filter(|(_, t)| now.saturating_duration_since(*t) < STATE_LIFETIME)
             .map(|(u, _)| u.clone())
     }
 }
@@ -126,10 +129,12 @@ mod tests {
     #[test]
     fn an_eap_state_points_back_at_its_server_for_a_minute() {
         let s = EapStates::default();
-        s.remember(b"st-1", "a", 1_000);
-        assert_eq!(s.server_of(b"st-1", 30_000).as_deref(), Some("a"));
-        assert_eq!(s.server_of(b"st-1", 62_000), None);
-        assert_eq!(s.server_of(b"other", 1_000), None);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        s.remember(b"st-1", "a", at(1));
+        assert_eq!(s.server_of(b"st-1", at(30)).as_deref(), Some("a"));
+        assert_eq!(s.server_of(b"st-1", at(62)), None);
+        assert_eq!(s.server_of(b"other", at(1)), None);
     }
 
     #[test]
@@ -142,16 +147,17 @@ mod tests {
         };
         assert_eq!(fo.pick(7, None).unwrap().name, "a");
         assert_eq!(fo.pick(7, Some("a")).unwrap().name, "b");
-        a.health.on_unanswered(1000, 150);
+        let later = Instant::now() + Duration::from_secs(1);
+        a.health.on_unanswered(later, Duration::from_millis(150));
         assert_eq!(fo.pick(7, None).unwrap().name, "b", "a is a zombie");
-        b.health.on_unanswered(1000, 150);
+        b.health.on_unanswered(later, Duration::from_millis(150));
         assert_eq!(
             fo.pick(7, None).unwrap().name,
             "a",
             "both zombies: in order"
         );
-        a.health.on_answer(3);
-        b.health.on_answer(3);
+        a.health.on_answer(later);
+        b.health.on_answer(later);
         let lb = Pool {
             name: "q".into(),
             members: vec![a, b],

@@ -76,11 +76,13 @@ pub struct Prepared {
 }
 
 /// Checks a NAS's request (in `buf[..len]`) and rewrites it for `upstream`, but for the
-/// Identifier and the signature.
+/// Identifier and the signature. `fresh` is the new Request Authenticator of an
+/// Access-Request (random, drawn by the caller: RFC 2865 asks it unpredictable).
 pub fn prepare_request(
     client: &Client,
     upstream: &Upstream,
     proxy_state: &[u8],
+    fresh: &[u8; 16],
     buf: &mut [u8],
     len: usize,
 ) -> Result<Prepared, ProxyError> {
@@ -121,11 +123,10 @@ pub fn prepare_request(
         if chap_without_challenge {
             m.push(attr::CHAP_CHALLENGE, &nas_auth)?;
         }
-        let up_auth = auth::random_authenticator();
-        m.set_authenticator(&up_auth);
+        m.set_authenticator(fresh);
         m.rehide(
             (client.secret.bytes(), &nas_auth),
-            (upstream.secret.bytes(), &up_auth),
+            (upstream.secret.bytes(), fresh),
         )?;
     }
     Ok(Prepared {
@@ -363,7 +364,15 @@ mod tests {
         let (req, nas_auth) = nas_request(&c);
         let mut buf = [0u8; 4096];
         buf[..req.len()].copy_from_slice(&req);
-        let prep = prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()).unwrap();
+        let prep = prepare_request(
+            &c,
+            &c.pool.members[0],
+            b"ps",
+            &auth::random_authenticator(),
+            &mut buf,
+            req.len(),
+        )
+        .unwrap();
         assert_eq!((prep.nas_id, prep.nas_auth), (42, nas_auth));
         let up_auth = finalize_request(&mut buf, prep.len, 7, &c.pool.members[0]).unwrap();
         let up = Packet::parse(&buf[..prep.len]).unwrap();
@@ -437,7 +446,15 @@ mod tests {
         let (req, _) = nas_request(&c);
         let mut buf = [0u8; 4096];
         buf[..req.len()].copy_from_slice(&req);
-        let prep = prepare_request(&c, &up, b"ps", &mut buf, req.len()).unwrap();
+        let prep = prepare_request(
+            &c,
+            &up,
+            b"ps",
+            &auth::random_authenticator(),
+            &mut buf,
+            req.len(),
+        )
+        .unwrap();
         let up_auth = finalize_request(&mut buf, prep.len, 7, &up).unwrap();
         let inflight = InFlight {
             client: c.clone(),
@@ -495,7 +512,14 @@ mod tests {
         c.require_message_authenticator = YesNoAuto::Yes;
         buf[..req.len()].copy_from_slice(&req);
         assert!(matches!(
-            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()),
+            prepare_request(
+                &c,
+                &c.pool.members[0],
+                b"ps",
+                &auth::random_authenticator(),
+                &mut buf,
+                req.len()
+            ),
             Err(ProxyError::MissingMessageAuthenticator)
         ));
         // Accounting with a wrong authenticator.
@@ -504,13 +528,27 @@ mod tests {
         p.sign(b"wrong", None).unwrap();
         let n = p.len();
         assert!(matches!(
-            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, n),
+            prepare_request(
+                &c,
+                &c.pool.members[0],
+                b"ps",
+                &auth::random_authenticator(),
+                &mut buf,
+                n
+            ),
             Err(ProxyError::Verify(VerifyError::BadAuthenticator))
         ));
         req[0] = 12; // Status-Server: answered by the sidecar itself, later
         buf[..req.len()].copy_from_slice(&req);
         assert!(matches!(
-            prepare_request(&c, &c.pool.members[0], b"ps", &mut buf, req.len()),
+            prepare_request(
+                &c,
+                &c.pool.members[0],
+                b"ps",
+                &auth::random_authenticator(),
+                &mut buf,
+                req.len()
+            ),
             Err(ProxyError::NotForwarded { .. })
         ));
     }

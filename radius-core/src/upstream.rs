@@ -1,6 +1,6 @@
 //! Upstreams: the AAA servers the sidecar forwards to, their retransmission and reply
-//! policy, and each one's health, sans-IO and driven by `now` (milliseconds on a monotonic
-//! clock, see [`millis`]).
+//! policy, and each one's health, sans-IO and driven by the `now` its callers pass (the
+//! engine's clock, and the prober's).
 //!
 //! Health follows FreeRADIUS's home servers: a server that lets a request go unanswered for
 //! a retry interval and has answered nothing for half of one turns *zombie*; new
@@ -12,7 +12,7 @@
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{blastradius::YesNoAuto, codec::auth::Secret};
@@ -75,13 +75,6 @@ impl Default for UpstreamOptions {
     }
 }
 
-/// Milliseconds since the first call in this process: the clock [`Health`] is driven by.
-pub fn millis(t: std::time::Instant) -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(|| t - std::time::Duration::from_secs(1));
-    t.saturating_duration_since(start).as_millis() as u64
-}
-
 /// A server's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -126,11 +119,13 @@ impl Default for HealthPolicy {
     }
 }
 
-/// A server's health, shared by the workers and the prober.
-#[derive(Debug, Default)]
+/// A server's health, shared by the workers and the prober (hence atomics, in milliseconds
+/// since `epoch`; an instant before the epoch counts as the epoch).
+#[derive(Debug)]
 pub struct Health {
+    epoch: Instant,
     state: AtomicU8,
-    /// When (ms) it last answered anything; when it turned zombie.
+    /// When (ms) it last answered anything (0: never); when it turned zombie.
     last_answer_ms: AtomicU64,
     zombie_since_ms: AtomicU64,
     answers_in_a_row: AtomicU32,
@@ -138,7 +133,30 @@ pub struct Health {
     pub changes: AtomicU64,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(Instant::now())
+    }
+}
+
 impl Health {
+    /// A server alive and never heard from; `epoch` is the zero of its clock.
+    pub fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            state: AtomicU8::new(State::Alive as u8),
+            last_answer_ms: AtomicU64::new(0),
+            zombie_since_ms: AtomicU64::new(0),
+            answers_in_a_row: AtomicU32::new(0),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds since the epoch, from 1 (0 means "never").
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Relaxed))
     }
@@ -150,7 +168,8 @@ impl Health {
     }
 
     /// A valid reply to a request.
-    pub fn on_answer(&self, now_ms: u64) {
+    pub fn on_answer(&self, now: Instant) {
+        let now_ms = self.ms(now);
         self.last_answer_ms.fetch_max(now_ms, Relaxed);
         if self.state() == State::Zombie {
             self.set(State::Alive);
@@ -158,11 +177,12 @@ impl Health {
     }
 
     /// A request is still unanswered at a retry: when the server has answered nothing at
-    /// all for `window_ms` (half a retry interval), it turns zombie. (Not "nothing since the
+    /// all for `window` (half a retry interval), it turns zombie. (Not "nothing since the
     /// request was sent": the requests caught in flight when a server dies were all sent
     /// before its last answers, and a closed-loop NAS sends no new ones.) Returns whether
     /// it is still alive.
-    pub fn on_unanswered(&self, now_ms: u64, window_ms: u64) -> bool {
+    pub fn on_unanswered(&self, now: Instant, window: Duration) -> bool {
+        let (now_ms, window_ms) = (self.ms(now), window.as_millis() as u64);
         if self.state() == State::Alive
             && self.last_answer_ms.load(Relaxed) < now_ms.saturating_sub(window_ms)
         {
@@ -174,7 +194,8 @@ impl Health {
     }
 
     /// The outcome of a Status-Server probe.
-    pub fn on_probe(&self, answered: bool, now_ms: u64, p: &HealthPolicy) {
+    pub fn on_probe(&self, answered: bool, now: Instant, p: &HealthPolicy) {
+        let now_ms = self.ms(now);
         match (self.state(), answered) {
             (State::Alive, true) => {}
             (State::Alive, false) => {}
@@ -203,21 +224,31 @@ impl Health {
 mod tests {
     use super::*;
 
+    fn at(h: &Health, ms: u64) -> Instant {
+        h.epoch + Duration::from_millis(ms)
+    }
+
     #[test]
     fn a_silent_server_turns_zombie_then_dead_and_comes_back_through_probes() {
         let (h, p) = (Health::default(), HealthPolicy::default());
-        h.on_answer(900);
-        assert!(h.on_unanswered(1000, 150), "it answered within the window");
-        assert!(!h.on_unanswered(1100, 150), "nothing for 200 ms: zombie");
+        h.on_answer(at(&h, 900));
+        assert!(
+            h.on_unanswered(at(&h, 1000), Duration::from_millis(150)),
+            "it answered within the window"
+        );
+        assert!(
+            !h.on_unanswered(at(&h, 1100), Duration::from_millis(150)),
+            "nothing for 200 ms: zombie"
+        );
         assert_eq!(h.state(), State::Zombie);
-        h.on_probe(false, 5_000, &p);
+        h.on_probe(false, at(&h, 5_000), &p);
         assert_eq!(h.state(), State::Zombie, "within zombie_period");
-        h.on_probe(false, 11_200, &p);
+        h.on_probe(false, at(&h, 11_200), &p);
         assert_eq!(h.state(), State::Dead);
-        h.on_probe(true, 12_000, &p);
-        h.on_probe(true, 13_000, &p);
+        h.on_probe(true, at(&h, 12_000), &p);
+        h.on_probe(true, at(&h, 13_000), &p);
         assert_eq!(h.state(), State::Dead, "two answers are not enough");
-        h.on_probe(true, 14_000, &p);
+        h.on_probe(true, at(&h, 14_000), &p);
         assert_eq!(h.state(), State::Alive);
         assert_eq!(h.changes.load(Relaxed), 3);
     }
@@ -225,9 +256,9 @@ mod tests {
     #[test]
     fn a_zombie_is_alive_again_on_any_answer() {
         let h = Health::default();
-        h.on_unanswered(1000, 150);
+        h.on_unanswered(at(&h, 1000), Duration::from_millis(150));
         assert_eq!(h.state(), State::Zombie);
-        h.on_answer(30);
+        h.on_answer(at(&h, 30));
         assert_eq!(h.state(), State::Alive);
     }
 }

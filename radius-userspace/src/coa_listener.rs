@@ -79,14 +79,14 @@ fn on_request(
         info!(upstream = %upstream.name, "CoA for a NAS with no flow: NAK");
         return nak(&p, &upstream, SESSION_CONTEXT_NOT_FOUND);
     };
+    let answer = answer.clone();
     let job = CoaJob {
         key: at.key,
-        origin: from,
         origin_id: p.identifier(),
         origin_auth: *p.authenticator(),
         upstream,
         packet: data[..p.len()].to_vec(),
-        answer: answer.clone(),
+        answer: Box::new(move |a| answer.try_send((a, from)).is_ok()),
     };
     match shared.defined.get(at.worker) {
         Some(inbox) => {

@@ -1,16 +1,9 @@
-//! The daemon's run loop, the thin tokio driver around [`crate::socket`] and
-//! [`crate::fastpath`]: it chooses the steering path, binds the wildcards, and runs one
-//! worker task per wildcard and one task per flow.
-//!
-//! A worker owns the flow table of the flows that land on its wildcard (steer and the
-//! reuseport filter keep a flow on one worker). A packet of a new flow creates the flow: a
-//! child socket (registered in `CHILDREN` on the fast path, `connect()`ed otherwise) and a
-//! task. Packets that still reach the wildcard for a known flow (its first one, and those
-//! queued before the child existed) are injected into the flow's task over a channel, as if
-//! read from the child. A flow belongs to the client whose prefix holds its source (none:
-//! dropped and counted). Its task hands each request, prepared by [`crate::proxy`], to the
-//! client's upstream task, which owns the Identifier space and the upstream sockets, and
-//! gets the finished reply back to send from the child.
+//! Start-up and shutdown: the daemon chooses the steering path, builds what the workers'
+//! engines share ([`Common`]), binds the wildcards and runs one worker thread per wildcard
+//! ([`crate::worker`]), and on the tokio runtime the slow side: upstream probes
+//! (Status-Server), the CoA listener, the metrics endpoint, the eBPF log and counters.
+//! At cancellation the workers drain their requests in flight, then the fast path is
+//! detached.
 
 use std::{
     collections::HashMap,
@@ -29,7 +22,7 @@ use crate::{
     config::{Config, DaemonConfig, EbpfMode, Listener},
     fastpath::{FastPath, FastPathOptions},
     metrics::{self, Metrics},
-    shared::{self, Shared, lock},
+    shared::{self, Common, Shared, lock},
     socket::{self, SteeringPath},
     upstream::Upstream,
     worker,
@@ -105,19 +98,15 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         .context("creating the workers' eventfds")?
         .into_iter()
         .unzip();
-    let shared = Arc::new(Shared {
-        path,
+    let common = Arc::new(Common {
         clients,
-        dynamic,
-        defined: defined_txs,
+        dynamic: dynamic.as_ref().map(|d| d.core.clone()),
         nas_directory: Default::default(),
         eap_states: Default::default(),
         pending_packets: AtomicUsize::new(0),
         upstreams: upstreams.clone(),
         upstream_index,
         proxy_state,
-        fastpath: fastpath.map(Mutex::new),
-        metrics: metrics.clone(),
         active: AtomicUsize::new(0),
         max_flows,
         provisional_flows: AtomicUsize::new(0),
@@ -129,6 +118,15 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             cleanup_delay: config.cleanup_delay,
             ..Default::default()
         },
+        counters: metrics.clone(),
+    });
+    let shared = Arc::new(Shared {
+        common,
+        path,
+        dynamic,
+        defined: defined_txs,
+        fastpath: fastpath.map(Mutex::new),
+        metrics: metrics.clone(),
         cancel: cancel.clone(),
     });
 
@@ -330,7 +328,7 @@ async fn status_server_once(u: &Upstream, wait: Duration) -> Result<(), String> 
 /// Probes `u` with Status-Server every `check_interval` while it is a zombie or dead, moves
 /// its health on the answers, and keeps its state in the metrics.
 async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    use crate::upstream::{State, millis};
+    use crate::upstream::State;
     let mut tick = tokio::time::interval(u.options.check_interval);
     let mut last = State::Alive;
     loop {
@@ -342,11 +340,8 @@ async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: Cancell
         if state != State::Alive {
             let wait = u.options.check_interval.min(Duration::from_secs(2));
             let answered = status_server_once(&u, wait).await.is_ok();
-            u.health.on_probe(
-                answered,
-                millis(std::time::Instant::now()),
-                &u.options.health,
-            );
+            u.health
+                .on_probe(answered, std::time::Instant::now(), &u.options.health);
         }
         let now = u.health.state();
         if now != last {

@@ -2,11 +2,12 @@
 //! *directory*: a TOML file reloaded when it changes, an HTTP endpoint, or SQL (SQLite, or
 //! PostgreSQL shared between sidecars) reading FreeRADIUS's own `nas` table as it is. Definitions are
 //! cached for `lifetime`, refusals for `nak_lifetime`; at most `max_concurrent` run at once
-//! and at most `max_clients` are kept. The worker keeps the packets of a source being
-//! defined and injects them, in arrival order, once it is (see `daemon`).
+//! and at most `max_clients` are kept. The cache itself, and the rule of which source may
+//! start a definition, are the core's (`radius_core::dynamic`); the engine keeps the packets
+//! of a source being defined and injects them, in arrival order, once it is
+//! (`radius_core::engine`, `radius_core::pending`).
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -292,42 +293,25 @@ async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, Direct
     }
 }
 
-/// The cache state of one source address.
-#[derive(Debug, Clone)]
-pub enum Entry {
-    Defining,
-    Defined { client: Arc<Client>, until: Instant },
-    Refused { until: Instant },
-}
+pub use radius_core::dynamic::{Dynamic, Entry, Resolution};
 
-/// What the worker should do with a packet from an unknown source.
-#[derive(Debug)]
-pub enum Resolution {
-    /// Defined (cached): make the flow with this client.
-    Client(Arc<Client>),
-    /// A definition runs (`start`: this call must start it): keep the packet.
-    Defining { start: bool },
-    /// Refused (cached), or over `max_clients`.
-    Refused,
-    /// Not in a dynamic prefix.
-    NotDynamic,
-}
-
-/// Dynamic client settings and state, shared by the workers.
+/// Dynamic clients: the sans-IO settings and cache the workers share ([`Dynamic`], which
+/// this derefs to), and what answers: the directory, bounded in concurrency and time.
 #[derive(Debug)]
 pub struct DynamicClients {
-    pub prefixes: Vec<IpNet>,
+    pub core: Arc<Dynamic>,
     pub directory: Directory,
-    pub lifetime: Duration,
-    pub nak_lifetime: Duration,
-    pub max_clients: usize,
     pub timeout: Duration,
-    pub max_pending_per_flow: usize,
-    pub max_pending_packets: usize,
     /// Pools (and single upstreams) a definition may name; the first is the default.
     pub pools: Vec<Arc<crate::pool::Pool>>,
     pub concurrency: tokio::sync::Semaphore,
-    cache: Mutex<HashMap<IpAddr, Entry>>,
+}
+
+impl std::ops::Deref for DynamicClients {
+    type Target = Dynamic;
+    fn deref(&self) -> &Dynamic {
+        &self.core
+    }
 }
 
 impl DynamicClients {
@@ -348,54 +332,17 @@ impl DynamicClients {
         pools: Vec<Arc<crate::pool::Pool>>,
     ) -> Self {
         Self {
-            prefixes,
+            core: Arc::new(Dynamic::new(
+                prefixes,
+                (lifetime, nak_lifetime),
+                max_clients,
+                timeout,
+                (max_pending_per_flow, max_pending_packets),
+            )),
             directory,
-            lifetime,
-            nak_lifetime,
-            max_clients,
             timeout,
-            max_pending_per_flow,
-            max_pending_packets,
             pools,
             concurrency: tokio::sync::Semaphore::new(max_concurrent.max(1)),
-            cache: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Looks `ip` up and, when nobody is defining it yet, marks it as being defined.
-    /// Taken once per new flow, never per packet of a flow.
-    pub fn resolve(&self, ip: IpAddr, now: Instant) -> Resolution {
-        if !self.prefixes.iter().any(|p| p.contains(&ip)) {
-            return Resolution::NotDynamic;
-        }
-        let mut cache = self.cache();
-        match cache.get(&ip) {
-            Some(Entry::Defined { client, until }) if *until > now => {
-                Resolution::Client(client.clone())
-            }
-            Some(Entry::Refused { until }) if *until > now => Resolution::Refused,
-            Some(Entry::Defining) => Resolution::Defining { start: false },
-            _ => {
-                let live = cache
-                    .values()
-                    .filter(|e| matches!(e, Entry::Defined { until, .. } if *until > now))
-                    .count();
-                if live >= self.max_clients {
-                    cache.retain(|_, e| match e {
-                        Entry::Defined { until, .. } | Entry::Refused { until } => *until > now,
-                        Entry::Defining => true,
-                    });
-                    if live >= self.max_clients {
-                        return Resolution::Refused;
-                    }
-                }
-                cache.insert(ip, Entry::Defining);
-                Resolution::Defining { start: true }
-            }
         }
     }
 
@@ -407,22 +354,12 @@ impl DynamicClients {
             Ok(r) => r,
             Err(_) => Err(DirectoryError::Timeout(self.timeout)),
         };
-        let now = Instant::now();
         let outcome = match answer {
             Ok(Some(d)) => self.client_of(ip, d),
             Ok(None) => Err("refused by the directory".to_owned()),
             Err(e) => Err(e.to_string()),
         };
-        let entry = match &outcome {
-            Ok(c) => Entry::Defined {
-                client: c.clone(),
-                until: now + self.lifetime,
-            },
-            Err(_) => Entry::Refused {
-                until: now + self.nak_lifetime,
-            },
-        };
-        self.cache().insert(ip, entry);
+        self.core.record(ip, &outcome, Instant::now());
         outcome
     }
 

@@ -2,12 +2,13 @@
 //! is the IO side; the decisions live in the sans-IO core ([`radius_core`], re-exported here
 //! under the same names: [`codec`], [`client`], [`upstream`], [`pool`], [`proxy`],
 //! [`dedup`], [`admission`], [`blastradius`], [`coa`], [`pending`], [`requests`],
-//! [`answers`]).
+//! [`answers`], [`flows`], [`counters`], and the worker's state machine, [`engine`]).
 //!
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
-//! - [`worker`]: one wildcard's flows and upstream sockets, driven from one epoll set.
+//! - [`worker`]: UDP's driver of one engine: a wildcard, its flows' children and upstream
+//!   sockets in one epoll set.
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
 //!   the NAS's flow.
@@ -15,8 +16,8 @@
 //! - [`dynamic`]: dynamic clients: the directories (file, HTTP, SQL) and their cache.
 //! - [`config`]: the configuration model (TOML, with file:line:key errors).
 pub use radius_core::{
-    admission, answers, blastradius, client, coa, codec, dedup, pending, pool, proxy, requests,
-    upstream,
+    admission, answers, blastradius, client, coa, codec, counters, dedup, engine, flows, pending,
+    pool, proxy, requests, upstream,
 };
 pub mod coa_listener;
 pub mod config;

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
+    encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -15,47 +15,19 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// How a packet reached its flow's task.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Via {
-    /// Read from the flow's child socket.
-    Child,
-    /// Read by a wildcard and injected (the flow's first packets, or the set-up window).
-    Wildcard,
-}
-
-/// Why a packet or a new flow was not taken.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Refusal {
-    /// `max_flows` (bounded by the open-file limit) reached.
-    MaxFlows,
-    /// The child socket could not be created.
-    ChildSocket,
-    /// The fast path could not register the child.
-    Register,
-    /// The flow's queue was full.
-    QueueFull,
-    /// The source is in no client's prefix.
-    UnknownClient,
-    /// The directory refused the source (or failed); counted once per packet.
-    DirectoryRefused,
-    /// The packet queue of a source being defined was full.
-    PendingFull,
-    /// Kept for a definition that never ended.
-    PendingExpired,
-    /// Provisional flows are at their share of `max_flows` and this worker has none to
-    /// evict.
-    ProvisionalFull,
-}
+use radius_core::counters::{Count, Counters};
+pub use radius_core::counters::{Refusal, Via};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ViaLabel {
-    pub via: Via,
+    /// "Child" or "Wildcard".
+    pub via: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
-    pub reason: Refusal,
+    /// [`Refusal::as_str`].
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -243,10 +215,8 @@ impl Metrics {
             "1 when the eBPF fast path steers packets, 0 on the user-space path",
             fast_path.clone(),
         );
-        let packets_child = packets.get_or_create(&ViaLabel { via: Via::Child }).clone();
-        let packets_wildcard = packets
-            .get_or_create(&ViaLabel { via: Via::Wildcard })
-            .clone();
+        let packets_child = packets.get_or_create(&ViaLabel { via: "Child" }).clone();
+        let packets_wildcard = packets.get_or_create(&ViaLabel { via: "Wildcard" }).clone();
         Arc::new(Self {
             registry,
             packets,
@@ -330,7 +300,11 @@ impl Metrics {
     }
 
     pub fn refuse(&self, reason: Refusal) {
-        self.refused.get_or_create(&RefusalLabel { reason }).inc();
+        self.refused
+            .get_or_create(&RefusalLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Copies the kernel's counters (already monotonic) into the registry.
@@ -347,6 +321,51 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The engine's counts, as metrics.
+impl Counters for Metrics {
+    fn count(&self, c: Count) {
+        match c {
+            Count::Packet(via) => self.packet(via),
+            Count::Refused(r) => self.refuse(r),
+            Count::Dropped(reason) => self.proxy_drop(reason),
+            Count::LocalAnswer(reason) => self.local_answer(reason),
+            Count::UpstreamRetransmit(cause) => self.upstream_retransmit(cause),
+            Count::Coa(what) => self.coa(what),
+            Count::FlowCreated { proved } => {
+                self.flows_created.inc();
+                self.flows_active.inc();
+                if proved {
+                    self.flows_proved.inc();
+                } else {
+                    self.flows_provisional.inc();
+                }
+            }
+            Count::FlowProved => {
+                self.flows_provisional.dec();
+                self.flows_proved.inc();
+            }
+            Count::FlowEnded { proved } => {
+                self.flows_ended.inc();
+                self.flows_active.dec();
+                if !proved {
+                    self.flows_provisional.dec();
+                }
+            }
+            Count::FlowEvicted(reason) => self.flow_evicted(reason),
+            Count::RequestBegun => {
+                self.requests_in_flight.inc();
+            }
+            Count::RequestEnded => {
+                self.requests_in_flight.dec();
+            }
+        }
+    }
+
+    fn signs(&self, peer: &'static str, name: &str) {
+        self.set_message_authenticator_required(peer, name, true);
     }
 }
 

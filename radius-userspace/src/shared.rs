@@ -1,84 +1,50 @@
-//! What the daemon's threads share: [`Shared`] (read-mostly state of a running daemon),
-//! the [`Inbox`] through which the tokio side reaches a worker (definitions, CoA jobs), and
-//! the handles those carry. Below the worker, the CoA listener and the daemon, which all use
-//! it; it imports none of them.
+//! What the daemon's threads share: [`Shared`] (the engines' [`Common`] state, which it
+//! derefs to, and what only the IO side needs: the steering path, the directory, the
+//! fast path, metrics, cancellation), the [`Inbox`] through which the tokio side reaches a
+//! worker (definitions, CoA jobs), and the handles those carry. Below the worker, the CoA
+//! listener and the daemon, which all use it; it imports none of them.
 
 use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
-    time::Duration,
+    net::IpAddr,
+    sync::{Arc, Mutex},
 };
 
-use radius_common::FlowKey;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use radius_core::coa::{CoaJob, FlowHandle};
+pub use radius_core::engine::Common;
+
 use crate::{
-    client::{Client, ClientTable},
+    client::Client,
     fastpath::FastPath,
     metrics::Metrics,
     socket::{SteeringPath, Wake},
-    upstream::Upstream,
 };
 
 /// What a running daemon shares between its workers (read-mostly: per packet, only
 /// counters are touched).
 pub(crate) struct Shared {
+    pub common: Arc<Common>,
     pub path: SteeringPath,
-    pub clients: ClientTable,
+    /// The directory that defines dynamic clients (its cache is `common.dynamic`).
     pub dynamic: Option<crate::dynamic::DynamicClients>,
     /// One inbox per worker, for the outcome of dynamic definitions and CoA requests.
     pub defined: Vec<Inbox>,
-    /// Which flow carries which NAS (for CoA).
-    pub nas_directory: crate::coa::NasDirectory<FlowHandle>,
-    /// Which server an EAP conversation is on (load-balancing pools).
-    pub eap_states: crate::pool::EapStates,
-    /// Packets kept, in all workers, while their sources are being defined.
-    pub pending_packets: AtomicUsize,
-    /// The configured upstreams; each worker opens its own sockets to each.
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub upstream_index: HashMap<String, usize>,
-    /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
-    pub proxy_state: [u8; 8],
     pub fastpath: Option<Mutex<FastPath>>,
     pub metrics: Arc<Metrics>,
-    /// Flows with a child socket (proved ones), in all workers, and their bound.
-    pub active: AtomicUsize,
-    pub max_flows: usize,
-    /// Flows that have not proved themselves, in all workers, and their bound.
-    pub provisional_flows: AtomicUsize,
-    pub max_provisional: usize,
-    pub idle_timeout: Duration,
-    pub provisional_idle: Duration,
-    pub dedup: crate::dedup::DedupTimers,
     pub cancel: CancellationToken,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Common;
+    fn deref(&self) -> &Common {
+        &self.common
+    }
 }
 
 pub(crate) fn lock(fp: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
     // A panic elsewhere must not stop steering; the maps stay consistent per call.
     fp.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Where a NAS's flow lives: its worker and its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowHandle {
-    pub worker: usize,
-    pub key: FlowKey,
-}
-
-/// A CoA or Disconnect request on its way to a NAS's flow.
-#[derive(Debug)]
-pub(crate) struct CoaJob {
-    pub key: FlowKey,
-    /// Where the answer goes, and what it must be signed against.
-    pub origin: SocketAddr,
-    pub origin_id: u8,
-    pub origin_auth: [u8; 16],
-    pub upstream: Arc<Upstream>,
-    pub packet: Vec<u8>,
-    /// The channel back to [`listen`]: (answer, origin).
-    pub answer: mpsc::Sender<(Vec<u8>, SocketAddr)>,
 }
 
 /// The outcome of a dynamic definition, sent to every worker.

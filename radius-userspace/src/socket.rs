@@ -15,10 +15,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use radius_common::{FlowKey, PROTO_UDP};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-
-use crate::fastpath::addr;
 
 /// Which mechanism hands packets of a known flow to its child.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,17 +35,7 @@ impl SteeringPath {
     }
 }
 
-/// The 5-tuple of a UDP flow from the server's side.
-pub fn flow_key(remote: SocketAddr, local: SocketAddr) -> FlowKey {
-    FlowKey {
-        remote: addr(remote.ip()),
-        local: addr(local.ip()),
-        remote_port: remote.port(),
-        local_port: local.port(),
-        proto: PROTO_UDP,
-        _pad: [0; 3],
-    }
-}
+pub use radius_core::flows::flow_key;
 
 fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -394,7 +381,7 @@ mod tests {
 
 /// A level-triggered epoll set: a worker's wildcard, its flows' children, its upstream
 /// sockets and its [`Wake`]. The worker thread blocks in one `epoll_wait` and gets every
-/// ready socket at once: one wake-up serves many flows, where a task per flow costs a
+/// ready socket at once: one wake-up serves many flows, where a task per flow would cost a
 /// wake-up (and often a cross-thread unpark) per packet. Level-triggered, so one read per
 /// ready socket per round is enough: what is left is reported again, and no read is spent
 /// on `EAGAIN`.

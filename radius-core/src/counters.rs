@@ -1,0 +1,90 @@
+//! What the engine counts, as events: the daemon turns them into Prometheus metrics
+//! (`radius-userspace/src/metrics.rs`), tests into a tally. Closed enums and static
+//! reasons, so counting never allocates on the packet path.
+
+/// How a packet reached its flow.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Via {
+    /// Read from the flow's child socket.
+    Child,
+    /// Read by a wildcard and injected (the flow's first packets, or the set-up window).
+    Wildcard,
+}
+
+/// Why a packet or a new flow was not taken.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_flows` (bounded by the open-file limit) reached.
+    MaxFlows,
+    /// The child socket could not be created.
+    ChildSocket,
+    /// The fast path could not register the child.
+    Register,
+    /// The source is in no client's prefix.
+    UnknownClient,
+    /// The directory refused the source (or failed); counted once per packet.
+    DirectoryRefused,
+    /// The packet queue of a source being defined was full.
+    PendingFull,
+    /// Kept for a definition that never ended.
+    PendingExpired,
+    /// Provisional flows are at their share of `max_flows` and this worker has none to
+    /// evict.
+    ProvisionalFull,
+}
+
+impl Refusal {
+    /// The metric label (the variant's name, as the metrics have always shown it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxFlows => "MaxFlows",
+            Refusal::ChildSocket => "ChildSocket",
+            Refusal::Register => "Register",
+            Refusal::UnknownClient => "UnknownClient",
+            Refusal::DirectoryRefused => "DirectoryRefused",
+            Refusal::PendingFull => "PendingFull",
+            Refusal::PendingExpired => "PendingExpired",
+            Refusal::ProvisionalFull => "ProvisionalFull",
+        }
+    }
+}
+
+/// One thing that happened, to be counted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Count {
+    /// A packet handed to its flow.
+    Packet(Via),
+    Refused(Refusal),
+    /// A request or reply not relayed, by reason (`ProxyError::reason` and the engine's).
+    Dropped(&'static str),
+    /// A request the sidecar answered itself.
+    LocalAnswer(&'static str),
+    /// A request sent upstream again, by cause.
+    UpstreamRetransmit(&'static str),
+    /// A CoA or Disconnect request, by what became of it.
+    Coa(&'static str),
+    /// A flow made, proved (with its socket) or provisional.
+    FlowCreated {
+        proved: bool,
+    },
+    /// A provisional flow proved its source.
+    FlowProved,
+    /// A flow ended; `proved` as it was then.
+    FlowEnded {
+        proved: bool,
+    },
+    /// A provisional flow ended to make room, by what was full.
+    FlowEvicted(&'static str),
+    /// A request began upstream (the in-flight gauge goes up).
+    RequestBegun,
+    /// A request in flight ended: answered, given up or moved.
+    RequestEnded,
+}
+
+/// Where the engine's counts go; shared by every worker.
+pub trait Counters: Send + Sync {
+    fn count(&self, c: Count);
+    /// `auto` learnt that a peer signs its Access packets: from now on it must (BlastRADIUS).
+    /// `peer` is "client" or "upstream".
+    fn signs(&self, peer: &'static str, name: &str);
+}

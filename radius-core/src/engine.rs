@@ -1,0 +1,1281 @@
+//! The state machine of one worker, sans-IO: every decision between a datagram read and a
+//! datagram sent. A driver (UDP today: `radius-userspace/src/worker.rs`) feeds it events
+//! with the time — a datagram from a wildcard, a child or an upstream socket, a finished
+//! definition, a CoA job, a timeout — and asks what to send ([`Engine::poll_transmits`])
+//! and when to wake it next ([`Engine::poll_timeout`]), in the manner of quinn-proto's
+//! `handle` / `poll_transmit` / `poll_timeout`; its randomness ([`Random`]) can be fixed
+//! for tests. The few things that need the driver at
+//! once (a child socket for a flow that proved its source, another upstream socket when 256
+//! requests are in flight, a directory look-up) go through [`Io`].
+//!
+//! A flow is made only for packets that pass their client's signature, or carry none to
+//! check; until one of its requests proves the client's secret it is *provisional* (see
+//! [`crate::admission`]): it has no socket, a bounded share of `max_flows`, a short idle
+//! lifetime, and is evicted least recently seen first. A request goes through dedup
+//! (RFC 5080), the pool (EAP State stickiness), [`crate::proxy`], an Identifier of the
+//! request table, and ends in exactly one place, `end_request`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use radius_common::FlowKey;
+use tracing::{debug, info, warn};
+
+use crate::{
+    admission::Provisional,
+    answers,
+    client::{self as clients, Binding, Client, ClientTable, Proof},
+    coa::{self, CoaJob, FlowHandle, NasDirectory, NasName},
+    codec::{self, Code, Packet, PacketMut, attr, auth},
+    counters::{Count, Counters, Refusal, Via},
+    dedup::{DedupTimers, Verdict},
+    dynamic::{Dynamic, Resolution},
+    flows::{Flow, FlowRef, FlowTable, PendingCoa, flow_key},
+    pending::{Kept, PendingSources},
+    pool::EapStates,
+    proxy::{self, InFlight},
+    requests::{self, Allocation, At, Requests},
+    upstream::{self, Upstream},
+};
+
+/// How often the engine looks at timeouts, idle flows and expiries.
+pub const TICK: Duration = Duration::from_millis(100);
+/// The longest a worker waits at shutdown for answers to requests in flight.
+pub const DRAIN: Duration = Duration::from_secs(3);
+/// How long a NAS has to answer a CoA or Disconnect request.
+pub const COA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// RFC 5176 Error-Cause values the sidecar answers with.
+const UNSUPPORTED_SERVICE: u32 = 405;
+const RESOURCES_UNAVAILABLE: u32 = 506;
+
+/// What every worker's engine shares: read-mostly (per packet, only counters are touched).
+pub struct Common {
+    pub clients: ClientTable,
+    pub dynamic: Option<Arc<Dynamic>>,
+    /// Which flow carries which NAS (for CoA).
+    pub nas_directory: NasDirectory<FlowHandle>,
+    /// Which server an EAP conversation is on (load-balancing pools).
+    pub eap_states: EapStates,
+    /// Packets kept, in all workers, while their sources are being defined.
+    pub pending_packets: AtomicUsize,
+    /// The configured upstreams; each worker has its own sockets to each.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub upstream_index: HashMap<String, usize>,
+    /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
+    pub proxy_state: [u8; 8],
+    /// Flows with a child socket (proved ones), in all workers, and their bound.
+    pub active: AtomicUsize,
+    pub max_flows: usize,
+    /// Flows that have not proved themselves, in all workers, and their bound.
+    pub provisional_flows: AtomicUsize,
+    pub max_provisional: usize,
+    pub idle_timeout: Duration,
+    pub provisional_idle: Duration,
+    pub dedup: DedupTimers,
+    pub counters: Arc<dyn Counters>,
+}
+
+/// What the engine needs from its driver at once.
+pub trait Io {
+    /// Gives flow `slot` its own socket (bound to the flow's addresses, registered with
+    /// steer on the fast path).
+    fn open_child(&mut self, slot: usize, flow: &Flow) -> Result<(), Refusal>;
+    /// Closes flow `slot`'s socket (unregistered from steer first, so later packets reach
+    /// the wildcard) and hands back, in `drained`, what it still held: (source, datagram).
+    fn close_child(&mut self, slot: usize, flow: &Flow, drained: &mut Vec<(SocketAddr, Vec<u8>)>);
+    /// Opens upstream socket `socket` (an index of [`Requests`]), connected to `to`.
+    fn open_upstream(&mut self, socket: usize, to: SocketAddr) -> std::io::Result<()>;
+    fn close_upstream(&mut self, socket: usize);
+    /// Starts the definition of dynamic source `ip`; its outcome comes back through
+    /// [`Engine::handle_defined`] (of every worker).
+    fn define(&mut self, ip: IpAddr);
+}
+
+/// What a round sends: requests on their upstream sockets, datagrams to NASes from the
+/// address and port each NAS sent to. One buffer, so the driver can send each group in one
+/// `sendmmsg`.
+#[derive(Debug, Default)]
+pub struct Transmits {
+    bytes: Vec<u8>,
+    /// (socket and Identifier, offset, length)
+    pub upstream: Vec<(At, usize, usize)>,
+    /// (NAS, the address it sent to, offset, length)
+    pub nas: Vec<(SocketAddr, SocketAddr, usize, usize)>,
+}
+
+impl Transmits {
+    fn keep(&mut self, data: &[u8]) -> (usize, usize) {
+        let off = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        (off, data.len())
+    }
+
+    fn send_upstream(&mut self, at: At, data: &[u8]) {
+        let (off, len) = self.keep(data);
+        self.upstream.push((at, off, len));
+    }
+
+    fn send_nas(&mut self, remote: SocketAddr, local: SocketAddr, data: &[u8]) {
+        let (off, len) = self.keep(data);
+        self.nas.push((remote, local, off, len));
+    }
+
+    pub fn data(&self, off: usize, len: usize) -> &[u8] {
+        &self.bytes[off..off + len]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upstream.is_empty() && self.nas.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.upstream.clear();
+        self.nas.clear();
+    }
+}
+
+/// How a request in flight upstream ends (see `end_request`).
+enum End<'a> {
+    /// The upstream answered; this is the reply, finished for the NAS.
+    Answered(&'a [u8]),
+    /// No answer in time, or a send the kernel refused: a NAS retransmission goes anew.
+    GivenUp,
+    /// Taken off this upstream to go to another server of the pool (failover).
+    Moved,
+}
+
+type Pending = InFlight<FlowRef>;
+
+/// Where a reply goes: the NAS, and the address it sent to.
+type SendTo = (SocketAddr, SocketAddr);
+
+/// A datagram kept while its source is being defined (see [`PendingSources`]).
+struct Arrived {
+    remote: SocketAddr,
+    local: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// The request table's port of upstream `link`: `2 * link` (auth), `2 * link + 1` (acct).
+pub fn port(link: usize, acct: bool) -> usize {
+    link * 2 + usize::from(acct)
+}
+
+/// The upstream link of a socket index.
+pub fn link_of(socket: usize) -> usize {
+    requests::port_of(socket) / 2
+}
+
+/// The engine's randomness, replaceable so tests can fix it.
+pub struct Random {
+    /// Draws a retransmission delay from the configured one.
+    pub jitter: Box<dyn FnMut(Duration) -> Duration + Send>,
+    /// Fills a new Request Authenticator of an Access-Request sent upstream.
+    pub authenticator: Box<dyn FnMut() -> [u8; 16] + Send>,
+}
+
+impl Default for Random {
+    /// Up to 25 % of jitter (RFC 5080 asks for some, so that retransmissions do not align),
+    /// and authenticators from the thread's CSPRNG.
+    fn default() -> Self {
+        Self {
+            jitter: Box::new(|d| {
+                use rand::Rng as _;
+                d + d.mul_f64(rand::rng().random_range(0.0..0.25))
+            }),
+            authenticator: Box::new(auth::random_authenticator),
+        }
+    }
+}
+
+/// One worker's state machine.
+pub struct Engine {
+    common: Arc<Common>,
+    /// This worker's place among the workers (for the NAS directory).
+    worker: usize,
+    /// An accounting listener: Status-Server gets an Accounting-Response.
+    accounting: bool,
+    flows: FlowTable,
+    /// Packets of sources being defined, per flow in arrival order.
+    pending: PendingSources<FlowKey, Arrived>,
+    /// This worker's flows that have not proved themselves, least recently seen first.
+    provisional: Provisional<usize>,
+    /// Requests in flight upstream: Identifier spaces and timers.
+    requests: Requests<FlowRef>,
+    /// Datagrams drained from closing children, handled as wildcard ones.
+    requeue: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// The buffer a request or a reply is edited in.
+    buf: Vec<u8>,
+    out: Transmits,
+    ticks: u64,
+    next_tick: Instant,
+    drain_until: Option<Instant>,
+    random: Random,
+}
+
+impl Engine {
+    /// A worker's engine; `worker` is its index in the daemon's list of workers.
+    pub fn new(common: Arc<Common>, worker: usize, accounting: bool, now: Instant) -> Self {
+        let pending = match &common.dynamic {
+            Some(d) => PendingSources::new(d.max_pending_per_flow, d.max_pending_packets),
+            None => PendingSources::new(1, 1),
+        };
+        Self {
+            common,
+            worker,
+            accounting,
+            flows: FlowTable::default(),
+            pending,
+            provisional: Provisional::default(),
+            requests: Requests::default(),
+            requeue: Vec::new(),
+            buf: vec![0u8; codec::MAX_PACKET_LEN],
+            out: Transmits::default(),
+            ticks: 0,
+            next_tick: now + TICK,
+            drain_until: None,
+            random: Random::default(),
+        }
+    }
+
+    /// Replaces the engine's randomness (tests fix it).
+    pub fn set_random(&mut self, random: Random) {
+        self.random = random;
+    }
+
+    /// Opens the first socket to each upstream port (more come when 256 are in flight).
+    pub fn start(&mut self, now: Instant, io: &mut dyn Io) -> std::io::Result<()> {
+        for (li, u) in self.common.upstreams.iter().enumerate() {
+            for (acct, to) in [(false, Some(u.auth)), (true, u.acct)] {
+                let Some(to) = to else { continue };
+                let socket = port(li, acct) * requests::MAX_SOCKETS;
+                io.open_upstream(socket, to)?;
+                self.requests.add_socket(socket, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&self, c: Count) {
+        self.common.counters.count(c);
+    }
+
+    /// A datagram that reached the wildcard (or was handed back): a known flow's is
+    /// injected, a new flow's creates the flow, an unknown source's waits for its
+    /// definition.
+    pub fn handle_wildcard(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local: SocketAddr,
+        data: &[u8],
+        io: &mut dyn Io,
+    ) {
+        self.on_packet(now, remote, local, data, io);
+        self.handle_requeued(now, io);
+    }
+
+    /// A datagram read from flow `slot`'s child socket.
+    pub fn handle_child(&mut self, now: Instant, slot: usize, data: &[u8], io: &mut dyn Io) {
+        self.count(Count::Packet(Via::Child));
+        let n = self.take_request(data);
+        self.on_request(now, slot, n, io);
+        self.handle_requeued(now, io);
+    }
+
+    /// Where flow `slot`'s NAS is, and the address it sends to.
+    pub fn flow_addresses(&self, slot: usize) -> Option<(SocketAddr, SocketAddr)> {
+        self.flows.get(slot).map(|f| (f.remote, f.local))
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    fn take_request(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.buf.len());
+        self.buf[..n].copy_from_slice(&data[..n]);
+        n
+    }
+
+    fn on_packet(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local: SocketAddr,
+        data: &[u8],
+        io: &mut dyn Io,
+    ) {
+        let key = flow_key(remote, local);
+        if let Some(slot) = self.flows.find(&key) {
+            self.inject(now, slot, data, io);
+            return;
+        }
+        if self.pending.contains(&key) {
+            self.keep_pending(now, key, remote, local, data);
+            return;
+        }
+        let common = self.common.clone();
+        if let Some(binding) = common.clients.binding(remote.ip()) {
+            self.create_flow(now, remote, local, binding, vec![data.to_vec()], io);
+            return;
+        }
+        let Some(dynamic) = &common.dynamic else {
+            self.count(Count::Refused(Refusal::UnknownClient));
+            debug!(%remote, "no client for this source: dropped");
+            return;
+        };
+        match dynamic.resolve(remote.ip(), now) {
+            Resolution::Client(client) => self.create_flow(
+                now,
+                remote,
+                local,
+                Binding::One(client),
+                vec![data.to_vec()],
+                io,
+            ),
+            Resolution::Refused => self.count(Count::Refused(Refusal::DirectoryRefused)),
+            Resolution::NotDynamic => {
+                self.count(Count::Refused(Refusal::UnknownClient));
+                debug!(%remote, "no client for this source: dropped");
+            }
+            Resolution::Defining { start } => {
+                self.keep_pending(now, key, remote, local, data);
+                if start {
+                    io.define(remote.ip());
+                }
+            }
+        }
+    }
+
+    /// A packet for a known flow that came through the wildcard: handled as if its child
+    /// had read it.
+    fn inject(&mut self, now: Instant, slot: usize, data: &[u8], io: &mut dyn Io) {
+        self.count(Count::Packet(Via::Wildcard));
+        let n = self.take_request(data);
+        self.on_request(now, slot, n, io);
+    }
+
+    /// A definition finished: make the flows that waited for it and inject their packets in
+    /// arrival order; or drop them, counted, on a refusal.
+    pub fn handle_defined(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        outcome: &Result<Arc<Client>, String>,
+        io: &mut dyn Io,
+    ) {
+        let common = self.common.clone();
+        for (_, packets) in self.pending.take_source(ip, &common.pending_packets) {
+            let Some(first) = packets.first() else {
+                continue;
+            };
+            let (remote, local) = (first.remote, first.local);
+            match outcome {
+                Ok(client) => self.create_flow(
+                    now,
+                    remote,
+                    local,
+                    Binding::One(client.clone()),
+                    packets.into_iter().map(|a| a.data).collect(),
+                    io,
+                ),
+                Err(_) => {
+                    for _ in &packets {
+                        self.count(Count::Refused(Refusal::DirectoryRefused));
+                    }
+                }
+            }
+        }
+        self.handle_requeued(now, io);
+    }
+
+    /// Keeps a packet of a source being defined, within the per-flow and global bounds.
+    fn keep_pending(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        remote: SocketAddr,
+        local: SocketAddr,
+        data: &[u8],
+    ) {
+        let arrived = Arrived {
+            remote,
+            local,
+            data: data.to_vec(),
+        };
+        let kept = self
+            .pending
+            .keep(key, remote.ip(), arrived, now, &self.common.pending_packets);
+        if kept != Kept::Kept {
+            self.count(Count::Refused(Refusal::PendingFull));
+        }
+    }
+
+    /// Makes a flow for packets that passed [`screen`], and handles them in order. A flow
+    /// that proved its source gets its child socket at once; a provisional one has none
+    /// (its packets keep reaching the wildcard, its replies leave from it as every reply
+    /// does) until it proves itself, so spoofed sources cost no socket and no place in
+    /// `max_flows`.
+    fn create_flow(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local: SocketAddr,
+        binding: Binding,
+        packets: Vec<Vec<u8>>,
+        io: &mut dyn Io,
+    ) {
+        let common = self.common.clone();
+        let Some((client, packets, proved)) = screen(&*common.counters, &binding, packets) else {
+            debug!(%remote, "no flow for packets that prove nothing of their source");
+            return;
+        };
+        if proved {
+            if !reserve(&common.active, common.max_flows) {
+                self.count(Count::Refused(Refusal::MaxFlows));
+                debug!(%remote, "max_flows reached: packet of a new flow dropped");
+                return;
+            }
+        } else {
+            // At their bound, the provisional flow of this worker seen least recently
+            // makes room; a proved flow never does.
+            while !reserve(&common.provisional_flows, common.max_provisional) {
+                if !self.evict_oldest_provisional(io) {
+                    self.count(Count::Refused(Refusal::ProvisionalFull));
+                    debug!(%remote, "provisional flows at their bound: packet of a new flow dropped");
+                    return;
+                }
+            }
+        }
+        let slot = self
+            .flows
+            .insert(Flow::new(remote, local, client, proved, now));
+        if proved {
+            if let Err(why) = self.open_child(slot, io) {
+                self.flows.remove(slot);
+                common.active.fetch_sub(1, Ordering::AcqRel);
+                self.count(Count::Refused(why));
+                return;
+            }
+        } else {
+            self.provisional.insert(slot, now);
+        }
+        self.count(Count::FlowCreated { proved });
+        debug!(%remote, %local, proved, "flow created");
+        for data in packets {
+            self.inject(now, slot, &data, io);
+        }
+    }
+
+    fn open_child(&mut self, slot: usize, io: &mut dyn Io) -> Result<(), Refusal> {
+        let flow = self.flows.get_mut(slot).ok_or(Refusal::ChildSocket)?;
+        io.open_child(slot, flow)?;
+        flow.has_child = true;
+        Ok(())
+    }
+
+    /// Provisional flow `slot` has proved its source: it gets its child socket and a place
+    /// in `max_flows`, and is never evicted from now on. With no place or no socket it
+    /// stays provisional (and is served from the wildcard).
+    fn promote(&mut self, slot: usize, io: &mut dyn Io) {
+        let common = self.common.clone();
+        if !reserve(&common.active, common.max_flows) {
+            self.count(Count::Refused(Refusal::MaxFlows));
+            return;
+        }
+        if let Err(why) = self.open_child(slot, io) {
+            common.active.fetch_sub(1, Ordering::AcqRel);
+            self.count(Count::Refused(why));
+            return;
+        }
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        // Its NAS names (for CoA) are registered again, as a proved flow's.
+        flow.proved = true;
+        flow.named = false;
+        debug!(remote = %flow.remote, client = %flow.client.name, "flow proved");
+        self.provisional.remove(slot);
+        common.provisional_flows.fetch_sub(1, Ordering::AcqRel);
+        self.count(Count::FlowProved);
+    }
+
+    /// The request of flow `slot` in `buf[..n]`: a retransmission is answered from the
+    /// cache or followed upstream (RFC 5080), a Status-Server answered here (RFC 5997), and
+    /// anything else prepared for its client's upstream, given an Identifier of one of this
+    /// worker's sockets to it, signed and queued.
+    fn on_request(&mut self, now: Instant, slot: usize, n: usize, io: &mut dyn Io) {
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        flow.last_seen = now;
+        if !flow.proved {
+            if flow.client.proof(&self.buf[..n]) == Proof::Proved {
+                self.promote(slot, io);
+            } else {
+                self.provisional.touch(slot, now);
+            }
+        }
+        let common = &*self.common;
+        let Some(flow) = self.flows.get_mut(slot) else {
+            return;
+        };
+        let client = flow.client.clone();
+        if n < codec::HEADER_LEN {
+            common.counters.count(Count::Dropped("malformed"));
+            return;
+        }
+        let (code, id) = (self.buf[0], self.buf[1]);
+        let mut nas_auth = [0u8; 16];
+        nas_auth.copy_from_slice(&self.buf[4..20]);
+        if code == Code::StatusServer as u8 {
+            let mut b = [0u8; 64];
+            match answers::status_server(&mut b, &self.buf[..n], &client.secret, self.accounting) {
+                Ok(m) => {
+                    self.out.send_nas(flow.remote, flow.local, m.as_bytes());
+                    common.counters.count(Count::LocalAnswer("status_server"));
+                }
+                Err(reason) => common.counters.count(Count::Dropped(reason)),
+            }
+            return;
+        }
+        if matches!(
+            Code::from_u8(code),
+            Some(Code::CoaAck | Code::CoaNak | Code::DisconnectAck | Code::DisconnectNak)
+        ) {
+            on_coa_answer(&*common.counters, flow, &client, &mut self.buf, n);
+            return;
+        }
+        if !flow.named {
+            // Once per flow: where a CoA for this NAS must go.
+            if let Ok(p) = Packet::parse(&self.buf[..n]) {
+                common.nas_directory.register(
+                    NasName::of(&p),
+                    FlowHandle {
+                        worker: self.worker,
+                        key: flow.key,
+                    },
+                    flow.proved,
+                );
+            }
+            flow.named = true;
+        }
+        match flow.dedup.check(id, &nas_auth, now, &common.dedup) {
+            Verdict::New => {}
+            Verdict::Cached(reply) => {
+                common
+                    .counters
+                    .count(Count::LocalAnswer("duplicate_cached"));
+                self.out.send_nas(flow.remote, flow.local, reply);
+                return;
+            }
+            Verdict::InFlight { resend, tag } => {
+                common.counters.count(Count::Dropped("duplicate_in_flight"));
+                if resend {
+                    // The NAS retransmits: follow it upstream (once a second at most)
+                    // rather than sending a second request; to another server when this
+                    // one has gone quiet.
+                    self.resend(tag, now, "nas_retransmission", io);
+                }
+                return;
+            }
+        }
+        let hash = flow.hash;
+        // The next step of an EAP conversation goes to the server that sent its State.
+        let sticky = client
+            .pool
+            .spreads()
+            .then(|| {
+                Packet::parse(&self.buf[..n])
+                    .ok()?
+                    .get(attr::STATE)
+                    .map(|a| a.value.to_vec())
+            })
+            .flatten()
+            .and_then(|st| common.eap_states.server_of(&st, now))
+            .and_then(|name| client.pool.usable(&name).cloned());
+        let Some(upstream) = sticky.or_else(|| client.pool.pick(hash, None).cloned()) else {
+            return;
+        };
+        self.forward(now, slot, &client, &upstream, n, io);
+    }
+
+    /// Prepares the NAS request in `buf[..n]` for `upstream`, gives it an Identifier of one
+    /// of this worker's sockets to it, signs it and queues it; the flow's dedup entry then
+    /// points at it. True when it went.
+    fn forward(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        client: &Arc<Client>,
+        upstream: &Arc<Upstream>,
+        n: usize,
+        io: &mut dyn Io,
+    ) -> bool {
+        let common = &*self.common;
+        let Some(&li) = common.upstream_index.get(&upstream.name) else {
+            return false;
+        };
+        let Some(reply_to) = self.flows.reference(slot) else {
+            return false;
+        };
+        // Kept for failover to another server of the pool (re-prepared from it).
+        let nas_packet = if client.pool.members.len() > 1 {
+            self.buf[..n].to_vec()
+        } else {
+            Vec::new()
+        };
+        let fresh = (self.random.authenticator)();
+        let prepared = match proxy::prepare_request(
+            client,
+            upstream,
+            &common.proxy_state,
+            &fresh,
+            &mut self.buf,
+            n,
+        ) {
+            Ok(p) => {
+                if p.learnt_client_signs {
+                    common.counters.signs("client", &client.name);
+                    info!(
+                        client = %client.name,
+                        "client signs its Access-Requests without EAP: a Message-Authenticator \
+                         is now required from it (require_message_authenticator = auto)"
+                    );
+                }
+                p
+            }
+            Err(e) => {
+                common.counters.count(Count::Dropped(e.reason()));
+                debug!(remote = %reply_to.remote, client = %client.name, error = %e, "request not forwarded");
+                return false;
+            }
+        };
+        let acct = prepared.code == Code::AccountingRequest;
+        let to = if acct {
+            upstream.acct
+        } else {
+            Some(upstream.auth)
+        };
+        let Some(to) = to else {
+            common.counters.count(Count::Dropped("no_acct_upstream"));
+            self.protocol_error(client, reply_to, &prepared, UNSUPPORTED_SERVICE);
+            return false;
+        };
+        let mut pending = InFlight {
+            client: client.clone(),
+            prepared,
+            up_auth: [0; 16],
+            sent_at: now,
+            reply_to,
+            wire: Vec::new(),
+            retries: 0,
+            next_retry: now + (self.random.jitter)(upstream.options.retry),
+            nas_packet,
+        };
+        // An Identifier of one of this worker's sockets to that port; another socket when
+        // all 256 of each are in flight.
+        let at = loop {
+            match self.requests.allocate(port(li, acct), pending) {
+                Allocation::At(at) => break Some(at),
+                Allocation::OpenSocket { socket, request } => match io.open_upstream(socket, to) {
+                    Ok(()) => {
+                        self.requests.add_socket(socket, now);
+                        debug!(%to, socket, "another upstream socket: 256 requests in flight on each");
+                        pending = request;
+                    }
+                    Err(e) => {
+                        warn!(%to, error = %e, "no further upstream socket");
+                        break None;
+                    }
+                },
+                Allocation::Exhausted(_) => break None,
+            }
+        };
+        let Some(at) = at else {
+            self.count(Count::Dropped("upstream_ids_exhausted"));
+            self.protocol_error(client, reply_to, &prepared, RESOURCES_UNAVAILABLE);
+            return false;
+        };
+        match proxy::finalize_request(&mut self.buf, prepared.len, at.id, upstream) {
+            Ok(up_auth) => {
+                let wire = &self.buf[..prepared.len];
+                if let Some(p) = self.requests.get_mut(at) {
+                    p.up_auth = up_auth;
+                    p.wire = wire.to_vec();
+                }
+                self.out.send_upstream(at, wire);
+                // Begun: from here only end_request ends it.
+                self.common.counters.count(Count::RequestBegun);
+                if let Some(flow) = self.flows.get_mut(slot) {
+                    flow.in_flight += 1;
+                    flow.dedup
+                        .begin(prepared.nas_id, &prepared.nas_auth, now, at);
+                }
+                true
+            }
+            Err(e) => {
+                // Not begun yet (no dedup entry, not counted): only the Identifier to free.
+                self.requests.take(at, now);
+                self.count(Count::Dropped(e.reason()));
+                false
+            }
+        }
+    }
+
+    /// Tells the NAS that its request cannot be forwarded (RFC 7930 Protocol-Error, with
+    /// the Error-Cause and Original-Packet-Code), instead of leaving it to time out. `buf`
+    /// holds the request as prepared for the upstream: its Proxy-States are echoed, but for
+    /// ours.
+    fn protocol_error(
+        &mut self,
+        client: &Client,
+        to: FlowRef,
+        prepared: &proxy::Prepared,
+        cause: u32,
+    ) {
+        let mut b = [0u8; 1024];
+        if let Some(m) = answers::protocol_error(
+            &mut b,
+            &self.buf,
+            prepared,
+            &self.common.proxy_state,
+            cause,
+            &client.secret,
+        ) {
+            self.out.send_nas(to.remote, to.local, m.as_bytes());
+            self.count(Count::LocalAnswer("protocol_error"));
+        }
+    }
+
+    /// Sends the request at `at` again: to the same server while it answers anything,
+    /// else to another server of its client's pool (failover).
+    fn resend(&mut self, at: At, now: Instant, cause: &'static str, io: &mut dyn Io) {
+        let Some(upstream) = self.common.upstreams.get(link_of(at.socket)).cloned() else {
+            return;
+        };
+        let Some(p) = self.requests.get_mut(at) else {
+            return;
+        };
+        let alive = upstream
+            .health
+            .on_unanswered(now, upstream.options.retry / 2);
+        let r = p.reply_to;
+        let hash = self.flows.of(&r).map_or(0, |f| f.hash);
+        let Some(p) = self.requests.get_mut(at) else {
+            return;
+        };
+        let other = (!alive && !p.nas_packet.is_empty())
+            .then(|| p.client.pool.pick(hash, Some(&upstream.name)).cloned())
+            .flatten()
+            .filter(|o| {
+                o.health.state() != upstream::State::Dead
+                    || upstream.health.state() == upstream::State::Dead
+            });
+        match other {
+            None => {
+                p.next_retry = now + (self.random.jitter)(upstream.options.retry);
+                self.out.send_upstream(at, &p.wire);
+                self.count(Count::UpstreamRetransmit(cause));
+            }
+            Some(to) => {
+                // Ended here, begun anew there: if the new send cannot be made, nothing of
+                // the old one is left behind.
+                let Some(p) = self.end(at, End::Moved, now) else {
+                    return;
+                };
+                let n = self.take_request(&p.nas_packet);
+                let r = p.reply_to;
+                info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
+                if self.flows.of(&r).is_some()
+                    && self.forward(now, r.slot as usize, &p.client, &to, n, io)
+                {
+                    self.count(Count::UpstreamRetransmit("failover"));
+                }
+            }
+        }
+    }
+
+    /// A CoA or Disconnect request for one of this worker's flows: re-signed for the NAS
+    /// and sent from the flow's address and port to the NAS's, like a reply.
+    pub fn handle_coa(&mut self, now: Instant, job: CoaJob) {
+        let counters = self.common.counters.clone();
+        let Some(flow) = self
+            .flows
+            .find(&job.key)
+            .and_then(|slot| self.flows.get_mut(slot))
+        else {
+            counters.count(Count::Coa("nas_not_found"));
+            if let Ok(p) = Packet::parse(&job.packet)
+                && let Some(nak) = coa::nak(&p, &job.upstream, coa::SESSION_CONTEXT_NOT_FOUND)
+                && !(job.answer)(nak)
+            {
+                counters.count(Count::Coa("listener_busy"));
+            }
+            return;
+        };
+        let client = flow.client.clone();
+        let n = job.packet.len().min(self.buf.len());
+        self.buf[..n].copy_from_slice(&job.packet[..n]);
+        // An Identifier no request to this NAS has in flight.
+        let mut id = flow.coa_next_id;
+        for _ in 0..256 {
+            if !flow.coa.contains_key(&id) {
+                break;
+            }
+            id = id.wrapping_add(1);
+        }
+        flow.coa_next_id = id.wrapping_add(1);
+        let Ok(mut m) = PacketMut::from_datagram(&mut self.buf, n) else {
+            counters.count(Count::Coa("malformed"));
+            return;
+        };
+        m.set_identifier(id);
+        m.set_authenticator(&[0; 16]);
+        if m.sign(&client.secret, None).is_err() {
+            counters.count(Count::Coa("malformed"));
+            return;
+        }
+        let sent_auth = m.authenticator();
+        self.out.send_nas(flow.remote, flow.local, m.as_bytes());
+        debug!(remote = %flow.remote, client = %client.name, "CoA request sent to the NAS");
+        flow.coa.insert(
+            id,
+            PendingCoa {
+                job,
+                sent_auth,
+                sent_at: now,
+            },
+        );
+    }
+
+    /// What to send: everything queued since the last call. Give it back with
+    /// [`Engine::recycle`] once sent, so its buffers are reused.
+    pub fn poll_transmits(&mut self) -> Transmits {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn recycle(&mut self, mut t: Transmits) {
+        if self.out.is_empty() {
+            t.clear();
+            self.out = t;
+        }
+    }
+
+    /// The kernel refused the request at `at`: it is given up (a NAS retransmission goes
+    /// anew).
+    pub fn send_failed(&mut self, now: Instant, at: At) {
+        self.count(Count::Dropped("send_to_upstream"));
+        self.end(at, End::GivenUp, now);
+    }
+
+    /// When [`Engine::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Requests of this worker in flight upstream.
+    pub fn in_flight(&self) -> usize {
+        self.requests.in_flight()
+    }
+
+    /// Shutdown: serving goes on until what is in flight upstream is answered (or given
+    /// up), for at most [`DRAIN`] from the first call, so a restart does not cost NASes
+    /// their answers. True when the worker may stop.
+    pub fn drain(&mut self, now: Instant) -> bool {
+        let n = self.in_flight();
+        let worker = self.worker;
+        let until = *self.drain_until.get_or_insert_with(|| {
+            if n > 0 {
+                info!(worker, in_flight = n, "draining requests in flight");
+            }
+            now + DRAIN
+        });
+        n == 0 || now >= until
+    }
+
+    /// Replies read on upstream socket `socket`: checked, re-signed for its NAS and queued
+    /// for it.
+    pub fn handle_upstream(&mut self, now: Instant, socket: usize, data: &[u8]) {
+        let Some(upstream) = self.common.upstreams.get(link_of(socket)).cloned() else {
+            return;
+        };
+        let common = self.common.clone();
+        if data.len() < codec::HEADER_LEN {
+            self.count(Count::Dropped("reply_malformed"));
+            return;
+        }
+        let at = At {
+            socket,
+            id: data[1],
+        };
+        if self.requests.get(at).is_none() {
+            self.count(Count::Dropped("reply_unknown_id"));
+            return;
+        }
+        let n = self.take_request(data);
+        let Some(pending) = self.requests.get(at) else {
+            return;
+        };
+        let len =
+            match proxy::process_reply(&mut self.buf, n, &upstream, pending, &common.proxy_state) {
+                Ok(r) => {
+                    if r.learnt_upstream_signs {
+                        common.counters.signs("upstream", &upstream.name);
+                        info!(
+                            upstream = %upstream.name,
+                            "upstream signs its Access replies without EAP: a \
+                             Message-Authenticator is now required from it \
+                             (require_message_authenticator = auto)"
+                        );
+                    }
+                    r.len
+                }
+                // A forged or broken reply does not cancel the request: the real one may follow.
+                Err(e) => {
+                    self.count(Count::Dropped(e.reason()));
+                    warn!(upstream = %upstream.name, error = %e, "reply dropped");
+                    return;
+                }
+            };
+        upstream.health.on_answer(now);
+        let Some((done, send_to)) = end_request(
+            &common,
+            &mut self.requests,
+            &mut self.flows,
+            at,
+            End::Answered(&self.buf[..len]),
+            now,
+        ) else {
+            return;
+        };
+        if done.client.pool.spreads()
+            && self.buf[0] == Code::AccessChallenge as u8
+            && let Ok(p) = Packet::parse(&self.buf[..len])
+            && let Some(st) = p.get(attr::STATE)
+        {
+            common.eap_states.remember(st.value, &upstream.name, now);
+        }
+        if let Some((remote, local)) = send_to {
+            self.out.send_nas(remote, local, &self.buf[..len]);
+        }
+    }
+
+    /// Ends the request at `at` without an answer; see `end_request`.
+    fn end(&mut self, at: At, end: End<'_>, now: Instant) -> Option<Pending> {
+        end_request(
+            &self.common,
+            &mut self.requests,
+            &mut self.flows,
+            at,
+            end,
+            now,
+        )
+        .map(|(p, _)| p)
+    }
+
+    /// The timers, every [`TICK`]: requests the upstream did not answer in time, our own
+    /// retransmissions, idle flows, idle extra upstream sockets; once a second, cached
+    /// replies, CoA requests and pending packets past their time.
+    pub fn handle_timeout(&mut self, now: Instant, io: &mut dyn Io) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        self.on_tick(now, io);
+        self.handle_requeued(now, io);
+    }
+
+    fn on_tick(&mut self, now: Instant, io: &mut dyn Io) {
+        let common = self.common.clone();
+        self.ticks = self.ticks.wrapping_add(1);
+        let (mut due, mut expired) = (Vec::new(), Vec::new());
+        for (li, u) in common.upstreams.iter().enumerate() {
+            let (timeout, retry, max_retries) = (u.timeout, u.options.retry, u.options.max_retries);
+            for acct in [false, true] {
+                let jitter = &mut self.random.jitter;
+                let sweep = self
+                    .requests
+                    .sweep(port(li, acct), now, timeout, max_retries, || jitter(retry));
+                expired.extend(sweep.expired);
+                due.extend(sweep.resend);
+                for socket in sweep.closed {
+                    io.close_upstream(socket);
+                    debug!(upstream = %u.name, socket, "idle extra upstream socket closed");
+                }
+            }
+        }
+        for at in expired {
+            if let Some(p) = self.end(at, End::GivenUp, now) {
+                self.count(Count::Dropped("upstream_timeout"));
+                if let Some(u) = common.upstreams.get(link_of(at.socket)) {
+                    u.health.on_unanswered(now, u.options.retry / 2);
+                }
+                debug!(remote = %p.reply_to.remote, client = %p.client.name, "request given up: no answer upstream");
+            }
+        }
+        for at in due {
+            self.resend(at, now, "timer", io);
+        }
+        if self.ticks.is_multiple_of(10) {
+            if let Some(d) = &common.dynamic {
+                for (_, packets) in self
+                    .pending
+                    .expire(now, d.max_wait, &common.pending_packets)
+                {
+                    for _ in &packets {
+                        self.count(Count::Refused(Refusal::PendingExpired));
+                    }
+                }
+            }
+            for f in self.flows.iter_mut() {
+                f.dedup.expire(now);
+                let before = f.coa.len();
+                f.coa
+                    .retain(|_, c| now.duration_since(c.sent_at) < COA_TIMEOUT);
+                for _ in f.coa.len()..before {
+                    common.counters.count(Count::Coa("nas_timeout"));
+                }
+            }
+        }
+        let (idle, provisional_idle) = (common.idle_timeout, common.provisional_idle);
+        let ended: Vec<usize> = self
+            .flows
+            .iter()
+            .filter_map(|(i, f)| {
+                let idle = if f.proved { idle } else { provisional_idle };
+                (f.in_flight == 0 && now.duration_since(f.last_seen) >= idle).then_some(i)
+            })
+            .collect();
+        for slot in ended {
+            self.end_flow(slot, io);
+        }
+    }
+
+    /// Evicts this worker's provisional flow seen least recently, to make room; false when
+    /// it has none.
+    fn evict_oldest_provisional(&mut self, io: &mut dyn Io) -> bool {
+        while let Some(slot) = self.provisional.oldest() {
+            if self.flows.get(slot).is_some_and(|f| !f.proved) {
+                self.count(Count::FlowEvicted("provisional_bound"));
+                self.end_flow(slot, io);
+                return true;
+            }
+            // Not a provisional flow (cannot happen): forget it and look again.
+            self.provisional.remove(slot);
+        }
+        false
+    }
+
+    /// Handles what closing children gave back, as packets that reached the wildcard.
+    fn handle_requeued(&mut self, now: Instant, io: &mut dyn Io) {
+        while !self.requeue.is_empty() {
+            for (remote, local, data) in std::mem::take(&mut self.requeue) {
+                self.on_packet(now, remote, local, &data, io);
+            }
+        }
+    }
+
+    /// Ends a flow (idle, or evicted with requests in flight: their answers still reach the
+    /// NAS) without losing what reaches it meanwhile.
+    fn end_flow(&mut self, slot: usize, io: &mut dyn Io) {
+        let Some(flow) = self.flows.remove(slot) else {
+            return;
+        };
+        let common = &*self.common;
+        if !flow.proved {
+            self.provisional.remove(slot);
+            common.provisional_flows.fetch_sub(1, Ordering::AcqRel);
+        }
+        if flow.named {
+            common.nas_directory.forget(FlowHandle {
+                worker: self.worker,
+                key: flow.key,
+            });
+        }
+        let mut drained = Vec::new();
+        if flow.has_child {
+            io.close_child(slot, &flow, &mut drained);
+            common.active.fetch_sub(1, Ordering::AcqRel);
+        }
+        common.counters.count(Count::FlowEnded {
+            proved: flow.proved,
+        });
+        debug!(
+            remote = %flow.remote,
+            drained = drained.len(),
+            proved = flow.proved,
+            in_flight = flow.in_flight,
+            "flow ended"
+        );
+        self.requeue.extend(
+            drained
+                .into_iter()
+                .map(|(from, data)| (from, flow.local, data)),
+        );
+    }
+
+    /// Ends every flow at shutdown (their sockets leave steer first).
+    pub fn shutdown(&mut self, io: &mut dyn Io) {
+        let slots: Vec<usize> = self.flows.iter().map(|(i, _)| i).collect();
+        for slot in slots {
+            self.end_flow(slot, io);
+        }
+        self.requeue.clear();
+    }
+}
+
+/// Takes one of `bound` places in `count`, atomically (workers take them concurrently).
+fn reserve(count: &AtomicUsize, bound: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < bound).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Screens the first packets of a would-be flow (in arrival order): a packet whose
+/// signature fails with its client's secret, or that must be signed and is not, is dropped
+/// and counted, and makes no flow. Returns the flow's client (for NAT, the entry the first
+/// proven packet names), the packets to handle, and whether one of them proved the source.
+fn screen(
+    counters: &dyn Counters,
+    binding: &Binding,
+    packets: Vec<Vec<u8>>,
+) -> Option<(Arc<Client>, Vec<Vec<u8>>, bool)> {
+    match binding {
+        Binding::One(client) => {
+            let mut proved = false;
+            let kept: Vec<Vec<u8>> = packets
+                .into_iter()
+                .filter(|p| match client.proof(p) {
+                    Proof::Proved => {
+                        proved = true;
+                        true
+                    }
+                    Proof::Unverifiable => true,
+                    Proof::Refused(reason) => {
+                        counters.count(Count::Dropped(reason));
+                        false
+                    }
+                })
+                .collect();
+            (!kept.is_empty()).then(|| (client.clone(), kept, proved))
+        }
+        // Several NASes behind one address: the first packet whose Message-Authenticator
+        // proves an entry's secret decides (the ones before it prove nothing).
+        Binding::Nat(candidates) => {
+            let found = packets
+                .iter()
+                .enumerate()
+                .find_map(|(i, p)| Some((i, clients::identify(candidates, p)?)));
+            let Some((first, client)) = found else {
+                for _ in &packets {
+                    counters.count(Count::Dropped("nat_unproven"));
+                }
+                return None;
+            };
+            for _ in 0..first {
+                counters.count(Count::Dropped("nat_unproven"));
+            }
+            info!(client = %client.name, "NAS behind a shared address identified");
+            let mut packets = packets;
+            Some((client, packets.split_off(first), true))
+        }
+    }
+}
+
+/// Ends the request in flight at `at`: the one operation that frees its upstream
+/// Identifier, takes it off its flow's in-flight count and the in-flight gauge, and ends
+/// its dedup entry (answered: the reply is cached for retransmissions; given up or moved:
+/// forgotten, so the NAS's next retransmission is forwarded anew). Returns the request,
+/// and for an answer where to send the reply: to the flow's NAS, even when the flow has
+/// ended meanwhile, unless the NAS has moved on to a new request with that Identifier.
+fn end_request(
+    common: &Common,
+    requests: &mut Requests<FlowRef>,
+    flows: &mut FlowTable,
+    at: At,
+    end: End<'_>,
+    now: Instant,
+) -> Option<(Pending, Option<SendTo>)> {
+    let p = requests.take(at, now)?;
+    common.counters.count(Count::RequestEnded);
+    let r = p.reply_to;
+    let (nas_id, nas_auth) = (p.prepared.nas_id, p.prepared.nas_auth);
+    let mut send_to = None;
+    match (flows.of(&r), end) {
+        (Some(f), end) => {
+            f.in_flight = f.in_flight.saturating_sub(1);
+            match end {
+                End::Answered(reply) => {
+                    if f.dedup
+                        .on_reply(nas_id, &nas_auth, reply, now, &common.dedup)
+                    {
+                        send_to = Some((f.remote, f.local));
+                    } else {
+                        // The NAS has moved on to a new request with this Identifier.
+                        common.counters.count(Count::Dropped("reply_superseded"));
+                    }
+                }
+                End::GivenUp | End::Moved => f.dedup.on_give_up(nas_id, &nas_auth, at),
+            }
+        }
+        // The flow ended (evicted) while this was in flight: its NAS still gets the answer.
+        (None, End::Answered(_)) => send_to = Some((r.remote, r.local)),
+        (None, End::GivenUp | End::Moved) => {}
+    }
+    Some((p, send_to))
+}
+
+/// A NAS's CoA/Disconnect ACK or NAK: checked with the NAS's secret, re-signed for the
+/// upstream that asked, and handed to the CoA listener.
+fn on_coa_answer(
+    counters: &dyn Counters,
+    flow: &mut Flow,
+    client: &Client,
+    buf: &mut [u8],
+    n: usize,
+) {
+    let Some(id) = buf.get(1).copied() else {
+        return;
+    };
+    let Some(pending) = flow.coa.get(&id) else {
+        counters.count(Count::Coa("answer_unknown_id"));
+        return;
+    };
+    match Packet::parse(&buf[..n]) {
+        Ok(p) if auth::verify(&p, &client.secret, Some(&pending.sent_auth)).is_ok() => {}
+        _ => {
+            counters.count(Count::Coa("answer_bad_signature"));
+            return;
+        }
+    }
+    let Some(pending) = flow.coa.remove(&id) else {
+        return;
+    };
+    let job = pending.job;
+    let Ok(mut m) = PacketMut::from_datagram(buf, n) else {
+        return;
+    };
+    m.set_identifier(job.origin_id);
+    if m.sign(&job.upstream.secret, Some(&job.origin_auth))
+        .is_err()
+    {
+        counters.count(Count::Coa("malformed"));
+        return;
+    }
+    if !(job.answer)(m.as_bytes().to_vec()) {
+        counters.count(Count::Coa("listener_busy"));
+    }
+}

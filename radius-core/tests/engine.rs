@@ -1,0 +1,967 @@
+//! The engine on a virtual clock, driven as the UDP worker drives it, with a fake NAS (real
+//! packets, signed with the client's secret) and fake upstreams (they verify what reaches
+//! them and answer with the upstream's secret). No socket, no thread, no sleep: time moves
+//! only when a test moves it.
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test: an unwrap that fails is a test that fails"
+)]
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, atomic::AtomicUsize},
+    time::{Duration, Instant},
+};
+
+use radius_core::{
+    blastradius::YesNoAuto,
+    client::{Client, ClientTable},
+    coa::{CoaJob, NasDirectory},
+    codec::{
+        Code, Packet, PacketMut, attr,
+        auth::{self, Secret},
+        hide,
+    },
+    counters::{Count, Counters, Refusal, Via},
+    dedup::DedupTimers,
+    dynamic::Dynamic,
+    engine::{self, Common, Engine, Io, Random},
+    flows::{Flow, flow_key},
+    pool::{Policy, Pool},
+    requests::{self, At},
+    upstream::{State, Upstream, UpstreamOptions},
+};
+
+const NAS_SECRET: &[u8] = b"nas-secret";
+const LISTEN: &str = "192.0.2.1:1812";
+
+// ---------------------------------------------------------------- fakes
+
+/// Every count, by what was counted.
+#[derive(Default)]
+struct Tally(Mutex<HashMap<Count, u64>>);
+
+impl Counters for Tally {
+    fn count(&self, c: Count) {
+        *self.0.lock().unwrap().entry(c).or_default() += 1;
+    }
+    fn signs(&self, _: &'static str, _: &str) {}
+}
+
+impl Tally {
+    fn get(&self, c: Count) -> u64 {
+        self.0.lock().unwrap().get(&c).copied().unwrap_or(0)
+    }
+}
+
+/// The driver's side: which sockets the engine asked for.
+#[derive(Default)]
+struct FakeIo {
+    children: HashMap<usize, SocketAddr>,
+    upstream_sockets: HashMap<usize, SocketAddr>,
+    /// Sockets past the first of a port that may be opened (the file-descriptor limit).
+    extra_sockets_allowed: usize,
+    defines: Vec<IpAddr>,
+    closed_children: usize,
+}
+
+impl Io for FakeIo {
+    fn open_child(&mut self, slot: usize, flow: &Flow) -> Result<(), Refusal> {
+        self.children.insert(slot, flow.remote);
+        Ok(())
+    }
+    fn close_child(&mut self, slot: usize, _: &Flow, _: &mut Vec<(SocketAddr, Vec<u8>)>) {
+        self.children.remove(&slot);
+        self.closed_children += 1;
+    }
+    fn open_upstream(&mut self, socket: usize, to: SocketAddr) -> std::io::Result<()> {
+        if !socket.is_multiple_of(requests::MAX_SOCKETS) {
+            if self.extra_sockets_allowed == 0 {
+                return Err(std::io::Error::other("no more descriptors"));
+            }
+            self.extra_sockets_allowed -= 1;
+        }
+        self.upstream_sockets.insert(socket, to);
+        Ok(())
+    }
+    fn close_upstream(&mut self, socket: usize) {
+        self.upstream_sockets.remove(&socket);
+    }
+    fn define(&mut self, ip: IpAddr) {
+        self.defines.push(ip);
+    }
+}
+
+/// An AAA server: verifies a request with its secret and answers it.
+struct FakeUpstream {
+    upstream: Arc<Upstream>,
+    secret: Vec<u8>,
+}
+
+impl FakeUpstream {
+    /// The request as the server sees it (verified with its secret), and its password.
+    fn read<'a>(&self, wire: &'a [u8]) -> (Packet<'a>, Vec<u8>) {
+        let p = Packet::parse(wire).expect("a well-formed request upstream");
+        auth::verify(&p, &self.upstream.secret, None).expect("signed with the upstream's secret");
+        let mut pw = Vec::new();
+        if let Some(a) = p.get(attr::USER_PASSWORD) {
+            let mut out = [0u8; 128];
+            let n = hide::reveal_user_password(a.value, &self.secret, p.authenticator(), &mut out)
+                .expect("a password hidden with the upstream's secret");
+            pw = out[..n].to_vec();
+        }
+        (p, pw)
+    }
+
+    /// Its answer to `wire`: `code`, a Reply-Message, the Proxy-States echoed, `state`.
+    fn answer(&self, wire: &[u8], code: Code, state: Option<&[u8]>) -> Vec<u8> {
+        let (req, _) = self.read(wire);
+        let mut buf = [0u8; 4096];
+        let mut r = PacketMut::new(&mut buf, code, req.identifier()).unwrap();
+        r.message_authenticator_first().unwrap();
+        r.push(attr::REPLY_MESSAGE, self.upstream.name.as_bytes())
+            .unwrap();
+        if let Some(s) = state {
+            r.push(attr::STATE, s).unwrap();
+        }
+        for ps in req.get_all(attr::PROXY_STATE) {
+            r.add_proxy_state(ps.value).unwrap();
+        }
+        r.sign(&self.upstream.secret, Some(req.authenticator()))
+            .unwrap();
+        r.as_bytes().to_vec()
+    }
+}
+
+/// A NAS's Access-Request: signed (Message-Authenticator), a hidden password, a NAS
+/// name, and optionally a State.
+fn access_request(id: u8, user: &str, state: Option<&[u8]>) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    let mut p = PacketMut::new(&mut buf, Code::AccessRequest, id).unwrap();
+    let a = auth::random_authenticator();
+    p.set_authenticator(&a);
+    p.message_authenticator_first().unwrap();
+    p.push(attr::USER_NAME, user.as_bytes()).unwrap();
+    let mut h = [0u8; 128];
+    let n = hide::hide_user_password(b"secret-pw", NAS_SECRET, &a, &mut h).unwrap();
+    p.push(attr::USER_PASSWORD, &h[..n]).unwrap();
+    p.push(attr::NAS_IDENTIFIER, b"switch-1").unwrap();
+    if let Some(s) = state {
+        p.push(attr::STATE, s).unwrap();
+    }
+    p.sign(&Secret::new(NAS_SECRET), None).unwrap();
+    p.as_bytes().to_vec()
+}
+
+/// Checks a reply the sidecar sent to the NAS against the request, and returns it.
+fn nas_reads<'a>(reply: &'a [u8], request: &[u8]) -> Packet<'a> {
+    let req = Packet::parse(request).unwrap();
+    let p = Packet::parse(reply).expect("a well-formed reply");
+    assert_eq!(p.identifier(), req.identifier(), "the NAS's Identifier");
+    auth::verify(&p, &Secret::new(NAS_SECRET), Some(req.authenticator()))
+        .expect("signed with the NAS's secret against its request");
+    p
+}
+
+fn reply_message(p: &Packet<'_>) -> String {
+    String::from_utf8_lossy(p.get(attr::REPLY_MESSAGE).map_or(&[][..], |a| a.value)).into_owned()
+}
+
+fn upstream(name: &str, port: u16) -> Arc<Upstream> {
+    Arc::new(Upstream {
+        name: name.into(),
+        auth: SocketAddr::from(([127, 0, 0, 1], port)),
+        acct: None,
+        secret: Secret::new(format!("{name}-secret").as_bytes()),
+        timeout: Duration::from_secs(20),
+        options: UpstreamOptions {
+            retry: Duration::from_secs(2),
+            max_retries: 2,
+            require_message_authenticator: YesNoAuto::No,
+            ..Default::default()
+        },
+        health: Default::default(),
+    })
+}
+
+fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
+    Client {
+        name: name.into(),
+        prefix: prefix.parse().unwrap(),
+        secret: Secret::new(NAS_SECRET),
+        pool,
+        require_message_authenticator: YesNoAuto::Auto,
+        limit_proxy_state: YesNoAuto::Auto,
+        learned: Default::default(),
+        nas_key: None,
+    }
+}
+
+// ---------------------------------------------------------------- the harness
+
+struct Setup {
+    upstreams: Vec<Arc<Upstream>>,
+    policy: Policy,
+    dynamic: Option<Dynamic>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            upstreams: vec![upstream("aaa-1", 1812)],
+            policy: Policy::FailOver,
+            dynamic: None,
+        }
+    }
+}
+
+/// One engine, its fake driver, and the virtual clock.
+struct World {
+    engine: Engine,
+    io: FakeIo,
+    now: Instant,
+    start: Instant,
+    tally: Arc<Tally>,
+    common: Arc<Common>,
+    servers: Vec<FakeUpstream>,
+    /// What reached each upstream socket and what reached each NAS, in order.
+    to_upstream: Vec<(At, Vec<u8>)>,
+    to_nas: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+}
+
+fn nas(port: u16) -> SocketAddr {
+    SocketAddr::from(([198, 51, 100, 7], port))
+}
+
+impl World {
+    fn new(setup: Setup) -> Self {
+        let pool = Arc::new(Pool {
+            name: "pool".into(),
+            members: setup.upstreams.clone(),
+            policy: setup.policy,
+        });
+        let mut clients = ClientTable::default();
+        clients.insert(client("nases", "198.51.100.0/24", pool.clone()));
+        let tally = Arc::new(Tally::default());
+        let common = Arc::new(Common {
+            clients,
+            dynamic: setup.dynamic.map(Arc::new),
+            nas_directory: NasDirectory::default(),
+            eap_states: Default::default(),
+            pending_packets: AtomicUsize::new(0),
+            upstreams: setup.upstreams.clone(),
+            upstream_index: setup
+                .upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (u.name.clone(), i))
+                .collect(),
+            proxy_state: *b"sidecar!",
+            active: AtomicUsize::new(0),
+            max_flows: 1000,
+            provisional_flows: AtomicUsize::new(0),
+            max_provisional: 1000,
+            idle_timeout: Duration::from_secs(60),
+            provisional_idle: Duration::from_secs(10),
+            dedup: DedupTimers::default(),
+            counters: tally.clone(),
+        });
+        let now = Instant::now();
+        let mut engine = Engine::new(common.clone(), 0, false, now);
+        // No jitter: retransmissions fall exactly on `retry`. Authenticators from a counter:
+        // the fake upstream must read each request with the one it carries.
+        let mut n = 0u128;
+        engine.set_random(Random {
+            jitter: Box::new(|d| d),
+            authenticator: Box::new(move || {
+                n += 1;
+                n.to_be_bytes()
+            }),
+        });
+        let mut io = FakeIo::default();
+        engine.start(now, &mut io).unwrap();
+        let servers = setup
+            .upstreams
+            .iter()
+            .map(|u| FakeUpstream {
+                upstream: u.clone(),
+                secret: format!("{}-secret", u.name).into_bytes(),
+            })
+            .collect();
+        Self {
+            engine,
+            io,
+            now,
+            start: now,
+            tally,
+            common,
+            servers,
+            to_upstream: Vec::new(),
+            to_nas: Vec::new(),
+        }
+    }
+
+    fn collect(&mut self) {
+        let t = self.engine.poll_transmits();
+        for &(at, off, len) in &t.upstream {
+            self.to_upstream.push((at, t.data(off, len).to_vec()));
+        }
+        for &(remote, local, off, len) in &t.nas {
+            self.to_nas.push((remote, local, t.data(off, len).to_vec()));
+        }
+        self.engine.recycle(t);
+    }
+
+    /// A NAS datagram, read where the worker would read it: the flow's child once it has
+    /// one, else the wildcard.
+    fn nas_sends(&mut self, remote: SocketAddr, data: &[u8]) {
+        let local: SocketAddr = LISTEN.parse().unwrap();
+        let slot = self.engine.flows().find(&flow_key(remote, local));
+        match slot.filter(|s| self.io.children.contains_key(s)) {
+            Some(slot) => self.engine.handle_child(self.now, slot, data, &mut self.io),
+            None => self
+                .engine
+                .handle_wildcard(self.now, remote, local, data, &mut self.io),
+        }
+        self.collect();
+    }
+
+    /// A datagram read on upstream socket `socket`.
+    fn upstream_sends(&mut self, socket: usize, data: &[u8]) {
+        self.engine.handle_upstream(self.now, socket, data);
+        self.collect();
+    }
+
+    /// Moves the clock by `d`, waking the engine whenever it asked to be.
+    fn advance(&mut self, d: Duration) {
+        let until = self.now + d;
+        loop {
+            let next = self.engine.poll_timeout();
+            if next > until {
+                break;
+            }
+            self.now = next.max(self.now);
+            self.engine.handle_timeout(self.now, &mut self.io);
+            self.collect();
+        }
+        self.now = until;
+    }
+
+    /// Takes what reached upstream `link` since the last call.
+    fn take_upstream(&mut self, link: usize) -> Vec<(At, Vec<u8>)> {
+        let (mine, rest) = std::mem::take(&mut self.to_upstream)
+            .into_iter()
+            .partition(|(at, _)| engine::link_of(at.socket) == link);
+        self.to_upstream = rest;
+        mine
+    }
+
+    fn take_nas(&mut self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.to_nas)
+    }
+
+    /// The server of `link` answers every request that reached it.
+    fn answer_all(&mut self, link: usize, code: Code) {
+        for (at, wire) in self.take_upstream(link) {
+            let reply = self.servers[link].answer(&wire, code, None);
+            self.upstream_sends(at.socket, &reply);
+        }
+    }
+
+    fn count(&self, c: Count) -> u64 {
+        self.tally.get(c)
+    }
+}
+
+// ---------------------------------------------------------------- the tests
+
+#[test]
+fn a_request_is_forwarded_with_the_upstreams_secret_and_the_reply_reaches_the_nas() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(7, "alice", None);
+    w.nas_sends(nas(40000), &req);
+    let sent = w.take_upstream(0);
+    assert_eq!(sent.len(), 1);
+    let (p, pw) = w.servers[0].read(&sent[0].1);
+    assert_eq!(pw, b"secret-pw", "the password re-hidden for the upstream");
+    assert!(
+        p.get_all(attr::PROXY_STATE).any(|a| a.value == b"sidecar!"),
+        "our Proxy-State"
+    );
+    assert!(
+        w.io.children.len() == 1,
+        "a signed request proves its flow: a child socket"
+    );
+    let reply = w.servers[0].answer(&sent[0].1, Code::AccessAccept, None);
+    w.upstream_sends(sent[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1), (nas(40000), LISTEN.parse().unwrap()));
+    let r = nas_reads(&out[0].2, &req);
+    assert_eq!(r.code(), Code::AccessAccept);
+    assert!(
+        r.get(attr::PROXY_STATE).is_none(),
+        "our Proxy-State stripped"
+    );
+    assert_eq!(w.engine.in_flight(), 0);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
+#[test]
+fn a_retransmission_after_the_answer_is_answered_from_the_dedup_cache() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(1, "alice", None);
+    w.nas_sends(nas(40000), &req);
+    w.answer_all(0, Code::AccessAccept);
+    let first = w.take_nas();
+    w.advance(Duration::from_secs(2));
+    w.nas_sends(nas(40000), &req);
+    assert!(w.take_upstream(0).is_empty(), "not forwarded again");
+    let again = w.take_nas();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, first[0].2, "the very same reply");
+    assert_eq!(w.count(Count::LocalAnswer("duplicate_cached")), 1);
+    // Past cleanup_delay (5 s) the cache has forgotten it: a late copy goes upstream anew.
+    w.advance(Duration::from_secs(4));
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(w.take_upstream(0).len(), 1);
+}
+
+#[test]
+fn a_retransmission_in_flight_is_not_forwarded_twice_but_followed_once_a_second() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(3, "bob", None);
+    w.nas_sends(nas(40000), &req);
+    let first = w.take_upstream(0);
+    assert_eq!(first.len(), 1);
+    // The NAS retransmits at once: nothing new upstream.
+    w.advance(Duration::from_millis(300));
+    w.nas_sends(nas(40000), &req);
+    assert!(w.take_upstream(0).is_empty());
+    assert_eq!(w.count(Count::Dropped("duplicate_in_flight")), 1);
+    // A second later it is followed upstream: the same copy, same Identifier.
+    w.advance(Duration::from_millis(800));
+    w.nas_sends(nas(40000), &req);
+    let resent = w.take_upstream(0);
+    assert_eq!(resent.len(), 1);
+    assert_eq!(
+        resent[0], first[0],
+        "the same upstream copy, not a second request"
+    );
+    assert_eq!(w.count(Count::UpstreamRetransmit("nas_retransmission")), 1);
+    assert_eq!(w.engine.in_flight(), 1);
+    // The server answers both copies: one reply reaches the NAS, the other is unknown.
+    for (at, wire) in [&first[0], &resent[0]] {
+        let reply = w.servers[0].answer(wire, Code::AccessAccept, None);
+        w.upstream_sends(at.socket, &reply);
+    }
+    assert_eq!(w.take_nas().len(), 1);
+    assert_eq!(w.count(Count::Dropped("reply_unknown_id")), 1);
+    assert_eq!(w.engine.in_flight(), 0);
+}
+
+#[test]
+fn our_own_retry_recovers_a_request_the_upstream_lost() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(9, "carol", None);
+    w.nas_sends(nas(40000), &req);
+    let lost = w.take_upstream(0);
+    assert_eq!(lost.len(), 1);
+    // The server keeps answering other things, so it stays alive.
+    w.servers[0].upstream.health.on_answer(w.now);
+    w.advance(Duration::from_millis(1900));
+    assert!(w.take_upstream(0).is_empty(), "not before retry (2 s)");
+    w.servers[0].upstream.health.on_answer(w.now);
+    w.advance(Duration::from_millis(200));
+    let retried = w.take_upstream(0);
+    assert_eq!(retried.len(), 1, "sent again on our own timer");
+    assert_eq!(retried[0], lost[0]);
+    assert_eq!(w.count(Count::UpstreamRetransmit("timer")), 1);
+    let reply = w.servers[0].answer(&retried[0].1, Code::AccessAccept, None);
+    w.upstream_sends(retried[0].0.socket, &reply);
+    assert_eq!(
+        nas_reads(&w.take_nas()[0].2, &req).code(),
+        Code::AccessAccept
+    );
+}
+
+#[test]
+fn a_request_nobody_answers_is_given_up_after_the_timeout_and_counted() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(9, "carol", None);
+    w.nas_sends(nas(40000), &req);
+    w.advance(Duration::from_secs(21));
+    assert_eq!(w.engine.in_flight(), 0);
+    assert_eq!(w.count(Count::Dropped("upstream_timeout")), 1);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+    // Two retries (max_retries), then silence.
+    assert_eq!(w.take_upstream(0).len(), 3);
+    // The NAS tries again later: forwarded anew.
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(w.take_upstream(0).len(), 1);
+}
+
+#[test]
+fn a_quiet_server_fails_over_and_comes_back_through_status_server() {
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), upstream("aaa-2", 1912)],
+        ..Setup::default()
+    });
+    let req = access_request(4, "dave", None);
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(
+        w.take_upstream(0).len(),
+        1,
+        "fail-over: the first server first"
+    );
+    // aaa-1 is silent: at our retry it turns zombie and the request moves to aaa-2.
+    w.advance(Duration::from_millis(2100));
+    assert!(w.take_upstream(0).is_empty());
+    let moved = w.take_upstream(1);
+    assert_eq!(moved.len(), 1, "failed over to the second server");
+    assert_eq!(w.servers[0].upstream.health.state(), State::Zombie);
+    assert_eq!(w.count(Count::UpstreamRetransmit("failover")), 1);
+    let (_, pw) = w.servers[1].read(&moved[0].1);
+    assert_eq!(
+        pw, b"secret-pw",
+        "re-prepared with the second server's secret"
+    );
+    let reply = w.servers[1].answer(&moved[0].1, Code::AccessAccept, None);
+    w.upstream_sends(moved[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(reply_message(&nas_reads(&out[0].2, &req)), "aaa-2");
+    assert_eq!(w.engine.in_flight(), 0);
+
+    // New requests go to aaa-2 while aaa-1 is a zombie...
+    w.nas_sends(nas(40000), &access_request(5, "dave", None));
+    assert_eq!(w.take_upstream(1).len(), 1);
+    w.answer_all(1, Code::AccessAccept);
+    // ...until it answers a Status-Server probe (the daemon's prober reports it).
+    let policy = w.servers[0].upstream.options.health;
+    w.servers[0].upstream.health.on_probe(true, w.now, &policy);
+    assert_eq!(w.servers[0].upstream.health.state(), State::Alive);
+    w.nas_sends(nas(40000), &access_request(6, "dave", None));
+    assert_eq!(w.take_upstream(0).len(), 1, "back on the first server");
+}
+
+#[test]
+fn a_superseded_requests_late_reply_is_dropped() {
+    let mut w = World::new(Setup::default());
+    let old = access_request(5, "erin", None);
+    w.nas_sends(nas(40000), &old);
+    let old_up = w.take_upstream(0);
+    // The NAS gives up on it and reuses the Identifier for a new request.
+    w.advance(Duration::from_millis(500));
+    let new = access_request(5, "erin", None);
+    w.nas_sends(nas(40000), &new);
+    let new_up = w.take_upstream(0);
+    assert_eq!(new_up.len(), 1, "a new request, forwarded");
+    // The old request's answer arrives late: dropped, not sent as the new one's.
+    let late = w.servers[0].answer(&old_up[0].1, Code::AccessReject, None);
+    w.upstream_sends(old_up[0].0.socket, &late);
+    assert!(w.take_nas().is_empty());
+    assert_eq!(w.count(Count::Dropped("reply_superseded")), 1);
+    let reply = w.servers[0].answer(&new_up[0].1, Code::AccessAccept, None);
+    w.upstream_sends(new_up[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(nas_reads(&out[0].2, &new).code(), Code::AccessAccept);
+    assert_eq!(w.engine.in_flight(), 0);
+}
+
+#[test]
+fn shutdown_drains_requests_in_flight_within_its_bound() {
+    let mut w = World::new(Setup::default());
+    w.nas_sends(nas(40000), &access_request(1, "f", None));
+    assert!(
+        !w.engine.drain(w.now),
+        "one request in flight: keep serving"
+    );
+    w.advance(Duration::from_millis(500));
+    w.answer_all(0, Code::AccessAccept);
+    assert_eq!(w.take_nas().len(), 1, "answered during the drain");
+    assert!(w.engine.drain(w.now), "nothing in flight: may stop");
+
+    // A server that never answers holds the drain for at most DRAIN.
+    let mut w = World::new(Setup::default());
+    w.nas_sends(nas(40000), &access_request(1, "f", None));
+    assert!(!w.engine.drain(w.now));
+    w.advance(engine::DRAIN - Duration::from_millis(100));
+    assert!(!w.engine.drain(w.now));
+    w.advance(Duration::from_millis(100));
+    assert!(w.engine.drain(w.now));
+    w.engine.shutdown(&mut w.io);
+    assert!(w.io.children.is_empty(), "every child closed at shutdown");
+}
+
+#[test]
+fn a_send_the_kernel_refuses_ends_the_request_and_a_retransmission_goes_anew() {
+    let mut w = World::new(Setup::default());
+    let req = access_request(2, "g", None);
+    w.nas_sends(nas(40000), &req);
+    let sent = w.take_upstream(0);
+    w.engine.send_failed(w.now, sent[0].0);
+    assert_eq!(w.engine.in_flight(), 0);
+    assert_eq!(w.count(Count::Dropped("send_to_upstream")), 1);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+    // Not a retransmission in flight any more: forwarded again at once.
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(w.take_upstream(0).len(), 1);
+    assert_eq!(w.count(Count::Dropped("duplicate_in_flight")), 0);
+}
+
+#[test]
+fn past_256_in_flight_a_second_socket_opens_and_past_the_last_the_nas_is_told() {
+    let mut w = World::new(Setup::default());
+    w.io.extra_sockets_allowed = 1;
+    // 256 NASes' flows, one request each; then one more.
+    for i in 0..257u16 {
+        w.nas_sends(nas(20000 + i), &access_request(1, "h", None));
+    }
+    let sent = w.take_upstream(0);
+    assert_eq!(sent.len(), 257);
+    let second = requests::MAX_SOCKETS * engine::port(0, false) + 1;
+    assert!(w.io.upstream_sockets.contains_key(&second));
+    assert_eq!(
+        sent[256].0.socket, second,
+        "the 257th went on the new socket"
+    );
+    let mut ids: Vec<_> = sent[..256]
+        .iter()
+        .map(|(at, _)| (at.socket, at.id))
+        .collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 256, "every Identifier of the first socket, once");
+    // Fill the second socket; the next request finds no Identifier and no socket.
+    for i in 257..512u16 {
+        w.nas_sends(nas(20000 + i), &access_request(1, "h", None));
+    }
+    assert_eq!(w.take_upstream(0).len(), 255);
+    w.take_nas();
+    let req = access_request(1, "h", None);
+    w.nas_sends(nas(30000), &req);
+    assert!(w.take_upstream(0).is_empty());
+    assert_eq!(w.count(Count::Dropped("upstream_ids_exhausted")), 1);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    let pe = nas_reads(&out[0].2, &req);
+    assert_eq!(pe.code(), Code::ProtocolError, "the NAS is told (RFC 7930)");
+    assert_eq!(
+        pe.get(attr::ERROR_CAUSE).map(|a| a.value.to_vec()),
+        Some(506u32.to_be_bytes().to_vec()),
+        "Resources Unavailable"
+    );
+    assert_eq!(w.engine.in_flight(), 512);
+}
+
+fn dynamic_setup() -> Setup {
+    Setup {
+        dynamic: Some(Dynamic::new(
+            vec!["203.0.113.0/24".parse().unwrap()],
+            (Duration::from_secs(3600), Duration::from_secs(30)),
+            100,
+            Duration::from_secs(2),
+            (8, 100),
+        )),
+        ..Setup::default()
+    }
+}
+
+fn dynamic_nas(port: u16) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 9], port))
+}
+
+#[test]
+fn packets_of_a_slow_definition_wait_and_go_in_arrival_order() {
+    let mut w = World::new(dynamic_setup());
+    let from = dynamic_nas(41000);
+    let reqs: Vec<Vec<u8>> = (1..=3)
+        .map(|i| access_request(i, &format!("user{i}"), None))
+        .collect();
+    for (i, r) in reqs.iter().enumerate() {
+        w.nas_sends(from, r);
+        w.advance(Duration::from_millis(700 * (i as u64 + 1)));
+    }
+    assert_eq!(
+        w.io.defines,
+        vec![from.ip()],
+        "one definition for the source"
+    );
+    assert!(
+        w.take_upstream(0).is_empty(),
+        "nothing goes before the definition"
+    );
+    assert!(w.take_nas().is_empty());
+    // The directory answers 4 s after the first packet.
+    let defined = Arc::new(client(
+        "dyn-9",
+        "203.0.113.9/32",
+        w.common.clients.lookup(nas(1).ip()).unwrap().pool.clone(),
+    ));
+    let outcome = Ok(defined);
+    w.common
+        .dynamic
+        .as_ref()
+        .unwrap()
+        .record(from.ip(), &outcome, w.now);
+    w.engine
+        .handle_defined(w.now, from.ip(), &outcome, &mut w.io);
+    w.collect();
+    let sent = w.take_upstream(0);
+    let users: Vec<String> = sent
+        .iter()
+        .map(|(_, wire)| {
+            let (p, _) = w.servers[0].read(wire);
+            String::from_utf8_lossy(p.get(attr::USER_NAME).unwrap().value).into_owned()
+        })
+        .collect();
+    assert_eq!(users, ["user1", "user2", "user3"], "in arrival order");
+    assert_eq!(w.io.children.len(), 1, "the flow got its child");
+    assert_eq!(w.count(Count::Packet(Via::Wildcard)), 3);
+    // Its next packet comes through the child and is not kept.
+    w.nas_sends(from, &access_request(4, "user4", None));
+    assert_eq!(w.take_upstream(0).len(), 1);
+    assert_eq!(w.count(Count::Packet(Via::Child)), 1);
+}
+
+#[test]
+fn a_refused_definition_drops_what_waited_and_is_remembered() {
+    let mut w = World::new(dynamic_setup());
+    let from = dynamic_nas(41000);
+    w.nas_sends(from, &access_request(1, "x", None));
+    w.nas_sends(from, &access_request(2, "x", None));
+    let outcome: Result<Arc<Client>, String> = Err("refused by the directory".into());
+    w.common
+        .dynamic
+        .as_ref()
+        .unwrap()
+        .record(from.ip(), &outcome, w.now);
+    w.engine
+        .handle_defined(w.now, from.ip(), &outcome, &mut w.io);
+    w.collect();
+    assert!(w.take_upstream(0).is_empty());
+    assert_eq!(w.count(Count::Refused(Refusal::DirectoryRefused)), 2);
+    // Refused for nak_lifetime: no new definition, the packet refused at once.
+    w.nas_sends(from, &access_request(3, "x", None));
+    assert_eq!(w.io.defines.len(), 1);
+    assert_eq!(w.count(Count::Refused(Refusal::DirectoryRefused)), 3);
+    assert!(w.engine.flows().is_empty());
+}
+
+#[test]
+fn packets_of_a_definition_that_never_ends_expire_and_are_counted() {
+    let mut w = World::new(dynamic_setup());
+    w.nas_sends(dynamic_nas(41000), &access_request(1, "x", None));
+    let max_wait = w.common.dynamic.as_ref().unwrap().max_wait;
+    w.advance(max_wait + Duration::from_secs(2));
+    assert_eq!(w.count(Count::Refused(Refusal::PendingExpired)), 1);
+    assert_eq!(
+        w.common
+            .pending_packets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_coa_reaches_the_nas_through_its_flow_and_its_ack_returns_signed_for_the_origin() {
+    let mut w = World::new(Setup::default());
+    let from = nas(40000);
+    w.nas_sends(from, &access_request(1, "i", None));
+    w.answer_all(0, Code::AccessAccept);
+    w.take_nas();
+    // The upstream asks for a Disconnect of the NAS's session.
+    let origin = w.servers[0].upstream.clone();
+    let mut buf = [0u8; 4096];
+    let mut d = PacketMut::new(&mut buf, Code::DisconnectRequest, 77).unwrap();
+    d.push(attr::NAS_IDENTIFIER, b"switch-1").unwrap();
+    d.push(attr::USER_NAME, b"i").unwrap();
+    d.sign(&origin.secret, None).unwrap();
+    let origin_auth = d.authenticator();
+    let local: SocketAddr = LISTEN.parse().unwrap();
+    let handle = w
+        .common
+        .nas_directory
+        .find(&[radius_core::coa::NasName::Identifier(b"switch-1".to_vec())])
+        .expect("the flow is registered under its NAS-Identifier");
+    assert_eq!(handle.key, flow_key(from, local));
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let a = answers.clone();
+    let job = CoaJob {
+        key: handle.key,
+        origin_id: 77,
+        origin_auth,
+        upstream: origin.clone(),
+        packet: d.as_bytes().to_vec(),
+        answer: Box::new(move |bytes| {
+            a.lock().unwrap().push(bytes);
+            true
+        }),
+    };
+    w.engine.handle_coa(w.now, job);
+    w.collect();
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].0, out[0].1),
+        (from, local),
+        "from the flow's own address and port"
+    );
+    let to_nas = Packet::parse(&out[0].2).unwrap();
+    assert_eq!(to_nas.code(), Code::DisconnectRequest);
+    auth::verify(&to_nas, &Secret::new(NAS_SECRET), None).expect("signed with the NAS's secret");
+    // The NAS acknowledges, through its flow.
+    let mut abuf = [0u8; 4096];
+    let mut ack = PacketMut::new(&mut abuf, Code::DisconnectAck, to_nas.identifier()).unwrap();
+    ack.sign(&Secret::new(NAS_SECRET), Some(to_nas.authenticator()))
+        .unwrap();
+    let ack = ack.as_bytes().to_vec();
+    w.nas_sends(from, &ack);
+    let got = answers.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "the ACK handed back to the CoA listener");
+    let back = Packet::parse(&got[0]).unwrap();
+    assert_eq!((back.code(), back.identifier()), (Code::DisconnectAck, 77));
+    auth::verify(&back, &origin.secret, Some(&origin_auth)).expect("signed for the origin");
+    assert!(
+        w.take_upstream(0).is_empty(),
+        "an ACK is not a request to forward"
+    );
+}
+
+#[test]
+fn a_coa_for_a_flow_that_ended_is_naked_by_the_sidecar() {
+    let mut w = World::new(Setup::default());
+    let origin = w.servers[0].upstream.clone();
+    let mut buf = [0u8; 4096];
+    let mut d = PacketMut::new(&mut buf, Code::CoaRequest, 5).unwrap();
+    d.push(attr::NAS_IDENTIFIER, b"gone").unwrap();
+    d.sign(&origin.secret, None).unwrap();
+    let origin_auth = d.authenticator();
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let a = answers.clone();
+    w.engine.handle_coa(
+        w.now,
+        CoaJob {
+            key: flow_key(nas(1), LISTEN.parse().unwrap()),
+            origin_id: 5,
+            origin_auth,
+            upstream: origin.clone(),
+            packet: d.as_bytes().to_vec(),
+            answer: Box::new(move |b| {
+                a.lock().unwrap().push(b);
+                true
+            }),
+        },
+    );
+    let got = answers.lock().unwrap().clone();
+    let nak = Packet::parse(&got[0]).unwrap();
+    assert_eq!(nak.code(), Code::CoaNak);
+    auth::verify(&nak, &origin.secret, Some(&origin_auth)).unwrap();
+    assert_eq!(w.count(Count::Coa("nas_not_found")), 1);
+}
+
+#[test]
+fn an_eap_conversation_stays_on_the_server_that_challenged_it_across_flows() {
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), upstream("aaa-2", 1912)],
+        policy: Policy::LoadBalance,
+        ..Setup::default()
+    });
+    // Two flows that load-balancing puts on different servers.
+    let local: SocketAddr = LISTEN.parse().unwrap();
+    let pool = w.common.clients.lookup(nas(1).ip()).unwrap().pool.clone();
+    let server_of = |port: u16| {
+        let c = w.common.clients.lookup(nas(port).ip()).unwrap();
+        let f = Flow::new(nas(port), local, c, true, w.now);
+        pool.pick(f.hash, None).unwrap().name.clone()
+    };
+    let a = 40000;
+    let b = (40001..41000)
+        .find(|&p| server_of(p) != server_of(a))
+        .unwrap();
+    let link_a = w.common.upstream_index[&server_of(a)];
+    let link_b = 1 - link_a;
+    // Flow a's first EAP round is challenged by its server, with a State.
+    w.nas_sends(nas(a), &access_request(1, "eap", None));
+    let sent = w.take_upstream(link_a);
+    assert_eq!(sent.len(), 1);
+    let challenge = w.servers[link_a].answer(&sent[0].1, Code::AccessChallenge, Some(b"round-2"));
+    w.upstream_sends(sent[0].0.socket, &challenge);
+    assert_eq!(w.take_nas().len(), 1);
+    // The conversation's next round comes on flow b (the NAS moved its source port):
+    // it goes to the server that holds the conversation, not to flow b's own.
+    w.nas_sends(nas(b), &access_request(1, "eap", Some(b"round-2")));
+    assert!(w.take_upstream(link_b).is_empty());
+    assert_eq!(
+        w.take_upstream(link_a).len(),
+        1,
+        "sticky to its State's server"
+    );
+    // Without a State, flow b's requests go to its own server.
+    w.nas_sends(nas(b), &access_request(2, "other", None));
+    assert_eq!(w.take_upstream(link_b).len(), 1);
+}
+
+#[test]
+fn a_status_server_from_a_nas_is_answered_by_the_sidecar_itself() {
+    let mut w = World::new(Setup::default());
+    let mut buf = [0u8; 4096];
+    let ss = radius_core::codec::edit::status_server(&mut buf, 12, &Secret::new(NAS_SECRET))
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    w.nas_sends(nas(40000), &ss);
+    assert!(w.take_upstream(0).is_empty(), "never forwarded");
+    let out = w.take_nas();
+    assert_eq!(nas_reads(&out[0].2, &ss).code(), Code::AccessAccept);
+}
+
+#[test]
+fn a_request_with_a_bad_signature_makes_no_flow() {
+    let mut w = World::new(Setup::default());
+    let mut req = access_request(1, "mallory", None);
+    let last = req.len() - 1;
+    req[last] ^= 0xff;
+    w.nas_sends(nas(40000), &req);
+    assert!(w.engine.flows().is_empty());
+    assert!(w.io.children.is_empty());
+    assert!(w.take_upstream(0).is_empty());
+}
+
+#[test]
+fn idle_flows_end_and_their_children_close() {
+    let mut w = World::new(Setup::default());
+    w.nas_sends(nas(40000), &access_request(1, "j", None));
+    w.answer_all(0, Code::AccessAccept);
+    assert_eq!(w.engine.flows().len(), 1);
+    w.advance(Duration::from_secs(59));
+    assert_eq!(w.engine.flows().len(), 1);
+    w.advance(Duration::from_secs(2));
+    assert!(w.engine.flows().is_empty());
+    assert_eq!(w.io.closed_children, 1);
+    assert_eq!(w.count(Count::FlowEnded { proved: true }), 1);
+    assert_eq!(
+        w.common.active.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let _ = w.start;
+}
+
+#[test]
+fn the_engine_asks_to_be_woken_no_later_than_its_next_timer() {
+    let w = World::new(Setup::default());
+    assert!(w.engine.poll_timeout() <= w.now + engine::TICK);
+}
+
+#[test]
+fn upstream_socket_indexes_round_trip() {
+    for link in 0..5 {
+        for acct in [false, true] {
+            for s in 0..requests::MAX_SOCKETS {
+                let socket = engine::port(link, acct) * requests::MAX_SOCKETS + s;
+                assert_eq!(engine::link_of(socket), link);
+                assert_eq!(requests::port_of(socket), engine::port(link, acct));
+            }
+        }
+    }
+}
