@@ -292,6 +292,22 @@ impl Engine {
         self.handle_requeued(now, io);
     }
 
+    /// A stream transport's connection from `remote` to `local` closed: its flow ends
+    /// (requests in flight are still answered, to nowhere: the driver drops what it can no
+    /// longer send). Nothing happens when it had no flow.
+    pub fn handle_closed(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local: SocketAddr,
+        io: &mut dyn Io,
+    ) {
+        if let Some(slot) = self.flows.find(&flow_key(remote, local)) {
+            self.end_flow(slot, io);
+        }
+        self.handle_requeued(now, io);
+    }
+
     /// Where flow `slot`'s NAS is, and the address it sends to.
     pub fn flow_addresses(&self, slot: usize) -> Option<(SocketAddr, SocketAddr)> {
         self.flows.get(slot).map(|f| (f.remote, f.local))

@@ -4,6 +4,7 @@
 //!
 //! Layers, lowest first (a module imports only those above it in this list):
 //! - [`codec`]: the only RADIUS parser and signer.
+//! - [`stream`]: RADIUS packets cut out of a TCP or TLS byte stream.
 //! - [`counters`]: what the engine counts, as events the daemon turns into metrics.
 //! - [`blastradius`]: the yes/no/auto switches of CVE-2024-3596.
 //! - [`dedup`]: RFC 5080 duplicate detection of one flow.
@@ -35,4 +36,5 @@ pub mod pending;
 pub mod pool;
 pub mod proxy;
 pub mod requests;
+pub mod stream;
 pub mod upstream;
