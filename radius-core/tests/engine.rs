@@ -369,6 +369,20 @@ impl World {
         }
     }
 
+    /// The directory's answer about `ip`, recorded in the shared cache and told to the
+    /// engine, as the daemon does.
+    fn directory_answers(&mut self, ip: IpAddr, outcome: Result<Arc<Client>, String>) {
+        let dynamic = self
+            .common
+            .dynamic
+            .as_ref()
+            .expect("dynamic clients configured");
+        dynamic.record(ip, &outcome, self.now);
+        self.engine
+            .handle_defined(self.now, ip, &outcome, &mut self.io);
+        self.collect();
+    }
+
     fn count(&self, c: Count) -> u64 {
         self.tally.get(c)
     }
@@ -698,15 +712,7 @@ fn packets_of_a_slow_definition_wait_and_go_in_arrival_order() {
         "203.0.113.9/32",
         w.common.clients.lookup(nas(1).ip()).unwrap().pool.clone(),
     ));
-    let outcome = Ok(defined);
-    w.common
-        .dynamic
-        .as_ref()
-        .unwrap()
-        .record(from.ip(), &outcome, w.now);
-    w.engine
-        .handle_defined(w.now, from.ip(), &outcome, &mut w.io);
-    w.collect();
+    w.directory_answers(from.ip(), Ok(defined));
     let sent = w.take_upstream(0);
     let users: Vec<String> = sent
         .iter()
@@ -730,15 +736,7 @@ fn a_refused_definition_drops_what_waited_and_is_remembered() {
     let from = dynamic_nas(41000);
     w.nas_sends(from, &access_request(1, "x", None));
     w.nas_sends(from, &access_request(2, "x", None));
-    let outcome: Result<Arc<Client>, String> = Err("refused by the directory".into());
-    w.common
-        .dynamic
-        .as_ref()
-        .unwrap()
-        .record(from.ip(), &outcome, w.now);
-    w.engine
-        .handle_defined(w.now, from.ip(), &outcome, &mut w.io);
-    w.collect();
+    w.directory_answers(from.ip(), Err("refused by the directory".into()));
     assert!(w.take_upstream(0).is_empty());
     assert_eq!(w.count(Count::Refused(Refusal::DirectoryRefused)), 2);
     // Refused for nak_lifetime: no new definition, the packet refused at once.

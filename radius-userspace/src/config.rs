@@ -159,6 +159,14 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where upstreams send CoA and Disconnect requests (RFC 5176); none: no listener.
     pub coa_listen: Option<SocketAddr>,
+    /// RADIUS/TCP services (RFC 6613), with their roles; one worker thread each.
+    pub listen_tcp: Vec<Listener>,
+    /// A connection's first packet, and the rest of a packet begun, must come within this.
+    pub tcp_timeout: Duration,
+    /// Most connections per RADIUS/TCP listener (none: as many as `max_flows`), and from
+    /// one source address.
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: usize,
 }
 
 impl Default for DaemonConfig {
@@ -181,6 +189,10 @@ impl Default for DaemonConfig {
             new_source_burst: 4_000,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
             coa_listen: None,
+            listen_tcp: Vec::new(),
+            tcp_timeout: Duration::from_secs(10),
+            max_connections: None,
+            max_connections_per_source: 16,
         }
     }
 }
@@ -303,6 +315,14 @@ struct Server {
     metrics: OrNone<SocketAddr>,
     /// Where upstreams send CoA and Disconnect requests (RFC 5176), or "none".
     coa_listen: OrNone<SocketAddr>,
+    /// RADIUS/TCP addresses to serve (RFC 6613), written as `listen`'s.
+    listen_tcp: Vec<Spanned<String>>,
+    /// Seconds a connection has for its first packet, and for the rest of a packet begun.
+    tcp_timeout: u64,
+    /// Most connections per RADIUS/TCP listener; 0 = max_flows.
+    max_connections: usize,
+    /// Most connections from one source address.
+    max_connections_per_source: usize,
 }
 
 // One source of defaults: the file's are DaemonConfig's (0 and "none" stand for None).
@@ -323,6 +343,10 @@ impl Default for Server {
             new_source_burst: d.new_source_burst,
             metrics: OrNone(d.metrics_listen),
             coa_listen: OrNone(d.coa_listen),
+            listen_tcp: Vec::new(),
+            tcp_timeout: d.tcp_timeout.as_secs(),
+            max_connections: 0,
+            max_connections_per_source: d.max_connections_per_source,
         }
     }
 }
@@ -525,17 +549,22 @@ impl Config {
         })?;
         let server = f.server.unwrap_or_default();
         let mut daemon = DaemonConfig::default();
-        if !server.listen.is_empty() {
-            daemon.listen = server
-                .listen
-                .iter()
+        let listeners = |list: &[Spanned<String>], key: &str| {
+            list.iter()
                 .map(|l| {
                     l.get_ref()
                         .parse::<Listener>()
-                        .map_err(|m| err(l.span(), "server.listen", m))
+                        .map_err(|m| err(l.span(), key, m))
                 })
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if !server.listen.is_empty() {
+            daemon.listen = listeners(&server.listen, "server.listen")?;
         }
+        daemon.listen_tcp = listeners(&server.listen_tcp, "server.listen_tcp")?;
+        daemon.tcp_timeout = Duration::from_secs(server.tcp_timeout.max(1));
+        daemon.max_connections = (server.max_connections > 0).then_some(server.max_connections);
+        daemon.max_connections_per_source = server.max_connections_per_source.max(1);
         if server.workers > 0 {
             daemon.workers = server.workers;
         }
@@ -920,6 +949,35 @@ mod tests {
         .unwrap();
         assert_eq!((e.line, e.key.as_str()), (3, "server.listen"));
         assert!(e.message.contains("accounting"), "{e}");
+    }
+
+    #[test]
+    fn tcp_listeners_and_their_bounds_are_read_with_defaults() {
+        let c = Config::from_toml(
+            "[server]
+listen_tcp = [\"0.0.0.0:1812\", \"[::]:1813/acct\"]\ntcp_timeout = 3\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.listen_tcp.len(), 2);
+        assert!(c.daemon.listen_tcp[1].role.is_accounting(1813));
+        assert_eq!(c.daemon.tcp_timeout, Duration::from_secs(3));
+        assert_eq!(c.daemon.max_connections, None, "as many as max_flows");
+        assert_eq!(
+            c.daemon.max_connections_per_source,
+            DaemonConfig::default().max_connections_per_source
+        );
+        assert!(
+            Config::from_toml("", "f.toml")
+                .unwrap()
+                .daemon
+                .listen_tcp
+                .is_empty()
+        );
+        let e = Config::from_toml("[server]\nlisten_tcp = [\"nowhere\"]\n", "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (2, "server.listen_tcp"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Start-up and shutdown: the daemon chooses the steering path, builds what the workers'
-//! engines share ([`Common`]), binds the wildcards and runs one worker thread per wildcard
-//! ([`crate::worker`]), and on the tokio runtime the slow side: upstream probes
+//! engines share ([`Common`]), binds the wildcards and the RADIUS/TCP listeners and runs one
+//! worker thread per wildcard and per TCP listener ([`crate::worker`]), and on the tokio
+//! runtime the slow side: upstream probes
 //! (Status-Server), the CoA listener, the metrics endpoint, the eBPF log and counters.
 //! At cancellation the workers drain their requests in flight, then the fast path is
 //! detached.
@@ -91,7 +92,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     );
     // Every worker hears about every definition: a source's flows can land on any of them.
     let workers_per_listener = config.workers.max(1);
-    let n_workers = config.listen.len() * workers_per_listener;
+    let n_workers = config.listen.len() * workers_per_listener + config.listen_tcp.len();
     let (defined_txs, mut defined_rxs): (Vec<_>, Vec<_>) = (0..n_workers)
         .map(|_| shared::inbox())
         .collect::<std::io::Result<Vec<_>>>()
@@ -163,11 +164,45 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             // A thread of its own: the worker blocks in its epoll set (see crate::worker).
             tasks.spawn_blocking(move || {
                 let listener = worker::Listening { bound, accounting };
-                if let Err(e) = worker::run(shared, w, listener, i, me, defined, runtime) {
+                let front = worker::Front::udp(w);
+                if let Err(e) = worker::run(shared, front, listener, i, me, defined, runtime) {
                     tracing::error!(listen = %bound, worker = i, error = %e, "worker stopped");
                 }
             });
         }
+    }
+    // RADIUS/TCP: one worker per listener, its connections in its own epoll set.
+    let limits = crate::tcp::Limits {
+        max_connections: config.max_connections.unwrap_or(max_flows).max(1),
+        max_connections_per_source: config.max_connections_per_source,
+        timeout: config.tcp_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    for &Listener { addr, role } in &config.listen_tcp {
+        let listener = socket::bind_tcp_listener(addr)
+            .with_context(|| format!("binding the RADIUS/TCP listener {addr}"))?;
+        let bound = listener.local_addr()?;
+        let front = worker::Front::Tcp(crate::tcp::TcpFront::new(listener, limits)?);
+        let accounting = role.is_accounting(bound.port());
+        info!(
+            listen = %bound,
+            transport = "tcp",
+            role = if accounting { "acct" } else { "auth" },
+            max_connections = limits.max_connections,
+            "listening"
+        );
+        let defined = defined_rxs
+            .pop()
+            .context("more listeners than worker channels")?;
+        let me = defined_rxs.len();
+        let shared = shared.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tasks.spawn_blocking(move || {
+            let listening = worker::Listening { bound, accounting };
+            if let Err(e) = worker::run(shared, front, listening, 0, me, defined, runtime) {
+                tracing::error!(listen = %bound, transport = "tcp", error = %e, "worker stopped");
+            }
+        });
     }
     if let Some(addr) = config.coa_listen {
         let sock = UdpSocket::bind(addr)

@@ -5,7 +5,9 @@
 //! [`answers`], [`flows`], [`counters`], and the worker's state machine, [`engine`]).
 //!
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
-//! - [`socket`]: wildcard and per-flow child sockets for both steering paths.
+//! - [`socket`]: wildcard and per-flow child sockets for both steering paths, the TCP
+//!   listener, the epoll set.
+//! - [`tcp`]: RADIUS/TCP (RFC 6613) connections in front of a worker's engine.
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: UDP's driver of one engine: a wildcard, its flows' children and upstream
 //!   sockets in one epoll set.
@@ -17,7 +19,7 @@
 //! - [`config`]: the configuration model (TOML, with file:line:key errors).
 pub use radius_core::{
     admission, answers, blastradius, client, coa, codec, counters, dedup, engine, flows, pending,
-    pool, proxy, requests, upstream,
+    pool, proxy, requests, stream, upstream,
 };
 pub mod coa_listener;
 pub mod config;
@@ -27,4 +29,5 @@ pub mod fastpath;
 pub mod metrics;
 pub mod shared;
 pub mod socket;
+pub mod tcp;
 pub mod worker;

@@ -28,6 +28,10 @@ struct Cli {
     /// its role for Status-Server: `/auth`, `/acct` (default: by port, 1813 and 1646 acct).
     #[arg(long = "listen", value_name = "ADDR:PORT[/ROLE]")]
     listen: Vec<Listener>,
+    /// RADIUS/TCP address to serve (RFC 6613; repeat for several); replaces
+    /// `server.listen_tcp`. The same suffixes as `--listen`.
+    #[arg(long = "listen-tcp", value_name = "ADDR:PORT[/ROLE]")]
+    listen_tcp: Vec<Listener>,
     /// Wildcard sockets (workers) per listen address.
     #[arg(long)]
     workers: Option<usize>,
@@ -72,6 +76,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if !cli.listen.is_empty() {
         d.listen = cli.listen.clone();
     }
+    if !cli.listen_tcp.is_empty() {
+        d.listen_tcp = cli.listen_tcp.clone();
+    }
     if let Some(w) = cli.workers {
         d.workers = w.max(1);
     }
@@ -115,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(Cmd::CheckConfig) = cli.cmd {
         println!(
             "configuration OK: {} listener(s), {} upstream(s), {} client(s)",
-            config.daemon.listen.len(),
+            config.daemon.listen.len() + config.daemon.listen_tcp.len(),
             config.upstreams.len(),
             config.clients.len()
         );

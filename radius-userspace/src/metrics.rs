@@ -35,6 +35,18 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A stream transport ("tcp"), and why a connection was refused or closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabel {
+    pub transport: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabel {
     pub upstream: String,
@@ -90,6 +102,12 @@ pub struct Metrics {
     /// BlastRADIUS: 1 when a peer's Access packets must carry a Message-Authenticator
     /// (configured `yes`, or learnt by `auto`), 0 when not (yet).
     pub message_authenticator_required: Family<PeerLabel, Gauge>,
+    /// Connections of stream transports (RADIUS/TCP): open now, accepted, refused at accept
+    /// and closed, by reason.
+    pub connections_open: Family<TransportLabel, Gauge>,
+    pub connections_accepted: Family<TransportLabel, Counter>,
+    pub connections_refused: Family<ConnectionLabel, Counter>,
+    pub connections_closed: Family<ConnectionLabel, Counter>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -101,7 +119,7 @@ impl Metrics {
         let packets = Family::<ViaLabel, Counter>::default();
         registry.register(
             "packets",
-            "Packets handed to flow tasks, by how they arrived",
+            "Packets handed to their flows, by how they arrived",
             packets.clone(),
         );
         let flows_created = Counter::default();
@@ -197,6 +215,32 @@ impl Metrics {
              Message-Authenticator (configured, or learnt by auto)",
             message_authenticator_required.clone(),
         );
+        let connections_open = Family::<TransportLabel, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Connections of stream transports open now",
+            connections_open.clone(),
+        );
+        let connections_accepted = Family::<TransportLabel, Counter>::default();
+        registry.register(
+            "connections_accepted",
+            "Connections of stream transports accepted",
+            connections_accepted.clone(),
+        );
+        let connections_refused = Family::<ConnectionLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by reason (max_connections, per_source, \
+             unknown_client)",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ConnectionLabel, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections closed after accept, by reason (peer, idle, silent, partial, \
+             bad_length, slow_reader, error, shutdown)",
+            connections_closed.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -240,6 +284,10 @@ impl Metrics {
             coa,
             upstream_state,
             message_authenticator_required,
+            connections_open,
+            connections_accepted,
+            connections_refused,
+            connections_closed,
             open_files_limit,
             max_flows,
             fast_path,

@@ -143,6 +143,19 @@ fn attach_wildcard_filter(sock: &UdpSocket, workers: u32) -> io::Result<()> {
     )
 }
 
+/// A RADIUS/TCP listening socket (RFC 6613), non-blocking.
+pub fn bind_tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 /// Receive buffer of a child: a NAS with a few hundred requests outstanding on one socket
 /// (a BRAS at a burst) must not overflow it; only what is queued costs memory. Capped by
 /// `net.core.rmem_max`.
@@ -414,6 +427,32 @@ impl Poller {
             libc::epoll_ctl(
                 self.fd.as_raw_fd(),
                 libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `fd` (added with `token`) for output too, or no longer.
+    pub fn watch_writable(&self, fd: &impl AsRawFd, token: u64, on: bool) -> io::Result<()> {
+        let events = if on {
+            libc::EPOLLIN | libc::EPOLLOUT
+        } else {
+            libc::EPOLLIN
+        };
+        let mut ev = libc::epoll_event {
+            events: events as u32,
+            u64: token,
+        };
+        // SAFETY: a valid event for the duration of the call.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_MOD,
                 fd.as_raw_fd(),
                 &mut ev,
             )

@@ -1,16 +1,17 @@
-//! A worker: UDP's driver around one [`Engine`]. One thread owns one wildcard socket, the
-//! child sockets of the flows that land on it and its own sockets to every upstream, all in
-//! one level-triggered epoll set ([`Poller`]), and only moves bytes: a datagram read is
-//! handed to the engine with the time, what the engine queued is sent with one `sendmmsg`
-//! per socket, and the engine says when to wake it next. Every decision (flows, pending
+//! A worker: the driver around one [`Engine`]. One thread owns its NAS-facing sockets (a
+//! [`Front`]: a UDP wildcard and its flows' children, or a RADIUS/TCP listener and its
+//! connections, see [`crate::tcp`]) and its own sockets to every upstream, all in one
+//! level-triggered epoll set ([`Poller`]), and only moves bytes: a packet read is handed
+//! to the engine with the time, what the engine queued is sent (with one `sendmmsg` per
+//! UDP socket), and the engine says when to wake it next. Every decision (flows, pending
 //! packets, dedup, forwarding, retransmission, failover, CoA) is the engine's, in
 //! `radius-core/src/engine.rs`.
 //!
 //! Shared-nothing per worker, so a request crosses no channel, no lock and no other thread
-//! between the NAS and the upstream. Steer (or the reuseport filter) keeps a flow on one
-//! worker. Replies leave from the wildcard (same address and port as the flow's child, so
-//! the NAS sees no difference; the wildcard is not connected, so it sends to every NAS of a
-//! round in one batch).
+//! between the NAS and the upstream. Steer (or the reuseport filter) keeps a UDP flow on one
+//! worker. UDP replies leave from the wildcard (same address and port as the flow's child,
+//! so the NAS sees no difference; the wildcard is not connected, so it sends to every NAS of
+//! a round in one batch); TCP answers are written to their connection.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -27,6 +28,7 @@ use crate::{
     requests::At,
     shared::{Defined, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
+    tcp::TcpFront,
 };
 
 /// Datagrams a socket gives per round before the other sockets get their turn.
@@ -38,6 +40,10 @@ const WILDCARD: u64 = 0;
 const UPSTREAM: u64 = 1;
 const CHILD: u64 = 2;
 const WAKE: u64 = 3;
+const CONNECTION: u64 = 4;
+
+/// Connections a listener accepts per round.
+const ACCEPT_BUDGET: usize = 64;
 
 fn token(kind: u64, index: usize) -> u64 {
     (kind << KIND_SHIFT) | index as u64
@@ -50,20 +56,38 @@ pub(crate) struct Listening {
     pub accounting: bool,
 }
 
+/// A worker's NAS-facing sockets.
+pub(crate) enum Front {
+    Udp {
+        wildcard: UdpSocket,
+        /// Flows' child sockets, by the engine's flow slot.
+        children: Vec<Option<UdpSocket>>,
+        /// Receive buffer of the children drained at a flow's end.
+        drain_buf: Vec<u8>,
+    },
+    Tcp(TcpFront),
+}
+
+impl Front {
+    pub fn udp(wildcard: UdpSocket) -> Self {
+        Front::Udp {
+            wildcard,
+            children: Vec::new(),
+            drain_buf: vec![0u8; 65_536],
+        }
+    }
+}
+
 /// The worker's sockets: what the engine asks for through [`Io`].
 struct Sockets {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     poller: Poller,
-    /// The wildcard's own address (children of the user-space path bind to it).
+    /// The listener's own address (children of the user-space path bind to it).
     bound: SocketAddr,
-    wildcard: UdpSocket,
-    /// Flows' child sockets, by the engine's flow slot.
-    children: Vec<Option<UdpSocket>>,
+    front: Front,
     /// Sockets to upstreams, by the engine's request-table socket index.
     upstreams: Vec<Option<UdpSocket>>,
-    /// Receive buffer of the children drained at a flow's end.
-    drain_buf: Vec<u8>,
 }
 
 fn put<T>(v: &mut Vec<Option<T>>, i: usize, x: T) {
@@ -76,6 +100,16 @@ fn put<T>(v: &mut Vec<Option<T>>, i: usize, x: T) {
 impl Io for Sockets {
     fn open_child(&mut self, slot: usize, flow: &Flow) -> Result<(), Refusal> {
         let (remote, local) = (flow.remote, flow.local);
+        let children = match &mut self.front {
+            Front::Udp { children, .. } => children,
+            // A connection is its flow's "child" already.
+            Front::Tcp(t) => {
+                return match t.attach_flow(remote, local, slot) {
+                    true => Ok(()),
+                    false => Err(Refusal::ChildSocket),
+                };
+            }
+        };
         let child = socket::bind_child(self.shared.path, self.bound, local, remote)
             .and_then(|c| c.set_nonblocking(true).map(|()| c))
             .map_err(|e| {
@@ -94,12 +128,28 @@ impl Io for Sockets {
                 return Err(Refusal::Register);
             }
         }
-        put(&mut self.children, slot, child);
+        put(children, slot, child);
         Ok(())
     }
 
     fn close_child(&mut self, slot: usize, flow: &Flow, drained: &mut Vec<(SocketAddr, Vec<u8>)>) {
-        let Some(child) = self.children.get_mut(slot).and_then(Option::take) else {
+        let (children, drain_buf) = match &mut self.front {
+            Front::Udp {
+                children,
+                drain_buf,
+                ..
+            } => (children, drain_buf),
+            Front::Tcp(t) => {
+                let reason = if self.shared.cancel.is_cancelled() {
+                    "shutdown"
+                } else {
+                    "idle"
+                };
+                t.flow_ended(flow.remote, flow.local, reason);
+                return;
+            }
+        };
+        let Some(child) = children.get_mut(slot).and_then(Option::take) else {
             return;
         };
         // Unregistered first, so later packets reach the wildcard and start a new flow;
@@ -108,8 +158,8 @@ impl Io for Sockets {
             lock(fp).unregister_child(&flow.key);
         }
         self.poller.remove(&child);
-        while let Ok((n, from)) = child.recv_from(&mut self.drain_buf) {
-            drained.push((from, self.drain_buf[..n].to_vec()));
+        while let Ok((n, from)) = child.recv_from(drain_buf) {
+            drained.push((from, drain_buf[..n].to_vec()));
         }
     }
 
@@ -152,7 +202,7 @@ struct Worker {
 /// requests in flight are answered. `runtime` runs what must be async: dynamic definitions.
 pub(crate) fn run(
     shared: Arc<Shared>,
-    wildcard: UdpSocket,
+    front: Front,
     Listening { bound, accounting }: Listening,
     index: usize,
     me: usize,
@@ -160,8 +210,13 @@ pub(crate) fn run(
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<()> {
     let poller = Poller::new()?;
-    wildcard.set_nonblocking(true)?;
-    poller.add(&wildcard, token(WILDCARD, 0))?;
+    match &front {
+        Front::Udp { wildcard, .. } => {
+            wildcard.set_nonblocking(true)?;
+            poller.add(wildcard, token(WILDCARD, 0))?;
+        }
+        Front::Tcp(t) => poller.add(t.listener(), token(WILDCARD, 0))?,
+    }
     poller.add(&*inbox.wake, token(WAKE, 0))?;
     let now = Instant::now();
     let mut w = Worker {
@@ -172,15 +227,14 @@ pub(crate) fn run(
             runtime,
             poller,
             bound,
-            wildcard,
-            children: Vec::new(),
+            front,
             upstreams: Vec::new(),
-            drain_buf: vec![0u8; 65_536],
         },
         buf: vec![0u8; 65_536],
     };
     w.engine.start(now, &mut w.io)?;
     let mut ready = Vec::with_capacity(256);
+    let mut next_sweep = now;
     loop {
         let now = Instant::now();
         // At SIGTERM/SIGINT: serving goes on until what is in flight is answered (or for
@@ -189,6 +243,12 @@ pub(crate) fn run(
             break;
         }
         w.engine.handle_timeout(now, &mut w.io);
+        if now >= next_sweep {
+            next_sweep = now + std::time::Duration::from_secs(1);
+            if let Front::Tcp(t) = &mut w.io.front {
+                t.sweep(now);
+            }
+        }
         w.flush(now);
         let wait = w.engine.poll_timeout().saturating_duration_since(now);
         w.io.poller.wait(&mut ready, 256, wait)?;
@@ -210,6 +270,7 @@ pub(crate) fn run(
                 WILDCARD => w.read_wildcard(now),
                 UPSTREAM => w.read_upstream(now, i),
                 CHILD => w.read_child(now, i),
+                CONNECTION => w.read_connection(now, i),
                 _ => {}
             }
         }
@@ -228,8 +289,17 @@ pub(crate) fn run(
 
 impl Worker {
     fn read_wildcard(&mut self, now: Instant) {
+        if let Front::Tcp(t) = &mut self.io.front {
+            let (common, metrics) = (&self.io.shared.common, &self.io.shared.metrics);
+            let token = |i| token(CONNECTION, i);
+            t.accept(now, common, metrics, &self.io.poller, token, ACCEPT_BUDGET);
+            return;
+        }
         for _ in 0..READ_BUDGET {
-            match socket::recv_from_to(&self.io.wildcard, &mut self.buf, self.io.bound) {
+            let Front::Udp { wildcard, .. } = &self.io.front else {
+                return;
+            };
+            match socket::recv_from_to(wildcard, &mut self.buf, self.io.bound) {
                 Ok(rx) => {
                     let data = &self.buf[..rx.len];
                     self.engine
@@ -248,7 +318,10 @@ impl Worker {
         let Some((remote, local)) = self.engine.flow_addresses(slot) else {
             return;
         };
-        let Some(child) = self.io.children.get(slot).and_then(Option::as_ref) else {
+        let Front::Udp { children, .. } = &self.io.front else {
+            return;
+        };
+        let Some(child) = children.get(slot).and_then(Option::as_ref) else {
             return;
         };
         let Ok((n, from)) = child.recv_from(&mut self.buf) else {
@@ -265,6 +338,50 @@ impl Worker {
         }
     }
 
+    /// Connection `i` is readable or writable: its answers go out, its bytes come in, and
+    /// every packet complete in them goes to the engine, in order.
+    fn read_connection(&mut self, now: Instant, i: usize) {
+        let Front::Tcp(t) = &mut self.io.front else {
+            return;
+        };
+        t.flush(i, &self.io.poller);
+        let open = t.read(i, &mut self.buf, now);
+        let Some((mut deframer, remote, local)) = t.take_packets(i) else {
+            return;
+        };
+        loop {
+            let packet = match deframer.next_packet() {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(%remote, error = %e, "RADIUS/TCP stream broken");
+                    if let Front::Tcp(t) = &mut self.io.front {
+                        t.doom(i, e.reason());
+                    }
+                    break;
+                }
+            };
+            let Front::Tcp(t) = &mut self.io.front else {
+                return;
+            };
+            let Some(read) = t.on_packet(i, now) else {
+                break;
+            };
+            match read.flow {
+                Some(slot) => self.engine.handle_child(now, slot, packet, &mut self.io),
+                None => self
+                    .engine
+                    .handle_wildcard(now, remote, local, packet, &mut self.io),
+            }
+        }
+        if let Front::Tcp(t) = &mut self.io.front {
+            t.put_back(i, deframer);
+            if !open {
+                t.doom(i, "peer");
+            }
+        }
+    }
+
     fn read_upstream(&mut self, now: Instant, index: usize) {
         for _ in 0..READ_BUDGET {
             let Some(sock) = self.io.upstreams.get(index).and_then(Option::as_ref) else {
@@ -277,10 +394,24 @@ impl Worker {
         }
     }
 
-    /// Sends what the engine queued: requests with one `sendmmsg` per upstream socket,
-    /// answers to NASes with one on the wildcard. A request the kernel refuses goes back
-    /// to the engine.
+    /// The end of a round: what the engine queued is sent, the connections doomed in it
+    /// are closed.
     fn flush(&mut self, now: Instant) {
+        self.send(now);
+        // Connections closed this round: their flows end (what the engine queues meanwhile
+        // for other flows goes at the next flush).
+        if let Front::Tcp(tcp) = &mut self.io.front {
+            let closed = tcp.close_doomed(&self.io.poller, &self.io.shared.metrics);
+            for (remote, local) in closed {
+                self.engine.handle_closed(now, remote, local, &mut self.io);
+            }
+        }
+    }
+
+    /// Sends what the engine queued: requests with one `sendmmsg` per upstream socket,
+    /// answers to NASes with one on the wildcard (or a write per connection). A request
+    /// the kernel refuses goes back to the engine.
+    fn send(&mut self, now: Instant) {
         let mut t = self.engine.poll_transmits();
         if t.is_empty() {
             self.engine.recycle(t);
@@ -309,7 +440,7 @@ impl Worker {
             });
             metrics.forwarded.inc_by(sent as u64);
         }
-        send_to_nases(&self.io, &t);
+        self.io.send_to_nases(&t);
         self.engine.recycle(t);
         for at in failed {
             self.engine.send_failed(now, at);
@@ -317,23 +448,39 @@ impl Worker {
     }
 }
 
-fn send_to_nases(io: &Sockets, t: &Transmits) {
-    let metrics = &io.shared.metrics;
-    let any = io.bound.ip().is_unspecified();
-    let batch: Vec<socket::Outgoing<'_>> = t
-        .nas
-        .iter()
-        .map(|&(remote, local, off, len)| socket::Outgoing {
-            to: Some(remote),
-            from: any.then_some(local.ip()),
-            data: t.data(off, len),
-        })
-        .collect();
-    let sent = socket::send_batch(&io.wildcard, &batch, |i, e| {
-        metrics.proxy_drop("send_to_nas");
-        debug!(remote = %t.nas[i].0, error = %e, "reply not sent");
-    });
-    metrics.relayed.inc_by(sent as u64);
+impl Sockets {
+    /// Answers to NASes: one `sendmmsg` on the wildcard, or a write per connection.
+    fn send_to_nases(&mut self, t: &Transmits) {
+        let metrics = &self.shared.metrics;
+        let wildcard = match &mut self.front {
+            Front::Udp { wildcard, .. } => wildcard,
+            Front::Tcp(tcp) => {
+                for &(remote, local, off, len) in &t.nas {
+                    if tcp.send(remote, local, t.data(off, len), &self.poller) {
+                        metrics.relayed.inc();
+                    } else {
+                        metrics.proxy_drop("connection_closed");
+                    }
+                }
+                return;
+            }
+        };
+        let any = self.bound.ip().is_unspecified();
+        let batch: Vec<socket::Outgoing<'_>> = t
+            .nas
+            .iter()
+            .map(|&(remote, local, off, len)| socket::Outgoing {
+                to: Some(remote),
+                from: any.then_some(local.ip()),
+                data: t.data(off, len),
+            })
+            .collect();
+        let sent = socket::send_batch(&*wildcard, &batch, |i, e| {
+            metrics.proxy_drop("send_to_nas");
+            debug!(remote = %t.nas[i].0, error = %e, "reply not sent");
+        });
+        metrics.relayed.inc_by(sent as u64);
+    }
 }
 
 /// Asks the directory about `ip` and tells every worker the outcome.

@@ -521,3 +521,91 @@ url = "http://127.0.0.1:{port}/nas"
         "p99 {p99:?}: the known NAS waited for a 300 ms definition"
     );
 }
+
+/// Over RADIUS/TCP the dynamic client is the same: the connection of an unknown NAS in the
+/// dynamic prefix is accepted, the 50 requests it writes at once wait for the directory
+/// (300 ms) and are all answered, in one definition.
+#[test]
+fn a_dynamic_nas_over_tcp_is_served_after_its_definition() {
+    if !require_root("dynamic over tcp") {
+        return;
+    }
+    let topo = Topology::new();
+    let _fr = upstream(&topo);
+    let (port, asked) = directory(&topo.sidecar, Duration::from_millis(300));
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        "dyn-tcp",
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1812"]
+listen_tcp = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius"
+auth = "127.0.0.1:11812"
+secret = "{UPSTREAM_SECRET}"
+
+[dynamic]
+prefixes = ["192.0.2.0/24"]
+directory = "http"
+url = "http://127.0.0.1:{port}/nas"
+timeout_ms = 3000
+"#
+        ),
+    );
+    assert!(daemon.wait_for_log("max_connections", Duration::from_secs(10)));
+    let to = format!("{SIDECAR1_V4}:1812");
+    let answered = topo.nas1.run(move || {
+        let mut c = std::net::TcpStream::connect(&to).unwrap();
+        let mut sent = HashMap::new();
+        let mut all = Vec::new();
+        for id in 0..50u8 {
+            let (p, a) = access_request(id, NAS_SECRET);
+            all.extend_from_slice(&p);
+            sent.insert(id, a);
+        }
+        let t0 = Instant::now();
+        c.write_all(&all).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut stream = Vec::new();
+        let mut answered = HashMap::new();
+        let mut buf = [0u8; 4096];
+        while t0.elapsed() < Duration::from_secs(5) && answered.len() < 50 {
+            if let Ok(n) = c.read(&mut buf) {
+                stream.extend_from_slice(&buf[..n]);
+            }
+            while stream.len() >= 4 {
+                let len = usize::from(u16::from_be_bytes([stream[2], stream[3]]));
+                if stream.len() < len {
+                    break;
+                }
+                let r = Packet::parse(&stream[..len]).unwrap();
+                let req_auth = sent
+                    .get(&r.identifier())
+                    .expect("a reply to a request sent");
+                auth::verify(&r, NAS_SECRET.as_bytes(), Some(req_auth)).unwrap();
+                assert_eq!(r.code(), Code::AccessAccept);
+                *answered.entry(r.identifier()).or_insert(0usize) += 1;
+                stream.drain(..len);
+            }
+        }
+        answered
+    });
+    assert_eq!(
+        answered.len(),
+        50,
+        "every request written meanwhile was answered"
+    );
+    assert!(answered.values().all(|&c| c == 1), "each exactly once");
+    assert_eq!(
+        asked.lock().unwrap().get(NAS1_V4),
+        Some(&1),
+        "one definition"
+    );
+}
