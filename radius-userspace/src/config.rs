@@ -2,7 +2,12 @@
 //! error names the file, the line and the key. Parsing is separate from the daemon so
 //! `radius-sidecar check-config` and the tests cover it.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -161,6 +166,10 @@ pub struct DaemonConfig {
     pub coa_listen: Option<SocketAddr>,
     /// RADIUS/TCP services (RFC 6613), with their roles; one worker thread each.
     pub listen_tcp: Vec<Listener>,
+    /// RADIUS/TLS services (RFC 6614), with their roles; one worker thread each.
+    pub listen_tls: Vec<Listener>,
+    /// Their certificate files (`[tls]`).
+    pub tls: Option<crate::tls::TlsFiles>,
     /// A connection's first packet, and the rest of a packet begun, must come within this.
     pub tcp_timeout: Duration,
     /// Most connections per RADIUS/TCP listener (none: as many as `max_flows`), and from
@@ -190,6 +199,8 @@ impl Default for DaemonConfig {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
             coa_listen: None,
             listen_tcp: Vec::new(),
+            listen_tls: Vec::new(),
+            tls: None,
             tcp_timeout: Duration::from_secs(10),
             max_connections: None,
             max_connections_per_source: 16,
@@ -218,6 +229,20 @@ struct File {
     #[serde(default, rename = "client")]
     clients: Vec<Spanned<ClientSection>>,
     dynamic: Option<Spanned<DynamicSection>>,
+    tls: Option<Spanned<TlsSection>>,
+}
+
+/// `[tls]`: the certificate files of RADIUS/TLS listeners (PEM). Relative paths are taken
+/// from the configuration file's folder.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    /// The listeners' certificate chain, leaf first.
+    certificate: PathBuf,
+    /// Its private key.
+    key: PathBuf,
+    /// CA certificates that NASes' client certificates must chain to.
+    ca: PathBuf,
 }
 
 /// Which kind of directory defines dynamic clients.
@@ -317,6 +342,9 @@ struct Server {
     coa_listen: OrNone<SocketAddr>,
     /// RADIUS/TCP addresses to serve (RFC 6613), written as `listen`'s.
     listen_tcp: Vec<Spanned<String>>,
+    /// RADIUS/TLS addresses to serve (RFC 6614, port 2083), written as `listen`'s; their
+    /// certificates are `[tls]`'s.
+    listen_tls: Vec<Spanned<String>>,
     /// Seconds a connection has for its first packet, and for the rest of a packet begun.
     tcp_timeout: u64,
     /// Most connections per RADIUS/TCP listener; 0 = max_flows.
@@ -344,6 +372,7 @@ impl Default for Server {
             metrics: OrNone(d.metrics_listen),
             coa_listen: OrNone(d.coa_listen),
             listen_tcp: Vec::new(),
+            listen_tls: Vec::new(),
             tcp_timeout: d.tcp_timeout.as_secs(),
             max_connections: 0,
             max_connections_per_source: d.max_connections_per_source,
@@ -562,6 +591,29 @@ impl Config {
             daemon.listen = listeners(&server.listen, "server.listen")?;
         }
         daemon.listen_tcp = listeners(&server.listen_tcp, "server.listen_tcp")?;
+        daemon.listen_tls = listeners(&server.listen_tls, "server.listen_tls")?;
+        // Relative certificate paths are the configuration file's neighbours.
+        let folder = std::path::Path::new(file)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        daemon.tls = f.tls.as_ref().map(|t| {
+            let t = t.get_ref();
+            crate::tls::TlsFiles {
+                certificate: folder.join(&t.certificate),
+                key: folder.join(&t.key),
+                ca: folder.join(&t.ca),
+            }
+        });
+        if let Some(first) = server.listen_tls.first()
+            && daemon.tls.is_none()
+        {
+            return Err(err(
+                first.span(),
+                "server.listen_tls",
+                "a TLS listener needs a [tls] section (certificate, key, ca)".into(),
+            ));
+        }
         daemon.tcp_timeout = Duration::from_secs(server.tcp_timeout.max(1));
         daemon.max_connections = (server.max_connections > 0).then_some(server.max_connections);
         daemon.max_connections_per_source = server.max_connections_per_source.max(1);

@@ -92,7 +92,9 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     );
     // Every worker hears about every definition: a source's flows can land on any of them.
     let workers_per_listener = config.workers.max(1);
-    let n_workers = config.listen.len() * workers_per_listener + config.listen_tcp.len();
+    let n_workers = config.listen.len() * workers_per_listener
+        + config.listen_tcp.len()
+        + config.listen_tls.len();
     let (defined_txs, mut defined_rxs): (Vec<_>, Vec<_>) = (0..n_workers)
         .map(|_| shared::inbox())
         .collect::<std::io::Result<Vec<_>>>()
@@ -171,22 +173,33 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
             });
         }
     }
-    // RADIUS/TCP: one worker per listener, its connections in its own epoll set.
+    // RADIUS/TCP and RADIUS/TLS: one worker per listener, its connections in its own
+    // epoll set.
     let limits = crate::tcp::Limits {
         max_connections: config.max_connections.unwrap_or(max_flows).max(1),
         max_connections_per_source: config.max_connections_per_source,
         timeout: config.tcp_timeout,
         idle_timeout: config.idle_timeout,
     };
-    for &Listener { addr, role } in &config.listen_tcp {
+    let tls = match &config.tls {
+        Some(files) if !config.listen_tls.is_empty() => Some(crate::tls::server_config(files)?),
+        _ => None,
+    };
+    let streams = config
+        .listen_tcp
+        .iter()
+        .map(|l| (l, None))
+        .chain(config.listen_tls.iter().map(|l| (l, tls.clone())));
+    for (&Listener { addr, role }, tls) in streams {
+        let transport = if tls.is_some() { "tls" } else { "tcp" };
         let listener = socket::bind_tcp_listener(addr)
-            .with_context(|| format!("binding the RADIUS/TCP listener {addr}"))?;
+            .with_context(|| format!("binding the RADIUS/{transport} listener {addr}"))?;
         let bound = listener.local_addr()?;
-        let front = worker::Front::Tcp(crate::tcp::TcpFront::new(listener, limits)?);
+        let front = worker::Front::Tcp(crate::tcp::TcpFront::new(listener, limits, tls)?);
         let accounting = role.is_accounting(bound.port());
         info!(
             listen = %bound,
-            transport = "tcp",
+            transport,
             role = if accounting { "acct" } else { "auth" },
             max_connections = limits.max_connections,
             "listening"
@@ -200,7 +213,7 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         tasks.spawn_blocking(move || {
             let listening = worker::Listening { bound, accounting };
             if let Err(e) = worker::run(shared, front, listening, 0, me, defined, runtime) {
-                tracing::error!(listen = %bound, transport = "tcp", error = %e, "worker stopped");
+                tracing::error!(listen = %bound, transport, error = %e, "worker stopped");
             }
         });
     }

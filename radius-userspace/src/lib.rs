@@ -7,7 +7,9 @@
 //! - [`fastpath`]: the kernel objects (`steer`, `guard`, their maps) behind one owner.
 //! - [`socket`]: wildcard and per-flow child sockets for both steering paths, the TCP
 //!   listener, the epoll set.
-//! - [`tcp`]: RADIUS/TCP (RFC 6613) connections in front of a worker's engine.
+//! - [`tcp`]: RADIUS/TCP (RFC 6613) and RADIUS/TLS (RFC 6614) connections in front of a
+//!   worker's engine.
+//! - [`tls`]: the certificate files of TLS listeners, read into a rustls configuration.
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: UDP's driver of one engine: a wildcard, its flows' children and upstream
 //!   sockets in one epoll set.
@@ -30,4 +32,5 @@ pub mod metrics;
 pub mod shared;
 pub mod socket;
 pub mod tcp;
+pub mod tls;
 pub mod worker;

@@ -120,9 +120,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = load(&cli)?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
+        if let Some(files) = &config.daemon.tls {
+            radius_sidecar::tls::server_config(files)?;
+        }
         println!(
             "configuration OK: {} listener(s), {} upstream(s), {} client(s)",
-            config.daemon.listen.len() + config.daemon.listen_tcp.len(),
+            config.daemon.listen.len()
+                + config.daemon.listen_tcp.len()
+                + config.daemon.listen_tls.len(),
             config.upstreams.len(),
             config.clients.len()
         );

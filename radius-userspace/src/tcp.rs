@@ -1,5 +1,6 @@
-//! RADIUS/TCP (RFC 6613) in front of a worker's engine: the listening socket, the accepted
-//! connections and their bytes. A connection is a flow by nature (its 5-tuple is known at
+//! RADIUS/TCP (RFC 6613) and RADIUS/TLS (RFC 6614) in front of a worker's engine: the
+//! listening socket, the accepted connections and their bytes (through rustls, sans-IO, on
+//! a TLS listener: its records in and out of the same non-blocking socket). A connection is a flow by nature (its 5-tuple is known at
 //! accept), so the engine sees it as it sees a UDP flow: the packets cut out of the stream
 //! ([`Deframer`]) are handed to it by the worker, and what it sends to the flow's NAS is
 //! written to the connection.
@@ -7,18 +8,22 @@
 //! A connection costs a descriptor and buffers, so it is bounded before it costs more:
 //! refused at accept when its source is no client (static or in a dynamic prefix), past
 //! `max_connections` in all or `max_connections_per_source` from one address; closed when it
-//! sends nothing for `timeout`, leaves a packet unfinished for `timeout`, sends a length
-//! RADIUS does not allow, reads its answers too slowly, or is idle for `idle_timeout`.
-//! Every refusal and close is counted by reason.
+//! sends nothing (or does not finish its TLS handshake) for `timeout`, leaves a packet
+//! unfinished for `timeout`, sends a length RADIUS does not allow, fails its TLS handshake
+//! (an unknown CA, an expired certificate, ...), reads its answers too slowly, or is idle
+//! for `idle_timeout`. Every refusal and close is counted by reason, and a failed
+//! handshake is logged once with the peer and the reason.
 
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use tracing::debug;
+use rustls::{ServerConfig, ServerConnection};
+use tracing::{debug, info};
 
 use crate::{
     engine::Common,
@@ -29,8 +34,6 @@ use crate::{
 
 /// Bytes of answers a connection may leave unread before it is closed as a slow reader.
 const MAX_UNSENT: usize = 1 << 20;
-
-const TRANSPORT: &str = "tcp";
 
 /// What bounds a listener's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,12 +63,40 @@ struct Connection {
     last_packet: Option<Instant>,
     /// The engine's flow slot, once it made a flow with a "child" (proved).
     flow: Option<usize>,
+    /// On a TLS listener, the session: bytes read go through it into `deframer`, answers
+    /// through it into `unsent`.
+    tls: Option<Box<ServerConnection>>,
+}
+
+impl Connection {
+    /// Queues an answer (encrypted on TLS).
+    fn queue(&mut self, data: &[u8]) {
+        match self.tls.as_deref_mut() {
+            None => self.unsent.extend_from_slice(data),
+            Some(tls) => {
+                let _ = tls.writer().write_all(data);
+                drain_tls(tls, &mut self.unsent);
+            }
+        }
+    }
+}
+
+/// Moves what a TLS session has to send (records, alerts, handshake) into `out`.
+fn drain_tls(tls: &mut ServerConnection, out: &mut Vec<u8>) {
+    while tls.wants_write() {
+        if tls.write_tls(out).is_err() {
+            break;
+        }
+    }
 }
 
 /// A TCP listener and its connections.
 pub struct TcpFront {
     listener: TcpListener,
     limits: Limits,
+    /// "tcp" or "tls", in metrics and logs.
+    transport: &'static str,
+    tls: Option<Arc<ServerConfig>>,
     connections: Vec<Option<Connection>>,
     free: Vec<usize>,
     by_addr: HashMap<(SocketAddr, SocketAddr), usize>,
@@ -84,11 +115,18 @@ pub struct Read {
 }
 
 impl TcpFront {
-    pub fn new(listener: TcpListener, limits: Limits) -> std::io::Result<Self> {
+    /// A RADIUS/TCP listener, or with `tls` a RADIUS/TLS one.
+    pub fn new(
+        listener: TcpListener,
+        limits: Limits,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         Ok(Self {
             listener,
             limits,
+            transport: if tls.is_some() { "tls" } else { "tcp" },
+            tls,
             connections: Vec::new(),
             free: Vec::new(),
             by_addr: HashMap::new(),
@@ -122,15 +160,13 @@ impl TcpFront {
                     return;
                 }
             };
+            let transport = self.transport;
             let refuse = |reason| {
                 metrics
                     .connections_refused
-                    .get_or_create(&ConnectionLabel {
-                        transport: TRANSPORT,
-                        reason,
-                    })
+                    .get_or_create(&ConnectionLabel { transport, reason })
                     .inc();
-                debug!(%remote, reason, "connection refused");
+                debug!(%remote, transport, reason, "connection refused");
             };
             let ip = remote.ip().to_canonical();
             let known = common.clients.binding(ip).is_some()
@@ -153,6 +189,17 @@ impl TcpFront {
             }
             let Ok(local) = stream.local_addr() else {
                 continue;
+            };
+            let tls = match &self.tls {
+                None => None,
+                Some(config) => match ServerConnection::new(config.clone()) {
+                    Ok(c) => Some(Box::new(c)),
+                    Err(e) => {
+                        debug!(%remote, error = %e, "no TLS session");
+                        refuse("tls_error");
+                        continue;
+                    }
+                },
             };
             if stream.set_nonblocking(true).is_err() {
                 continue;
@@ -181,35 +228,64 @@ impl TcpFront {
                 accepted_at: now,
                 last_packet: None,
                 flow: None,
+                tls,
             });
             self.by_addr.insert((remote, local), i);
             *self.per_source.entry(ip).or_default() += 1;
-            let t = TransportLabel {
-                transport: TRANSPORT,
-            };
+            let t = TransportLabel { transport };
             metrics.connections_accepted.get_or_create(&t).inc();
             metrics.connections_open.get_or_create(&t).inc();
-            debug!(%remote, %local, "connection accepted");
+            debug!(%remote, %local, transport, "connection accepted");
         }
     }
 
-    /// Reads what connection `i` has (into `buf`, then its deframer). False when the peer
-    /// closed it or it failed (its complete packets are still to be taken).
-    pub fn read(&mut self, i: usize, buf: &mut [u8], now: Instant) -> bool {
-        let Some(c) = self.connections.get_mut(i).and_then(Option::as_mut) else {
-            return true;
-        };
+    /// Reads what connection `i` has (into `buf`, then, decrypted on TLS, its deframer),
+    /// and sends what a TLS handshake has to say. `Some(reason)` when the connection must
+    /// close (the peer closed it, it failed, its handshake failed); its complete packets
+    /// are still to be taken.
+    pub fn read(
+        &mut self,
+        i: usize,
+        buf: &mut [u8],
+        now: Instant,
+        poller: &Poller,
+    ) -> Option<&'static str> {
+        let transport = self.transport;
+        let c = self.connections.get_mut(i).and_then(Option::as_mut)?;
+        let mut closing = None;
         // A bounded number of reads per round, so one connection cannot starve the others.
         for _ in 0..8 {
-            match c.stream.read(buf) {
-                Ok(0) => return false,
-                Ok(n) => c.deframer.push(&buf[..n], now),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+            let n = match c.stream.read(buf) {
+                Ok(0) => {
+                    closing = Some("peer");
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closing = Some("peer");
+                    break;
+                }
+            };
+            let Some(tls) = c.tls.as_deref_mut() else {
+                c.deframer.push(&buf[..n], now);
+                continue;
+            };
+            if let Err(reason) = read_tls(tls, &buf[..n], &mut c.deframer, now) {
+                if reason != "peer" {
+                    info!(remote = %c.remote, transport, reason, "TLS connection refused");
+                }
+                closing = Some(reason);
+                break;
             }
         }
-        true
+        if let Some(tls) = c.tls.as_deref_mut() {
+            // Handshake messages, or the alert that tells the peer why it is refused.
+            drain_tls(tls, &mut c.unsent);
+        }
+        self.write_out(i, poller);
+        closing
     }
 
     /// Takes connection `i`'s deframer, to cut packets out of it while the engine runs;
@@ -281,60 +357,49 @@ impl TcpFront {
         let Some(c) = self.connections.get_mut(i).and_then(Option::as_mut) else {
             return false;
         };
-        let mut written = 0;
-        if c.unsent.len() == c.unsent_from {
-            loop {
-                match c.stream.write(&data[written..]) {
-                    Ok(n) => {
-                        written += n;
-                        if written == data.len() || n == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        self.doom(i, "error");
-                        return true;
-                    }
-                }
-            }
-        }
-        if written < data.len() {
-            c.unsent.extend_from_slice(&data[written..]);
-            if c.unsent.len() - c.unsent_from > MAX_UNSENT {
-                self.doom(i, "slow_reader");
-                return true;
-            }
-            if !c.want_write {
-                c.want_write = poller.watch_writable(&c.stream, c.token, true).is_ok();
-            }
-        }
+        c.queue(data);
+        self.write_out(i, poller);
         true
     }
 
     /// Connection `i` may be writable: what waits goes out.
     pub fn flush(&mut self, i: usize, poller: &Poller) {
+        self.write_out(i, poller);
+    }
+
+    /// Writes what connection `i` has queued, as far as the socket takes it; the rest waits
+    /// for writability (watched), up to [`MAX_UNSENT`].
+    fn write_out(&mut self, i: usize, poller: &Poller) {
         let Some(c) = self.connections.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
+        let mut doom = None;
         while c.unsent_from < c.unsent.len() {
             match c.stream.write(&c.unsent[c.unsent_from..]) {
                 Ok(0) => break,
                 Ok(n) => c.unsent_from += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.doom(i, "error");
-                    return;
+                    doom = Some("error");
+                    break;
                 }
             }
         }
-        c.unsent.clear();
-        c.unsent_from = 0;
-        if c.want_write {
-            c.want_write = false;
-            let _ = poller.watch_writable(&c.stream, c.token, false);
+        if c.unsent_from == c.unsent.len() {
+            c.unsent.clear();
+            c.unsent_from = 0;
+            if c.want_write {
+                c.want_write = false;
+                let _ = poller.watch_writable(&c.stream, c.token, false);
+            }
+        } else if c.unsent.len() - c.unsent_from > MAX_UNSENT {
+            doom = Some("slow_reader");
+        } else if !c.want_write {
+            c.want_write = poller.watch_writable(&c.stream, c.token, true).is_ok();
+        }
+        if let Some(reason) = doom {
+            self.doom(i, reason);
         }
     }
 
@@ -405,20 +470,16 @@ impl TcpFront {
             }
         }
         poller.remove(&c.stream);
+        let transport = self.transport;
         metrics
             .connections_closed
-            .get_or_create(&ConnectionLabel {
-                transport: TRANSPORT,
-                reason,
-            })
+            .get_or_create(&ConnectionLabel { transport, reason })
             .inc();
         metrics
             .connections_open
-            .get_or_create(&TransportLabel {
-                transport: TRANSPORT,
-            })
+            .get_or_create(&TransportLabel { transport })
             .dec();
-        debug!(remote = %c.remote, reason, "connection closed");
+        debug!(remote = %c.remote, transport, reason, "connection closed");
         Some((c.remote, c.local))
     }
 
@@ -428,6 +489,32 @@ impl TcpFront {
             .filter(|&i| self.connections[i].is_some())
             .collect()
     }
+}
+
+/// Bytes read from a TLS connection: records into the session, plaintext into the
+/// deframer. `Err(reason)` when the connection must close.
+fn read_tls(
+    tls: &mut ServerConnection,
+    mut bytes: &[u8],
+    deframer: &mut Deframer,
+    now: Instant,
+) -> Result<(), &'static str> {
+    let mut plain = [0u8; 4096];
+    while !bytes.is_empty() {
+        tls.read_tls(&mut bytes).map_err(|_| "tls_error")?;
+        tls.process_new_packets()
+            .map_err(|e| crate::tls::failure_reason(&e))?;
+        loop {
+            match tls.reader().read(&mut plain) {
+                // close_notify: the peer is done.
+                Ok(0) => return Err("peer"),
+                Ok(m) => deframer.push(&plain[..m], now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err("peer"),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An IPv4 peer of a dual-stack socket as IPv4, so it matches the client table.

@@ -345,7 +345,7 @@ impl Worker {
             return;
         };
         t.flush(i, &self.io.poller);
-        let open = t.read(i, &mut self.buf, now);
+        let closing = t.read(i, &mut self.buf, now, &self.io.poller);
         let Some((mut deframer, remote, local)) = t.take_packets(i) else {
             return;
         };
@@ -376,8 +376,8 @@ impl Worker {
         }
         if let Front::Tcp(t) = &mut self.io.front {
             t.put_back(i, deframer);
-            if !open {
-                t.doom(i, "peer");
+            if let Some(reason) = closing {
+                t.doom(i, reason);
             }
         }
     }

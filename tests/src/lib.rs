@@ -14,7 +14,7 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -676,4 +676,58 @@ pub fn splice_markdown(
         _ => format!("{}\n\n## {heading}\n\n{block}\n", old.trim_end()),
     };
     std::fs::write(path, new)
+}
+
+/// Certificates for RADIUS/TLS tests, made by rcgen and written as PEM files in `dir`:
+/// `ca.pem`; `server.pem`/`server.key` (SAN: DNS `sidecar`, the sidecar's addresses);
+/// `nas.pem`/`nas.key` (a NAS's client certificate from the same CA); `rogue.pem`/`rogue.key`
+/// (from a CA nobody trusts); `expired.pem`/`expired.key` (the right CA, expired in 2021).
+pub fn write_test_pki(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+    std::fs::create_dir_all(dir)?;
+    let ca_params = |name: &str| -> anyhow::Result<CertificateParams> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        Ok(p)
+    };
+    let ca =
+        CertifiedIssuer::self_signed(ca_params("radius-sidecar test CA")?, KeyPair::generate()?)?;
+    let rogue_ca =
+        CertifiedIssuer::self_signed(ca_params("a CA nobody trusts")?, KeyPair::generate()?)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let leaf = |name: &str,
+                file: &str,
+                ips: &[&str],
+                issuer: &CertifiedIssuer<'_, KeyPair>,
+                expired: bool|
+     -> anyhow::Result<()> {
+        let mut p = CertificateParams::new(vec![name.to_owned()])?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        for ip in ips {
+            p.subject_alt_names.push(SanType::IpAddress(ip.parse()?));
+        }
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, issuer)?;
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem())?;
+        Ok(())
+    };
+    leaf(
+        "sidecar",
+        "server",
+        &[SIDECAR1_V4, SIDECAR2_V4, "127.0.0.1"],
+        &ca,
+        false,
+    )?;
+    leaf("nas1", "nas", &[NAS1_V4], &ca, false)?;
+    leaf("nas1", "rogue", &[NAS1_V4], &rogue_ca, false)?;
+    leaf("nas1", "expired", &[NAS1_V4], &ca, true)?;
+    Ok(())
 }

@@ -33,6 +33,9 @@ const TEST_PACKAGES: &[&str] = &[
     "ca-certificates",
     // A real NAT in front of a NAS (the CoA test).
     "nftables",
+    // A RadSec peer, and a TLS client with bad certificates (the TLS tests).
+    "radsecproxy",
+    "openssl",
 ];
 /// What `bench proxy` adds: the peer proxy it compares with, and `ss` (iproute2).
 const BENCH_PACKAGES: &[&str] = &["radsecproxy"];

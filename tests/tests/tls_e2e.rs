@@ -1,0 +1,248 @@
+//! End to end, RADIUS/TLS (RFC 6614): radsecproxy 1.9 as a NAS-side RadSec client (radclient
+//! sends it UDP, it speaks TLS with a client certificate) to the sidecar's TLS listener, and
+//! a real FreeRADIUS on UDP behind the sidecar; and TLS peers with bad certificates (an
+//! unknown CA, an expired certificate, none at all) refused at the handshake, counted by
+//! reason, while the good one is served. Run as root.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tests::*;
+
+const METRICS: &str = "127.0.0.1:9812";
+const UPSTREAM_SECRET: &str = "sidecar-upstream-tls";
+/// RFC 6614's shared secret over TLS.
+const RADSEC_SECRET: &str = "radsec";
+const RADCLIENT_SECRET: &str = "radclient-to-radsecproxy";
+
+const USERS: &str = r#"alice	Cleartext-Password := "alice-pw"
+	Reply-Message := "hello alice over tls"
+"#;
+
+struct Setup {
+    topo: Topology,
+    _fr: FreeRadius,
+    daemon: Daemon,
+    pki: PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-{tag}-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        USERS,
+        11812,
+    );
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        &format!("tls-{tag}"),
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1812"]
+listen_tls = ["0.0.0.0:2083"]
+tcp_timeout = 2
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[tls]
+certificate = "{pki}/server.pem"
+key = "{pki}/server.key"
+ca = "{pki}/ca.pem"
+
+[[upstream]]
+name = "freeradius"
+auth = "127.0.0.1:11812"
+acct = "127.0.0.1:11813"
+secret = "{UPSTREAM_SECRET}"
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "radsec-nas1"
+secret = "{RADSEC_SECRET}"
+"#,
+            pki = pki.display()
+        ),
+    );
+    assert!(
+        daemon.wait_for_log("max_connections", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    Setup {
+        topo,
+        _fr: fr,
+        daemon,
+        pki,
+    }
+}
+
+/// A running radsecproxy, stopped on drop.
+struct Radsecproxy(std::process::Child);
+
+impl Drop for Radsecproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// radsecproxy in `ns`: UDP from radclient on 127.0.0.1:11812, TLS to the sidecar with the
+/// client certificate `cert`; returns once it listens.
+fn radsecproxy(ns: &NetNs, pki: &std::path::Path, cert: &str) -> Radsecproxy {
+    let conf = pki.join(format!("radsecproxy-{cert}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "ListenUDP 127.0.0.1:11812\nLogLevel 3\nLogDestination file://{dir}/radsecproxy-{cert}.log\n\
+             client radclient {{\n host 127.0.0.1\n type udp\n secret {RADCLIENT_SECRET}\n}}\n\
+             tls default {{\n CACertificateFile {dir}/ca.pem\n CertificateFile {dir}/{cert}.pem\n \
+             CertificateKeyFile {dir}/{cert}.key\n}}\n\
+             server sidecar {{\n host {SIDECAR1_V4}\n port 2083\n type tls\n tls default\n \
+             secret {RADSEC_SECRET}\n CertificateNameCheck off\n}}\n\
+             realm * {{\n server sidecar\n}}\n",
+            dir = pki.display()
+        ),
+    )
+    .unwrap();
+    let child = ns
+        .command("radsecproxy")
+        .args(["-f", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("radsecproxy starts");
+    let child = Radsecproxy(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let out = ns.command("ss").arg("-uln").output().unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:11812 ") {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("radsecproxy does not listen after 10 s");
+}
+
+fn radclient(ns: &NetNs, input: &str) -> (bool, String) {
+    let child = spawn_radclient(
+        ns,
+        &[
+            "-x",
+            "-r",
+            "3",
+            "-t",
+            "2",
+            "127.0.0.1:11812",
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        input,
+    );
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn closed(ns: &NetNs, reason: &str) -> u64 {
+    metric(
+        ns,
+        METRICS,
+        &format!("radius_connections_closed_total{{transport=\"tls\",reason=\"{reason}\"}}"),
+    )
+}
+
+#[test]
+fn radsecproxy_over_tls_is_answered_by_freeradius_on_udp() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let s = setup("good");
+    let proxy = radsecproxy(&s.topo.nas1, &s.pki, "nas");
+    let (ok, out) = radclient(
+        &s.topo.nas1,
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    drop(proxy);
+    assert!(
+        ok && out.contains("Received Access-Accept"),
+        "{out}\n{}\n{}",
+        std::fs::read_to_string(s.pki.join("radsecproxy-nas.log")).unwrap_or_default(),
+        s.daemon.log()
+    );
+    assert!(out.contains("hello alice over tls"), "{out}");
+    assert!(
+        metric(
+            &s.topo.sidecar,
+            METRICS,
+            "radius_connections_accepted_total{transport=\"tls\"}"
+        ) >= 1
+    );
+    drop(s.daemon);
+}
+
+#[test]
+fn bad_certificates_are_refused_at_the_handshake_and_counted() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let s = setup("bad");
+    // openssl s_client as a NAS with each bad certificate, and with none.
+    let attempt = |cert: Option<&str>| {
+        let mut cmd = s.topo.nas1.command("timeout");
+        cmd.args(["5", "openssl", "s_client", "-connect"])
+            .arg(format!("{SIDECAR1_V4}:2083"))
+            .arg("-CAfile")
+            .arg(s.pki.join("ca.pem"));
+        if let Some(c) = cert {
+            cmd.arg("-cert")
+                .arg(s.pki.join(format!("{c}.pem")))
+                .arg("-key")
+                .arg(s.pki.join(format!("{c}.key")));
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        let _ = out;
+    };
+    attempt(Some("rogue"));
+    attempt(Some("expired"));
+    attempt(None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        closed(&s.topo.sidecar, "unknown_ca") >= 1,
+        "{}",
+        s.daemon.log()
+    );
+    assert!(
+        closed(&s.topo.sidecar, "expired") >= 1,
+        "{}",
+        s.daemon.log()
+    );
+    assert!(
+        closed(&s.topo.sidecar, "no_certificate") >= 1,
+        "{}",
+        s.daemon.log()
+    );
+    assert!(s.daemon.log().contains("TLS connection refused"));
+    // The good NAS is served.
+    let proxy = radsecproxy(&s.topo.nas1, &s.pki, "nas");
+    let (ok, out) = radclient(
+        &s.topo.nas1,
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    drop(proxy);
+    assert!(ok && out.contains("Received Access-Accept"), "{out}");
+    drop(s.daemon);
+}
