@@ -43,6 +43,23 @@ pub struct Client {
     pub learned: Learned,
     /// Set when several NASes share the prefix, each with its own secret.
     pub nas_key: Option<NasKey>,
+    /// Over TLS: what its certificate must show beyond a trusted CA's signature.
+    pub certificate: CertificateMatch,
+}
+
+/// What a client's TLS certificate must show (RFC 6614 section 2.3), beyond the signature of
+/// a trusted CA: one of `names` among its subjectAltNames (a DNS name or an IP address),
+/// and, when pinned, a SHA-256 fingerprint among `fingerprints`. Empty: the CA is enough.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertificateMatch {
+    pub names: Vec<String>,
+    pub fingerprints: Vec<[u8; 32]>,
+}
+
+impl CertificateMatch {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.fingerprints.is_empty()
+    }
 }
 
 /// What a client's `Auto` switches have learnt from its Access-Requests.
@@ -352,6 +369,7 @@ mod tests {
             limit_proxy_state: YesNoAuto::Auto,
             learned: Default::default(),
             nas_key: None,
+            certificate: Default::default(),
         }
     }
 

@@ -342,6 +342,7 @@ mod tests {
             limit_proxy_state: YesNoAuto::Auto,
             learned: Default::default(),
             nas_key: None,
+            certificate: Default::default(),
         }
     }
 

@@ -195,6 +195,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         limit_proxy_state: YesNoAuto::Auto,
         learned: Default::default(),
         nas_key: None,
+        certificate: Default::default(),
     }
 }
 

@@ -468,6 +468,14 @@ struct ClientSection {
     /// a flow learns its NAS from its first request whose Message-Authenticator proves it.
     nas_identifier: Option<String>,
     nas_ip_address: Option<std::net::Ipv4Addr>,
+    /// Over TLS: names (DNS or IP) one of which its certificate's subjectAltNames must
+    /// hold.
+    #[serde(default)]
+    certificate_names: Vec<String>,
+    /// Over TLS: SHA-256 fingerprints its certificate must have one of, written
+    /// "sha256:" and 64 hex digits (colons allowed).
+    #[serde(default)]
+    certificate_fingerprints: Vec<Spanned<String>>,
 }
 
 /// A yes/no/auto switch, written as a boolean or a word.
@@ -758,6 +766,16 @@ impl Config {
                 (None, Some(ip)) => format!("{prefix}/{ip}"),
                 (None, None) => prefix.to_string(),
             };
+            let mut fingerprints = Vec::new();
+            for f in &c.certificate_fingerprints {
+                let fp = crate::tls::parse_fingerprint(f.get_ref())
+                    .map_err(|m| err(f.span(), "client.certificate_fingerprints", m))?;
+                fingerprints.push(fp);
+            }
+            let certificate = crate::client::CertificateMatch {
+                names: c.certificate_names.clone(),
+                fingerprints,
+            };
             let client = Client {
                 name: c.name.unwrap_or(default_name),
                 prefix,
@@ -783,6 +801,7 @@ impl Config {
                     &err,
                 )?,
                 learned: Default::default(),
+                certificate,
                 nas_key: match (c.nas_identifier, c.nas_ip_address) {
                     (Some(id), None) => Some(NasKey::Identifier(id)),
                     (None, Some(ip)) => Some(NasKey::IpAddress(ip)),
@@ -1001,6 +1020,25 @@ mod tests {
         .unwrap();
         assert_eq!((e.line, e.key.as_str()), (3, "server.listen"));
         assert!(e.message.contains("accounting"), "{e}");
+    }
+
+    #[test]
+    fn a_clients_certificate_pins_are_read_and_bad_ones_named() {
+        let base = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n\n[[client]]\nprefix = \"192.0.2.0/24\"\nsecret = \"radsec\"\ncertificate_names = [\"nas1.example.org\"]\n";
+        let good = format!(
+            "{base}certificate_fingerprints = [\"sha256:{}\"]\n",
+            "0a".repeat(32)
+        );
+        let c = Config::from_toml(&good, "f.toml").unwrap();
+        let client = c.clients.iter().next().unwrap();
+        assert_eq!(client.certificate.names, ["nas1.example.org"]);
+        assert_eq!(client.certificate.fingerprints, [[0x0a; 32]]);
+        let bad = format!("{base}certificate_fingerprints = [\"md5:1234\"]\n");
+        let e = Config::from_toml(&bad, "f.toml").err().unwrap();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (10, "client.certificate_fingerprints")
+        );
     }
 
     #[test]

@@ -386,6 +386,7 @@ impl DynamicClients {
             limit_proxy_state: crate::blastradius::YesNoAuto::Auto,
             learned: Default::default(),
             nas_key: None,
+            certificate: Default::default(),
         }))
     }
 }

@@ -66,6 +66,8 @@ struct Connection {
     /// On a TLS listener, the session: bytes read go through it into `deframer`, answers
     /// through it into `unsent`.
     tls: Option<Box<ServerConnection>>,
+    /// Its certificate was held against its client's requirements (after the handshake).
+    identified: bool,
 }
 
 impl Connection {
@@ -229,6 +231,7 @@ impl TcpFront {
                 last_packet: None,
                 flow: None,
                 tls,
+                identified: false,
             });
             self.by_addr.insert((remote, local), i);
             *self.per_source.entry(ip).or_default() += 1;
@@ -248,6 +251,7 @@ impl TcpFront {
         i: usize,
         buf: &mut [u8],
         now: Instant,
+        common: &Common,
         poller: &Poller,
     ) -> Option<&'static str> {
         let transport = self.transport;
@@ -278,6 +282,19 @@ impl TcpFront {
                 }
                 closing = Some(reason);
                 break;
+            }
+        }
+        if closing.is_none()
+            && !c.identified
+            && let Some(tls) = c.tls.as_deref()
+            && !tls.is_handshaking()
+        {
+            c.identified = true;
+            if let Err(reason) = identify(tls, c.remote, common) {
+                info!(remote = %c.remote, transport, reason, "TLS connection refused");
+                // Nothing it sent is handled.
+                c.deframer = Deframer::default();
+                closing = Some(reason);
             }
         }
         if let Some(tls) = c.tls.as_deref_mut() {
@@ -489,6 +506,27 @@ impl TcpFront {
             .filter(|&i| self.connections[i].is_some())
             .collect()
     }
+}
+
+/// Holds a TLS peer's certificate (verified against the CA by now) against what its client
+/// (by source address) requires.
+fn identify(
+    tls: &ServerConnection,
+    remote: SocketAddr,
+    common: &Common,
+) -> Result<(), &'static str> {
+    let Some(client) = common.clients.lookup(remote.ip()) else {
+        // A dynamic client: its directory says nothing of certificates.
+        return Ok(());
+    };
+    if client.certificate.is_empty() {
+        return Ok(());
+    }
+    let der = tls
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no_certificate")?;
+    crate::tls::check_peer(&client.certificate, der)
 }
 
 /// Bytes read from a TLS connection: records into the session, plaintext into the

@@ -1,6 +1,7 @@
 //! RADIUS/TLS (RFC 6614) certificates: the files of `[tls]` read into a rustls server
 //! configuration (TLS 1.2 and 1.3, ring as the crypto provider, no OpenSSL), with a client
-//! certificate required and checked against the configured CA. Every error names the file
+//! certificate required and checked against the configured CA; then, per client, the names
+//! and fingerprints its certificate must show ([`check_peer`]). Every error names the file
 //! and the key it came from; nothing here echoes a key's bytes. What a handshake failure
 //! means, as a metric label, is [`failure_reason`].
 
@@ -8,9 +9,11 @@ use std::{path::PathBuf, sync::Arc};
 
 use rustls::{
     CertificateError, RootCertStore, ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
     server::WebPkiClientVerifier,
 };
+
+use crate::client::CertificateMatch;
 
 /// `[tls]`: the files a TLS listener needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +82,48 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// A client's pinned fingerprint, "sha256:" and 64 hex digits (colons between bytes
+/// allowed, either case).
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let hex = text
+        .strip_prefix("sha256:")
+        .ok_or("a fingerprint is written \"sha256:\" and 64 hex digits")?
+        .replace(':', "");
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a SHA-256 fingerprint has 64 hex digits".into());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| "a SHA-256 fingerprint has 64 hex digits".to_owned())?;
+    }
+    Ok(out)
+}
+
+/// The SHA-256 fingerprint of a certificate (its DER).
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der).into()
+}
+
+/// Whether the certificate a TLS peer presented (`der`, already verified against the CA)
+/// shows what its client requires; `Err` is the metric label of the refusal.
+pub fn check_peer(required: &CertificateMatch, der: &[u8]) -> Result<(), &'static str> {
+    if !required.fingerprints.is_empty() && !required.fingerprints.contains(&fingerprint(der)) {
+        return Err("fingerprint_mismatch");
+    }
+    if required.names.is_empty() {
+        return Ok(());
+    }
+    let der = CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|_| "bad_certificate")?;
+    let named = required.names.iter().any(|n| {
+        ServerName::try_from(n.as_str())
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    });
+    if named { Ok(()) } else { Err("name_mismatch") }
+}
+
 /// ring, whose provider rustls marks deprecated for its lack of post-quantum key exchange;
 /// aws-lc-rs has it but builds with cmake and NASM. RADIUS peers (FreeRADIUS 3.2,
 /// radsecproxy 1.9) offer no post-quantum group either.
@@ -124,6 +169,54 @@ mod tests {
             key: dir.join("server.key"),
             ca: dir.join("ca.pem"),
         }
+    }
+
+    #[test]
+    fn fingerprints_are_read_with_or_without_colons_and_nothing_else() {
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")), Ok([0xab; 32]));
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{colons}")),
+            Ok([0xab; 32])
+        );
+        assert!(parse_fingerprint(&hex).is_err(), "the algorithm is named");
+        assert!(parse_fingerprint("sha256:abcd").is_err());
+        assert!(parse_fingerprint(&format!("sha256:{}", "zz".repeat(32))).is_err());
+    }
+
+    #[test]
+    fn a_certificate_is_held_against_its_clients_names_and_fingerprints() {
+        let mut p = rcgen::CertificateParams::new(vec!["nas1.example.org".to_owned()]).unwrap();
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress("192.0.2.2".parse().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        let need = |names: &[&str], fingerprints: Vec<[u8; 32]>| CertificateMatch {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            fingerprints,
+        };
+        assert_eq!(check_peer(&need(&[], vec![]), &der), Ok(()));
+        assert_eq!(
+            check_peer(&need(&["nas1.example.org"], vec![]), &der),
+            Ok(())
+        );
+        assert_eq!(
+            check_peer(&need(&["other", "192.0.2.2"], vec![]), &der),
+            Ok(())
+        );
+        assert_eq!(
+            check_peer(&need(&["nas2.example.org"], vec![]), &der),
+            Err("name_mismatch")
+        );
+        assert_eq!(
+            check_peer(&need(&[], vec![fingerprint(&der)]), &der),
+            Ok(())
+        );
+        assert_eq!(
+            check_peer(&need(&["nas1.example.org"], vec![[0; 32]]), &der),
+            Err("fingerprint_mismatch")
+        );
     }
 
     #[test]

@@ -345,7 +345,13 @@ impl Worker {
             return;
         };
         t.flush(i, &self.io.poller);
-        let closing = t.read(i, &mut self.buf, now, &self.io.poller);
+        let closing = t.read(
+            i,
+            &mut self.buf,
+            now,
+            &self.io.shared.common,
+            &self.io.poller,
+        );
         let Some((mut deframer, remote, local)) = t.take_packets(i) else {
             return;
         };

@@ -731,3 +731,40 @@ pub fn write_test_pki(dir: &Path) -> anyhow::Result<()> {
     leaf("nas1", "expired", &[NAS1_V4], &ca, true)?;
     Ok(())
 }
+
+/// A RADIUS/TLS client of the tests: a blocking TLS stream to `to` (an address:port)
+/// presenting the client certificate `cert` (`{cert}.pem`, `{cert}.key` in `pki`) and
+/// trusting `pki/ca.pem`. Call it inside [`NetNs::run`] to connect from that namespace.
+pub fn tls_connect(
+    pki: &Path,
+    cert: &str,
+    to: &str,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.join("ca.pem"))? {
+        roots.add(c?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(pki.join(format!("{cert}.pem")))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(pki.join(format!("{cert}.key")))?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(ring_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    let addr: SocketAddr = to.parse()?;
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::IpAddress(addr.ip().into()),
+    )?;
+    let sock = TcpStream::connect(addr)?;
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+#[expect(
+    deprecated,
+    reason = "the daemon's provider: ring, without post-quantum groups"
+)]
+fn ring_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}

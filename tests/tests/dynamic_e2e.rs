@@ -522,29 +522,42 @@ url = "http://127.0.0.1:{port}/nas"
     );
 }
 
-/// Over RADIUS/TCP the dynamic client is the same: the connection of an unknown NAS in the
-/// dynamic prefix is accepted, the 50 requests it writes at once wait for the directory
-/// (300 ms) and are all answered, in one definition.
-#[test]
-fn a_dynamic_nas_over_tcp_is_served_after_its_definition() {
-    if !require_root("dynamic over tcp") {
+/// Over RADIUS/TCP and RADIUS/TLS the dynamic client is the same: the connection of an
+/// unknown NAS in the dynamic prefix is accepted, the 50 requests it writes at once wait for
+/// the directory (300 ms) and are all answered, once, after one definition.
+fn dynamic_nas_over_a_stream(tls: bool) {
+    if !require_root("dynamic over tcp/tls") {
         return;
     }
     let topo = Topology::new();
     let _fr = upstream(&topo);
     let (port, asked) = directory(&topo.sidecar, Duration::from_millis(300));
+    let pki = std::env::temp_dir().join(format!("rs-dyn-pki-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let (listen, tls_section) = if tls {
+        (
+            "listen_tls = [\"0.0.0.0:2083\"]",
+            format!(
+                "[tls]\ncertificate = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nca = \"{0}/ca.pem\"\n",
+                pki.display()
+            ),
+        )
+    } else {
+        ("listen_tcp = [\"0.0.0.0:1812\"]", String::new())
+    };
     let mut daemon = sidecar_with_config(
         &topo.sidecar,
-        "dyn-tcp",
+        if tls { "dyn-tls" } else { "dyn-tcp" },
         &format!(
             r#"[server]
 listen = ["127.0.0.1:1812"]
-listen_tcp = ["0.0.0.0:1812"]
+{listen}
 workers = 1
 iface = "none"
 ebpf = "off"
 metrics = "{METRICS}"
 
+{tls_section}
 [[upstream]]
 name = "freeradius"
 auth = "127.0.0.1:11812"
@@ -559,9 +572,19 @@ timeout_ms = 3000
         ),
     );
     assert!(daemon.wait_for_log("max_connections", Duration::from_secs(10)));
-    let to = format!("{SIDECAR1_V4}:1812");
     let answered = topo.nas1.run(move || {
-        let mut c = std::net::TcpStream::connect(&to).unwrap();
+        let mut c: Box<dyn ReadWrite> = if tls {
+            let s = tls_connect(&pki, "nas", &format!("{SIDECAR1_V4}:2083")).unwrap();
+            s.sock
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            Box::new(s)
+        } else {
+            let s = std::net::TcpStream::connect(format!("{SIDECAR1_V4}:1812")).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            Box::new(s)
+        };
         let mut sent = HashMap::new();
         let mut all = Vec::new();
         for id in 0..50u8 {
@@ -571,8 +594,7 @@ timeout_ms = 3000
         }
         let t0 = Instant::now();
         c.write_all(&all).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        c.flush().unwrap();
         let mut stream = Vec::new();
         let mut answered = HashMap::new();
         let mut buf = [0u8; 4096];
@@ -608,4 +630,17 @@ timeout_ms = 3000
         Some(&1),
         "one definition"
     );
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+#[test]
+fn a_dynamic_nas_over_tcp_is_served_after_its_definition() {
+    dynamic_nas_over_a_stream(false);
+}
+
+#[test]
+fn a_dynamic_nas_over_tls_is_served_after_its_definition() {
+    dynamic_nas_over_a_stream(true);
 }

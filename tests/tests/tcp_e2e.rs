@@ -258,3 +258,73 @@ fn connections_that_cost_without_asking_are_closed_and_a_good_nas_is_served() {
     );
     drop(s.daemon);
 }
+
+/// 500 connections that never send a byte hold nothing past `tcp_timeout`: all are closed
+/// and counted, and a good NAS is answered while they are open.
+#[test]
+fn five_hundred_idle_connections_are_closed_and_a_good_nas_is_served_meanwhile() {
+    if !require_root("tcp e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let _fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        USERS,
+        11812,
+    );
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        "tcp-idle",
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1812"]
+listen_tcp = ["0.0.0.0:1812"]
+tcp_timeout = 2
+max_connections_per_source = 1000
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius"
+auth = "127.0.0.1:11812"
+secret = "{UPSTREAM_SECRET}"
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{NAS_SECRET}"
+"#
+        ),
+    );
+    assert!(daemon.wait_for_log("max_connections", Duration::from_secs(10)));
+    let to = format!("{SIDECAR1_V4}:1812");
+    let t = to.clone();
+    let idle = topo.nas1.run(move || {
+        (0..500)
+            .map(|_| TcpStream::connect(&t).unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(idle.len(), 500);
+    std::thread::sleep(Duration::from_millis(300));
+    let open = |ns: &NetNs| metric(ns, METRICS, "radius_connections_open{transport=\"tcp\"}");
+    assert_eq!(open(&topo.sidecar), 500, "all 500 accepted");
+    let (ok, out) = radclient_tcp(
+        &topo.nas1,
+        &to,
+        "auth",
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    assert!(ok && out.contains("Received Access-Accept"), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        open(&topo.sidecar),
+        0,
+        "every idle connection closed after tcp_timeout"
+    );
+    assert!(closed(&topo.sidecar, "silent") >= 500);
+    drop(idle);
+    drop(daemon);
+}

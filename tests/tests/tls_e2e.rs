@@ -63,6 +63,14 @@ secret = "{UPSTREAM_SECRET}"
 prefix = "192.0.2.0/24"
 name = "radsec-nas1"
 secret = "{RADSEC_SECRET}"
+certificate_names = ["nas1"]
+
+# nas2's network: only a certificate named for it will do.
+[[client]]
+prefix = "198.51.100.0/24"
+name = "radsec-nas2"
+secret = "{RADSEC_SECRET}"
+certificate_names = ["nas2.example.org"]
 "#,
             pki = pki.display()
         ),
@@ -195,30 +203,35 @@ fn bad_certificates_are_refused_at_the_handshake_and_counted() {
         return;
     }
     let s = setup("bad");
-    // openssl s_client as a NAS with each bad certificate, and with none.
-    let attempt = |cert: Option<&str>| {
-        let mut cmd = s.topo.nas1.command("timeout");
-        cmd.args(["5", "openssl", "s_client", "-connect"])
-            .arg(format!("{SIDECAR1_V4}:2083"))
-            .arg("-CAfile")
-            .arg(s.pki.join("ca.pem"));
-        if let Some(c) = cert {
-            cmd.arg("-cert")
-                .arg(s.pki.join(format!("{c}.pem")))
-                .arg("-key")
-                .arg(s.pki.join(format!("{c}.key")));
-        }
-        let out = cmd
+    // openssl s_client as a NAS with each bad certificate, and with none; its input stays
+    // open a second, so the handshake ends before it says goodbye.
+    let attempt = |ns: &NetNs, cert: Option<&str>| {
+        let dir = s.pki.display();
+        let to = if std::ptr::eq(ns, &s.topo.nas2) {
+            SIDECAR2_V4
+        } else {
+            SIDECAR1_V4
+        };
+        let with_cert = cert
+            .map(|c| format!("-cert {dir}/{c}.pem -key {dir}/{c}.key"))
+            .unwrap_or_default();
+        let _ = ns
+            .command("sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep 1 | timeout 5 openssl s_client -connect {to}:2083 -CAfile {dir}/ca.pem {with_cert}"
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .output()
+            .status()
             .unwrap();
-        let _ = out;
     };
-    attempt(Some("rogue"));
-    attempt(Some("expired"));
-    attempt(None);
+    attempt(&s.topo.nas1, Some("rogue"));
+    attempt(&s.topo.nas1, Some("expired"));
+    attempt(&s.topo.nas1, None);
+    // A good certificate, but not the one nas2's client entry names.
+    attempt(&s.topo.nas2, Some("nas"));
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         closed(&s.topo.sidecar, "unknown_ca") >= 1,
