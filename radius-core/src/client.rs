@@ -364,6 +364,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 options: Default::default(),
                 health: Default::default(),
+                stream: false,
             }))),
             require_message_authenticator: YesNoAuto::No,
             limit_proxy_state: YesNoAuto::Auto,

@@ -645,8 +645,9 @@ impl Engine {
         let Some(reply_to) = self.flows.reference(slot) else {
             return false;
         };
-        // Kept for failover to another server of the pool (re-prepared from it).
-        let nas_packet = if client.pool.members.len() > 1 {
+        // Kept for failover to another server of the pool, and for a stream upstream's next
+        // connection (re-prepared from it).
+        let nas_packet = if client.pool.members.len() > 1 || upstream.stream {
             self.buf[..n].to_vec()
         } else {
             Vec::new()
@@ -799,6 +800,8 @@ impl Engine {
                     || upstream.health.state() == upstream::State::Dead
             });
         match other {
+            // On a stream, what was sent arrives: never twice on one connection.
+            None if upstream.stream => {}
             None => {
                 p.next_retry = now + (self.random.jitter)(upstream.options.retry);
                 self.out.send_upstream(at, &p.wire);
@@ -818,6 +821,36 @@ impl Engine {
                 {
                     self.count(Count::UpstreamRetransmit("failover"));
                 }
+            }
+        }
+    }
+
+    /// The stream connection behind upstream socket `socket` closed (the driver connects
+    /// again): its requests in flight are sent anew, each prepared again with a new
+    /// Identifier and a fresh signature (RFC 6613 section 2.6.5), to the same server while it
+    /// is usable, else to another of its pool.
+    pub fn handle_upstream_closed(&mut self, now: Instant, socket: usize, io: &mut dyn Io) {
+        let Some(upstream) = self.common.upstreams.get(link_of(socket)).cloned() else {
+            return;
+        };
+        for at in self.requests.on_socket(socket) {
+            let Some(p) = self.end(at, End::Moved, now) else {
+                continue;
+            };
+            let r = p.reply_to;
+            if p.nas_packet.is_empty() || self.flows.of(&r).is_none() {
+                continue;
+            }
+            let hash = self.flows.of(&r).map_or(0, |f| f.hash);
+            let to = if upstream.health.state() == upstream::State::Dead {
+                p.client.pool.pick(hash, None).cloned()
+            } else {
+                Some(upstream.clone())
+            };
+            let Some(to) = to else { continue };
+            let n = self.take_request(&p.nas_packet);
+            if self.forward(now, r.slot as usize, &p.client, &to, n, io) {
+                self.count(Count::UpstreamRetransmit("connection_lost"));
             }
         }
     }
@@ -1017,7 +1050,9 @@ impl Engine {
         self.ticks = self.ticks.wrapping_add(1);
         let (mut due, mut expired) = (Vec::new(), Vec::new());
         for (li, u) in common.upstreams.iter().enumerate() {
-            let (timeout, retry, max_retries) = (u.timeout, u.options.retry, u.options.max_retries);
+            // A stream delivers or closes; no retransmission on it (RFC 6613 2.6.1).
+            let max_retries = if u.stream { 0 } else { u.options.max_retries };
+            let (timeout, retry) = (u.timeout, u.options.retry);
             for acct in [false, true] {
                 let jitter = &mut self.random.jitter;
                 let sweep = self

@@ -123,6 +123,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(5),
             options: UpstreamOptions::default(),
             health: Health::default(),
+            stream: false,
         })
     }
 

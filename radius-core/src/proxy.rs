@@ -337,6 +337,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 options: UpstreamOptions::default(),
                 health: Default::default(),
+                stream: false,
             }))),
             require_message_authenticator: YesNoAuto::No,
             limit_proxy_state: YesNoAuto::Auto,

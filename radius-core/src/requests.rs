@@ -119,6 +119,15 @@ impl<F> Requests<F> {
         Some(r)
     }
 
+    /// Where the requests in flight on `socket` are.
+    pub fn on_socket(&mut self, socket: usize) -> Vec<At> {
+        let mut out = Vec::new();
+        if let Some(Some(space)) = self.spaces.get_mut(socket) {
+            space.ids.for_each_mut(|id, _| out.push(At { socket, id }));
+        }
+        out
+    }
+
     /// Requests in flight on every socket.
     pub fn in_flight(&self) -> usize {
         self.spaces
@@ -193,6 +202,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 options: Default::default(),
                 health: Default::default(),
+                stream: false,
             }))),
             require_message_authenticator: YesNoAuto::No,
             limit_proxy_state: YesNoAuto::Auto,

@@ -29,6 +29,10 @@ pub struct Upstream {
     pub options: UpstreamOptions,
     /// Alive, zombie or dead (see [`crate::pool`]); shared by every worker.
     pub health: Health,
+    /// Reached over a stream (RADIUS/TCP or RADIUS/TLS): a request is never sent twice on
+    /// a live connection (RFC 6613 section 2.6.1), and the requests of a connection that
+    /// closed are sent anew, with new Identifiers, on the next.
+    pub stream: bool,
 }
 
 /// Retransmission and reply policy of an upstream.

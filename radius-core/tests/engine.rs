@@ -182,6 +182,28 @@ fn upstream(name: &str, port: u16) -> Arc<Upstream> {
             ..Default::default()
         },
         health: Default::default(),
+        stream: false,
+    })
+}
+
+/// An upstream reached over TCP or TLS (the driver's concern): the engine never sends a
+/// request twice on its connection.
+fn stream_upstream(name: &str, port: u16) -> Arc<Upstream> {
+    let u = upstream(name, port);
+    Arc::new(Upstream {
+        name: u.name.clone(),
+        auth: u.auth,
+        acct: None,
+        secret: Secret::new(format!("{name}-secret").as_bytes()),
+        timeout: u.timeout,
+        options: UpstreamOptions {
+            retry: u.options.retry,
+            max_retries: u.options.max_retries,
+            require_message_authenticator: YesNoAuto::No,
+            ..Default::default()
+        },
+        health: Default::default(),
+        stream: true,
     })
 }
 
@@ -963,4 +985,62 @@ fn upstream_socket_indexes_round_trip() {
             }
         }
     }
+}
+
+#[test]
+fn a_request_to_a_stream_upstream_is_never_sent_twice_on_its_connection() {
+    let mut w = World::new(Setup {
+        upstreams: vec![stream_upstream("radsec-1", 2083)],
+        ..Setup::default()
+    });
+    let req = access_request(8, "kim", None);
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(w.take_upstream(0).len(), 1);
+    // Past our retry, and a NAS retransmission a second later: nothing more on the stream.
+    w.advance(Duration::from_millis(2100));
+    w.nas_sends(nas(40000), &req);
+    w.advance(Duration::from_millis(1100));
+    w.nas_sends(nas(40000), &req);
+    assert!(
+        w.take_upstream(0).is_empty(),
+        "a stream delivers: no retransmission"
+    );
+    assert_eq!(w.count(Count::UpstreamRetransmit("timer")), 0);
+    assert_eq!(w.count(Count::UpstreamRetransmit("nas_retransmission")), 0);
+    assert_eq!(w.engine.in_flight(), 1);
+}
+
+#[test]
+fn the_requests_of_a_closed_stream_go_anew_with_a_new_signature() {
+    let mut w = World::new(Setup {
+        upstreams: vec![stream_upstream("radsec-1", 2083)],
+        ..Setup::default()
+    });
+    let req = access_request(8, "lee", None);
+    w.nas_sends(nas(40000), &req);
+    let first = w.take_upstream(0);
+    assert_eq!(first.len(), 1);
+    // The connection closes before the answer: the request is prepared again.
+    let socket = first[0].0.socket;
+    w.engine.handle_upstream_closed(w.now, socket, &mut w.io);
+    w.collect();
+    let again = w.take_upstream(0);
+    assert_eq!(again.len(), 1, "sent anew");
+    let (old, _) = w.servers[0].read(&first[0].1);
+    let (new, pw) = w.servers[0].read(&again[0].1);
+    assert_ne!(
+        old.authenticator(),
+        new.authenticator(),
+        "a fresh authenticator"
+    );
+    assert_eq!(pw, b"secret-pw", "the password hidden anew for it");
+    assert_eq!(w.count(Count::UpstreamRetransmit("connection_lost")), 1);
+    assert_eq!(w.engine.in_flight(), 1);
+    let reply = w.servers[0].answer(&again[0].1, Code::AccessAccept, None);
+    w.upstream_sends(again[0].0.socket, &reply);
+    assert_eq!(
+        nas_reads(&w.take_nas()[0].2, &req).code(),
+        Code::AccessAccept
+    );
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
 }

@@ -385,6 +385,16 @@ impl Default for Server {
 #[serde(deny_unknown_fields)]
 struct UpstreamSection {
     name: String,
+    /// "udp" (the default), "tcp" (RFC 6613) or "tls" (RFC 6614, with the tls_* keys).
+    #[serde(default)]
+    transport: UpstreamTransport,
+    /// Over TLS: CA certificates its certificate must chain to, the sidecar's client
+    /// certificate and key (PEM; relative paths from the configuration file's folder), and
+    /// the name (DNS or IP) its certificate must hold (default: the address of `auth`).
+    tls_ca: Option<PathBuf>,
+    tls_certificate: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_name: Option<String>,
     /// Where Access-Requests go.
     auth: SocketAddr,
     /// Where Accounting-Requests go.
@@ -412,6 +422,16 @@ struct UpstreamSection {
     /// Probe answers in a row that bring a dead server back.
     #[serde(default = "default_answers_to_alive")]
     answers_to_alive: u32,
+}
+
+/// How an upstream is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum UpstreamTransport {
+    #[default]
+    Udp,
+    Tcp,
+    Tls,
 }
 
 /// `[[pool]]`: upstreams a client may name together (FreeRADIUS's home_server_pool).
@@ -517,6 +537,8 @@ fn switch(
 pub struct Config {
     pub daemon: DaemonConfig,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// The TLS files of upstreams reached over TLS, by upstream name.
+    pub upstream_tls: std::collections::HashMap<String, crate::tls::UpstreamTlsFiles>,
     pub clients: ClientTable,
     pub dynamic: Option<DynamicClients>,
 }
@@ -643,9 +665,33 @@ impl Config {
         daemon.coa_listen = server.coa_listen.0;
 
         let mut upstreams = Vec::new();
+        let mut upstream_tls = std::collections::HashMap::new();
         for u in f.upstreams {
             let span = u.span();
             let u = u.into_inner();
+            if u.transport == UpstreamTransport::Tls {
+                let need = |p: &Option<PathBuf>, key: &str| {
+                    p.as_ref().map(|p| folder.join(p)).ok_or_else(|| {
+                        err(
+                            span.clone(),
+                            key,
+                            "required with transport = \"tls\"".into(),
+                        )
+                    })
+                };
+                upstream_tls.insert(
+                    u.name.clone(),
+                    crate::tls::UpstreamTlsFiles {
+                        ca: need(&u.tls_ca, "upstream.tls_ca")?,
+                        certificate: need(&u.tls_certificate, "upstream.tls_certificate")?,
+                        key: need(&u.tls_key, "upstream.tls_key")?,
+                        name: u
+                            .tls_name
+                            .clone()
+                            .unwrap_or_else(|| u.auth.ip().to_string()),
+                    },
+                );
+            }
             if u.secret.is_empty() {
                 return Err(err(span, "upstream.secret", "must not be empty".into()));
             }
@@ -680,6 +726,7 @@ impl Config {
                     },
                 },
                 health: Health::default(),
+                stream: u.transport != UpstreamTransport::Udp,
             }));
         }
 
@@ -883,6 +930,7 @@ impl Config {
         Ok(Config {
             daemon,
             upstreams,
+            upstream_tls,
             clients,
             dynamic,
         })
@@ -1039,6 +1087,28 @@ mod tests {
             (e.line, e.key.as_str()),
             (10, "client.certificate_fingerprints")
         );
+    }
+
+    #[test]
+    fn an_upstream_over_tls_needs_its_files_and_is_a_stream() {
+        let base = "[[upstream]]\nname = \"home\"\nauth = \"192.0.2.9:2083\"\nsecret = \"radsec\"\ntransport = \"tls\"\n";
+        let e = Config::from_toml(base, "/etc/sidecar/f.toml")
+            .err()
+            .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (1, "upstream.tls_ca"));
+        let full = format!(
+            "{base}tls_ca = \"ca.pem\"\ntls_certificate = \"me.pem\"\ntls_key = \"me.key\"\n"
+        );
+        let c = Config::from_toml(&full, "/etc/sidecar/f.toml").unwrap();
+        assert!(c.upstreams[0].stream);
+        let files = &c.upstream_tls["home"];
+        assert_eq!(files.ca, std::path::Path::new("/etc/sidecar/ca.pem"));
+        assert_eq!(
+            files.name, "192.0.2.9",
+            "verified against its address by default"
+        );
+        let tcp = Config::from_toml(&base.replace("\"tls\"", "\"tcp\""), "f.toml").unwrap();
+        assert!(tcp.upstreams[0].stream && tcp.upstream_tls.is_empty());
     }
 
     #[test]

@@ -37,9 +37,19 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     let Config {
         daemon: config,
         upstreams,
+        upstream_tls,
         clients,
         dynamic,
     } = full;
+    let mut upstream_transports = Vec::new();
+    for u in &upstreams {
+        use crate::upstream_conn::Transport;
+        upstream_transports.push(match upstream_tls.get(&u.name) {
+            Some(files) => Transport::Tls(crate::tls::client_config(files)?),
+            None if u.stream => Transport::Tcp,
+            None => Transport::Udp,
+        });
+    }
     let metrics = Metrics::new();
     let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
     let fd_bound = nofile.saturating_sub(FD_RESERVE) as usize;
@@ -129,12 +139,20 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         dynamic,
         defined: defined_txs,
         fastpath: fastpath.map(Mutex::new),
+        upstream_transports,
         metrics: metrics.clone(),
         cancel: cancel.clone(),
     });
 
     let mut tasks = JoinSet::new();
     for u in &upstreams {
+        if u.stream {
+            // Status-Server over a stream (the RFC 3539 watchdog) is not made yet: its
+            // health moves on its answers alone.
+            info!(upstream = %u.name, addr = %u.auth, "upstream over a stream: no Status-Server probes");
+            metrics.set_upstream_state(&u.name, 0);
+            continue;
+        }
         tokio::spawn(probe_upstream(u.clone()));
         metrics.set_upstream_state(&u.name, 0);
         tasks.spawn(watch_upstream(u.clone(), metrics.clone(), cancel.clone()));

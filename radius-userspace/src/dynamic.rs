@@ -405,6 +405,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             options: Default::default(),
             health: Default::default(),
+            stream: false,
         })
     }
 

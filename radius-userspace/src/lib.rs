@@ -9,7 +9,10 @@
 //!   listener, the epoll set.
 //! - [`tcp`]: RADIUS/TCP (RFC 6613) and RADIUS/TLS (RFC 6614) connections in front of a
 //!   worker's engine.
-//! - [`tls`]: the certificate files of TLS listeners, read into a rustls configuration.
+//! - [`tls`]: the certificate files of TLS listeners and upstreams, read into rustls
+//!   configurations.
+//! - [`upstream_conn`]: upstreams over RADIUS/TCP or RADIUS/TLS: connections, reconnected
+//!   with backoff.
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: UDP's driver of one engine: a wildcard, its flows' children and upstream
 //!   sockets in one epoll set.
@@ -33,4 +36,5 @@ pub mod shared;
 pub mod socket;
 pub mod tcp;
 pub mod tls;
+pub mod upstream_conn;
 pub mod worker;

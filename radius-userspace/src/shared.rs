@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     /// One inbox per worker, for the outcome of dynamic definitions and CoA requests.
     pub defined: Vec<Inbox>,
     pub fastpath: Option<Mutex<FastPath>>,
+    /// How each upstream (by its index in `common.upstreams`) is reached.
+    pub upstream_transports: Vec<crate::upstream_conn::Transport>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
 }

@@ -28,7 +28,7 @@ pub struct TlsFiles {
 
 /// A TLS file that does not do: which, under which key, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: tls.{key}: {message}", file.display())]
+#[error("{}: {key}: {message}", file.display())]
 pub struct TlsError {
     pub file: PathBuf,
     pub key: &'static str,
@@ -61,24 +61,24 @@ fn certificates(
 /// usable. The server configuration every TLS listener shares.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(provider());
-    let chain = certificates(&files.certificate, "certificate")?;
+    let chain = certificates(&files.certificate, "tls.certificate")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         // The parser's message is about the PEM framing; it never holds key bytes.
-        .map_err(|e| error(&files.key, "key", e))?;
+        .map_err(|e| error(&files.key, "tls.key", e))?;
     let mut roots = RootCertStore::empty();
-    for ca in certificates(&files.ca, "ca")? {
-        roots.add(ca).map_err(|e| error(&files.ca, "ca", e))?;
+    for ca in certificates(&files.ca, "tls.ca")? {
+        roots.add(ca).map_err(|e| error(&files.ca, "tls.ca", e))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| error(&files.ca, "ca", e))?;
+        .map_err(|e| error(&files.ca, "tls.ca", e))?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| error(&files.certificate, "certificate", e))?
+        .map_err(|e| error(&files.certificate, "tls.certificate", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         // Also where a key that is not the certificate's is found.
-        .map_err(|e| error(&files.key, "key", e))?;
+        .map_err(|e| error(&files.key, "tls.key", e))?;
     Ok(Arc::new(config))
 }
 
@@ -133,6 +133,48 @@ pub fn check_peer(required: &CertificateMatch, der: &[u8]) -> Result<(), &'stati
 )]
 fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
+}
+
+/// What an upstream over RADIUS/TLS needs: whom to trust, what to present, and the name
+/// its certificate must show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTlsFiles {
+    /// CA certificates (PEM) the upstream's certificate must chain to.
+    pub ca: PathBuf,
+    /// The sidecar's client certificate chain and key (PEM).
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// The name (DNS or IP) its certificate must hold.
+    pub name: String,
+}
+
+/// Reads an upstream's TLS files into a rustls client configuration, and the name to
+/// verify its certificate against.
+pub fn client_config(
+    files: &UpstreamTlsFiles,
+) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), TlsError> {
+    let provider = Arc::new(provider());
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(&files.ca, "upstream.tls_ca")? {
+        roots
+            .add(ca)
+            .map_err(|e| error(&files.ca, "upstream.tls_ca", e))?;
+    }
+    let chain = certificates(&files.certificate, "upstream.tls_certificate")?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| error(&files.key, "upstream.tls_key", e))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(&files.certificate, "upstream.tls_certificate", e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| error(&files.key, "upstream.tls_key", e))?;
+    let name = ServerName::try_from(files.name.clone()).map_err(|e| TlsError {
+        file: PathBuf::new(),
+        key: "upstream.tls_name",
+        message: e.to_string(),
+    })?;
+    Ok((Arc::new(config), name))
 }
 
 /// The metric label of a failed handshake (or of a later TLS error).
@@ -224,7 +266,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rs-tls-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let e = server_config(&files(&dir)).err().unwrap();
-        assert_eq!(e.key, "certificate");
+        assert_eq!(e.key, "tls.certificate");
         assert!(
             e.to_string()
                 .starts_with(&format!("{}", dir.join("server.pem").display()))

@@ -29,6 +29,7 @@ use crate::{
     shared::{Defined, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
     tcp::TcpFront,
+    upstream_conn::{Transport, UpstreamConn},
 };
 
 /// Datagrams a socket gives per round before the other sockets get their turn.
@@ -87,7 +88,13 @@ struct Sockets {
     bound: SocketAddr,
     front: Front,
     /// Sockets to upstreams, by the engine's request-table socket index.
-    upstreams: Vec<Option<UdpSocket>>,
+    upstreams: Vec<Option<UpstreamSocket>>,
+}
+
+/// A worker's way to an upstream: a UDP socket, or a TCP/TLS connection.
+enum UpstreamSocket {
+    Udp(UdpSocket),
+    Stream(Box<UpstreamConn>),
 }
 
 fn put<T>(v: &mut Vec<Option<T>>, i: usize, x: T) {
@@ -164,24 +171,41 @@ impl Io for Sockets {
     }
 
     fn open_upstream(&mut self, index: usize, to: SocketAddr) -> std::io::Result<()> {
-        let any: SocketAddr = if to.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        let link = crate::engine::link_of(index);
+        let tls = match self.shared.upstream_transports.get(link) {
+            Some(Transport::Tcp) => None,
+            Some(Transport::Tls(t)) => Some(t.clone()),
+            Some(Transport::Udp) | None => {
+                let any: SocketAddr = if to.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = UdpSocket::bind(any)?;
+                s.connect(to)?;
+                s.set_nonblocking(true)?;
+                // Replies of up to 256 requests can arrive in one burst.
+                let _ = socket2::SockRef::from(&s).set_recv_buffer_size(1 << 20);
+                self.poller.add(&s, token(UPSTREAM, index))?;
+                put(&mut self.upstreams, index, UpstreamSocket::Udp(s));
+                return Ok(());
+            }
         };
-        let s = UdpSocket::bind(any)?;
-        s.connect(to)?;
-        s.set_nonblocking(true)?;
-        // Replies of up to 256 requests can arrive in one burst.
-        let _ = socket2::SockRef::from(&s).set_recv_buffer_size(1 << 20);
-        self.poller.add(&s, token(UPSTREAM, index))?;
-        put(&mut self.upstreams, index, s);
+        let now = Instant::now();
+        let conn = UpstreamConn::connect(to, tls, token(UPSTREAM, index), &self.poller, now)?;
+        put(
+            &mut self.upstreams,
+            index,
+            UpstreamSocket::Stream(Box::new(conn)),
+        );
         Ok(())
     }
 
     fn close_upstream(&mut self, index: usize) {
-        if let Some(s) = self.upstreams.get_mut(index).and_then(Option::take) {
-            self.poller.remove(&s);
+        match self.upstreams.get_mut(index).and_then(Option::take) {
+            Some(UpstreamSocket::Udp(s)) => self.poller.remove(&s),
+            Some(UpstreamSocket::Stream(mut c)) => c.close(&self.poller, Instant::now(), "idle"),
+            None => {}
         }
     }
 
@@ -248,6 +272,13 @@ pub(crate) fn run(
             if let Front::Tcp(t) = &mut w.io.front {
                 t.sweep(now);
             }
+        }
+        if shared
+            .upstream_transports
+            .iter()
+            .any(|t| !matches!(t, Transport::Udp))
+        {
+            w.reconnect_upstreams(now);
         }
         w.flush(now);
         let wait = w.engine.poll_timeout().saturating_duration_since(now);
@@ -389,14 +420,38 @@ impl Worker {
     }
 
     fn read_upstream(&mut self, now: Instant, index: usize) {
+        match self.io.upstreams.get_mut(index).and_then(Option::as_mut) {
+            Some(UpstreamSocket::Udp(_)) => {}
+            Some(UpstreamSocket::Stream(c)) => {
+                let ready = c.on_ready(&mut self.buf, &self.io.poller, now);
+                for reply in &ready.replies {
+                    self.engine.handle_upstream(now, index, reply);
+                }
+                if ready.closed {
+                    // Its requests go anew, on the next connection.
+                    self.engine.handle_upstream_closed(now, index, &mut self.io);
+                }
+                return;
+            }
+            None => return,
+        }
         for _ in 0..READ_BUDGET {
-            let Some(sock) = self.io.upstreams.get(index).and_then(Option::as_ref) else {
+            let Some(Some(UpstreamSocket::Udp(sock))) = self.io.upstreams.get(index) else {
                 return;
             };
             let Ok(n) = sock.recv(&mut self.buf) else {
                 return;
             };
             self.engine.handle_upstream(now, index, &self.buf[..n]);
+        }
+    }
+
+    /// Connections to upstreams that closed are made again once their backoff passed.
+    fn reconnect_upstreams(&mut self, now: Instant) {
+        for u in self.io.upstreams.iter_mut().flatten() {
+            if let UpstreamSocket::Stream(c) = u {
+                c.poll(&self.io.poller, now);
+            }
         }
     }
 
@@ -428,9 +483,22 @@ impl Worker {
         let mut failed: Vec<At> = Vec::new();
         for group in t.upstream.chunk_by(|a, b| a.0.socket == b.0.socket) {
             let index = group[0].0.socket;
-            let Some(sock) = self.io.upstreams.get(index).and_then(Option::as_ref) else {
-                failed.extend(group.iter().map(|g| g.0));
-                continue;
+            let sock = match self.io.upstreams.get_mut(index).and_then(Option::as_mut) {
+                Some(UpstreamSocket::Udp(sock)) => sock,
+                Some(UpstreamSocket::Stream(c)) => {
+                    for &(at, off, len) in group {
+                        if c.send(t.data(off, len), &self.io.poller) {
+                            metrics.forwarded.inc();
+                        } else {
+                            failed.push(at);
+                        }
+                    }
+                    continue;
+                }
+                None => {
+                    failed.extend(group.iter().map(|g| g.0));
+                    continue;
+                }
             };
             let batch: Vec<socket::Outgoing<'_>> = group
                 .iter()
@@ -440,7 +508,7 @@ impl Worker {
                     data: t.data(off, len),
                 })
                 .collect();
-            let sent = socket::send_batch(sock, &batch, |i, e| {
+            let sent = socket::send_batch(&*sock, &batch, |i, e| {
                 debug!(error = %e, "request not sent upstream");
                 failed.push(group[i].0);
             });

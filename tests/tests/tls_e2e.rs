@@ -98,14 +98,53 @@ impl Drop for Radsecproxy {
     }
 }
 
+/// radsecproxy in `ns` on the configuration `conf` (logging beside it); returns once
+/// something listens on `listening` in `ss -lnu` (UDP) or `ss -lnt` (TCP) terms.
+fn start_radsecproxy(
+    ns: &NetNs,
+    pki: &std::path::Path,
+    tag: &str,
+    conf: &str,
+    (flag, listening): (&str, &str),
+) -> Radsecproxy {
+    let path = pki.join(format!("radsecproxy-{tag}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "LogLevel 3\nLogDestination file://{}/radsecproxy-{tag}.log\n{conf}",
+            pki.display()
+        ),
+    )
+    .unwrap();
+    let child = ns
+        .command("radsecproxy")
+        .args(["-f", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("radsecproxy starts");
+    let child = Radsecproxy(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let out = ns.command("ss").arg(flag).output().unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&format!("{listening} ")) {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("radsecproxy does not listen on {listening} after 10 s");
+}
+
 /// radsecproxy in `ns`: UDP from radclient on 127.0.0.1:11812, TLS to the sidecar with the
 /// client certificate `cert`; returns once it listens.
 fn radsecproxy(ns: &NetNs, pki: &std::path::Path, cert: &str) -> Radsecproxy {
-    let conf = pki.join(format!("radsecproxy-{cert}.conf"));
-    std::fs::write(
-        &conf,
-        format!(
-            "ListenUDP 127.0.0.1:11812\nLogLevel 3\nLogDestination file://{dir}/radsecproxy-{cert}.log\n\
+    start_radsecproxy(
+        ns,
+        pki,
+        cert,
+        &format!(
+            "ListenUDP 127.0.0.1:11812\n\
              client radclient {{\n host 127.0.0.1\n type udp\n secret {RADCLIENT_SECRET}\n}}\n\
              tls default {{\n CACertificateFile {dir}/ca.pem\n CertificateFile {dir}/{cert}.pem\n \
              CertificateKeyFile {dir}/{cert}.key\n}}\n\
@@ -114,26 +153,8 @@ fn radsecproxy(ns: &NetNs, pki: &std::path::Path, cert: &str) -> Radsecproxy {
              realm * {{\n server sidecar\n}}\n",
             dir = pki.display()
         ),
+        ("-lnu", "127.0.0.1:11812"),
     )
-    .unwrap();
-    let child = ns
-        .command("radsecproxy")
-        .args(["-f", "-c"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("radsecproxy starts");
-    let child = Radsecproxy(child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        let out = ns.command("ss").arg("-uln").output().unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:11812 ") {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("radsecproxy does not listen after 10 s");
 }
 
 fn radclient(ns: &NetNs, input: &str) -> (bool, String) {
@@ -258,4 +279,109 @@ fn bad_certificates_are_refused_at_the_handshake_and_counted() {
     drop(proxy);
     assert!(ok && out.contains("Received Access-Accept"), "{out}");
     drop(s.daemon);
+}
+
+/// The common case of a RadSec sidecar: NASes on UDP, the AAA server over TLS (here
+/// radsecproxy 1.9 as the TLS server, FreeRADIUS behind it). The sidecar presents its client
+/// certificate and checks the server's; when the server restarts, the sidecar connects
+/// again and NASes are answered again.
+#[test]
+fn udp_nases_are_answered_through_an_upstream_over_tls_across_its_restart() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-up-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let _fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        USERS,
+        11812,
+    );
+    let home = |tag: &str| {
+        start_radsecproxy(
+            &topo.sidecar,
+            &pki,
+            tag,
+            &format!(
+                "ListenTLS 127.0.0.1:2084\n\
+                 tls default {{\n CACertificateFile {dir}/ca.pem\n CertificateFile {dir}/server.pem\n \
+                 CertificateKeyFile {dir}/server.key\n}}\n\
+                 client sidecar {{\n host 127.0.0.1\n type tls\n tls default\n secret {RADSEC_SECRET}\n \
+                 CertificateNameCheck off\n}}\n\
+                 server fr {{\n host 127.0.0.1\n port 11812\n type udp\n secret {UPSTREAM_SECRET}\n}}\n\
+                 realm * {{\n server fr\n}}\n",
+                dir = pki.display()
+            ),
+            ("-lnt", "127.0.0.1:2084"),
+        )
+    };
+    let first = home("home-1");
+    let daemon = sidecar_with_config(
+        &topo.sidecar,
+        "tls-up",
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "radsec-home"
+auth = "127.0.0.1:2084"
+transport = "tls"
+secret = "{RADSEC_SECRET}"
+tls_ca = "{dir}/ca.pem"
+tls_certificate = "{dir}/nas.pem"
+tls_key = "{dir}/nas.key"
+timeout_ms = 3000
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{RADCLIENT_SECRET}"
+"#,
+            dir = pki.display()
+        ),
+    );
+    let ask = || {
+        let child = spawn_radclient(
+            &topo.nas1,
+            &[
+                "-x",
+                "-r",
+                "4",
+                "-t",
+                "2",
+                &format!("{SIDECAR1_V4}:1812"),
+                "auth",
+                RADCLIENT_SECRET,
+            ],
+            "User-Name = alice, User-Password = alice-pw\n",
+        );
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = ask();
+    assert!(
+        out.contains("Received Access-Accept") && out.contains("hello alice over tls"),
+        "{out}\n{}\n{}",
+        daemon.log(),
+        std::fs::read_to_string(pki.join("radsecproxy-home-1.log")).unwrap_or_default()
+    );
+    assert!(daemon.log().contains("upstream connection open"));
+    // The server goes away and comes back: the sidecar connects again.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let _second = home("home-2");
+    let out = ask();
+    assert!(
+        out.contains("Received Access-Accept"),
+        "{out}\n{}",
+        daemon.log()
+    );
+    drop(daemon);
 }

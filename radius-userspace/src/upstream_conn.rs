@@ -1,0 +1,307 @@
+//! Upstreams over RADIUS/TCP (RFC 6613) or RADIUS/TLS (RFC 6614): one connection per socket
+//! index of the engine's request table (so 256 Identifiers each, and another connection
+//! when they are all in flight), connected without blocking. Requests written while it
+//! connects wait in its buffer; when it closes, the worker tells the engine (which sends
+//! that connection's requests anew) and the connection is made again after a backoff that
+//! doubles up to [`MAX_BACKOFF`].
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::{ClientConnection, pki_types::ServerName};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tracing::{debug, info};
+
+use crate::{socket::Poller, stream::Deframer};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Requests a connection may hold unsent before it counts as failed.
+const MAX_UNSENT: usize = 4 << 20;
+
+/// The TLS side of an upstream: its client configuration and the name to verify.
+pub type TlsClient = (Arc<rustls::ClientConfig>, ServerName<'static>);
+
+/// How an upstream is reached.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls(TlsClient),
+}
+
+/// One connection to an upstream.
+pub struct UpstreamConn {
+    to: SocketAddr,
+    tls: Option<TlsClient>,
+    token: u64,
+    stream: Option<TcpStream>,
+    session: Option<Box<ClientConnection>>,
+    connected: bool,
+    deframer: Deframer,
+    unsent: Vec<u8>,
+    unsent_from: usize,
+    want_write: bool,
+    /// When to connect again, after a close.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// What a connection's readiness gave: replies, and whether it closed.
+#[derive(Default)]
+pub struct Readiness {
+    pub replies: Vec<Vec<u8>>,
+    pub closed: bool,
+}
+
+impl UpstreamConn {
+    /// Starts connecting to `to`.
+    pub fn connect(
+        to: SocketAddr,
+        tls: Option<TlsClient>,
+        token: u64,
+        poller: &Poller,
+        now: Instant,
+    ) -> std::io::Result<Self> {
+        let mut c = Self {
+            to,
+            tls,
+            token,
+            stream: None,
+            session: None,
+            connected: false,
+            deframer: Deframer::default(),
+            unsent: Vec::new(),
+            unsent_from: 0,
+            want_write: false,
+            retry_at: None,
+            backoff: FIRST_BACKOFF,
+        };
+        c.open(poller, now)?;
+        Ok(c)
+    }
+
+    fn open(&mut self, poller: &Poller, now: Instant) -> std::io::Result<()> {
+        let s = Socket::new(
+            Domain::for_address(self.to),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        s.set_nonblocking(true)?;
+        s.set_tcp_nodelay(true)?;
+        match s.connect(&SockAddr::from(self.to)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => {
+                self.retry_at = Some(now + self.backoff);
+                return Err(e);
+            }
+        }
+        let stream: TcpStream = s.into();
+        poller.add(&stream, self.token)?;
+        // Writable once connected.
+        poller.watch_writable(&stream, self.token, true)?;
+        self.want_write = true;
+        self.session = match &self.tls {
+            None => None,
+            Some((config, name)) => Some(Box::new(
+                ClientConnection::new(config.clone(), name.clone())
+                    .map_err(std::io::Error::other)?,
+            )),
+        };
+        self.stream = Some(stream);
+        self.connected = false;
+        self.retry_at = None;
+        Ok(())
+    }
+
+    /// Queues a request; false when the connection holds too much already.
+    pub fn send(&mut self, data: &[u8], poller: &Poller) -> bool {
+        if self.stream.is_none() || self.unsent.len() - self.unsent_from > MAX_UNSENT {
+            return false;
+        }
+        match self.session.as_deref_mut() {
+            None => self.unsent.extend_from_slice(data),
+            Some(s) => {
+                let _ = s.writer().write_all(data);
+                drain(s, &mut self.unsent);
+            }
+        }
+        if self.connected {
+            self.write_out(poller);
+        }
+        true
+    }
+
+    /// The socket is ready: the connection completes, replies are read, queued requests go.
+    pub fn on_ready(&mut self, buf: &mut [u8], poller: &Poller, now: Instant) -> Readiness {
+        let mut out = Readiness::default();
+        if !self.connected {
+            let state = match self.stream.as_ref() {
+                None => return out,
+                Some(s) => match s.take_error() {
+                    Ok(None) => s.peer_addr().is_ok().then_some(true),
+                    _ => Some(false),
+                },
+            };
+            match state {
+                // Still connecting.
+                None => return out,
+                Some(true) => {
+                    self.connected = true;
+                    self.backoff = FIRST_BACKOFF;
+                    info!(upstream = %self.to, tls = self.tls.is_some(), "upstream connection open");
+                }
+                Some(false) => {
+                    self.close(poller, now, "connect failed");
+                    out.closed = true;
+                    return out;
+                }
+            }
+        }
+        let failed = self.read_all(buf, now, &mut out.replies);
+        if failed {
+            self.close(poller, now, "closed");
+            out.closed = true;
+            return out;
+        }
+        if let Some(s) = self.session.as_deref_mut() {
+            drain(s, &mut self.unsent);
+        }
+        self.write_out(poller);
+        out
+    }
+
+    /// Reads what the socket has into the deframer and the replies; true when the
+    /// connection failed or closed.
+    fn read_all(&mut self, buf: &mut [u8], now: Instant, replies: &mut Vec<Vec<u8>>) -> bool {
+        let Some(stream) = self.stream.as_mut() else {
+            return true;
+        };
+        let mut failed = false;
+        for _ in 0..8 {
+            let n = match stream.read(buf) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            };
+            match self.session.as_deref_mut() {
+                None => self.deframer.push(&buf[..n], now),
+                Some(s) => {
+                    if read_tls(s, &buf[..n], &mut self.deframer, now).is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            match self.deframer.next_packet() {
+                Ok(Some(p)) => replies.push(p.to_vec()),
+                Ok(None) => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        self.deframer.compact();
+        failed
+    }
+
+    fn write_out(&mut self, poller: &Poller) {
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        while self.unsent_from < self.unsent.len() {
+            match stream.write(&self.unsent[self.unsent_from..]) {
+                Ok(0) => break,
+                Ok(n) => self.unsent_from += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let pending = self.unsent_from < self.unsent.len();
+        if !pending {
+            self.unsent.clear();
+            self.unsent_from = 0;
+        }
+        if pending != self.want_write {
+            self.want_write =
+                poller.watch_writable(&*stream, self.token, pending).is_ok() && pending;
+        }
+    }
+
+    /// Drops the connection; what it held is lost (the engine sends its requests anew).
+    pub fn close(&mut self, poller: &Poller, now: Instant, why: &str) {
+        if let Some(s) = self.stream.take() {
+            poller.remove(&s);
+            debug!(upstream = %self.to, why, "upstream connection closed");
+        }
+        self.session = None;
+        self.connected = false;
+        self.deframer = Deframer::default();
+        self.unsent.clear();
+        self.unsent_from = 0;
+        self.want_write = false;
+        self.retry_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Connects again once its backoff has passed.
+    pub fn poll(&mut self, poller: &Poller, now: Instant) {
+        if self.stream.is_none()
+            && self.retry_at.is_some_and(|t| now >= t)
+            && let Err(e) = self.open(poller, now)
+        {
+            debug!(upstream = %self.to, error = %e, "upstream connection not made");
+            self.retry_at = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+fn drain(s: &mut ClientConnection, out: &mut Vec<u8>) {
+    while s.wants_write() {
+        if s.write_tls(out).is_err() {
+            break;
+        }
+    }
+}
+
+fn read_tls(
+    s: &mut ClientConnection,
+    mut bytes: &[u8],
+    deframer: &mut Deframer,
+    now: Instant,
+) -> Result<(), ()> {
+    let mut plain = [0u8; 4096];
+    while !bytes.is_empty() {
+        s.read_tls(&mut bytes).map_err(|_| ())?;
+        if let Err(e) = s.process_new_packets() {
+            info!(error = %e, "upstream TLS failed");
+            return Err(());
+        }
+        loop {
+            match s.reader().read(&mut plain) {
+                Ok(0) => return Err(()),
+                Ok(m) => deframer.push(&plain[..m], now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(()),
+            }
+        }
+    }
+    Ok(())
+}
