@@ -26,6 +26,7 @@ use crate::{
     shared::{self, Common, Shared, lock},
     socket::{self, SteeringPath},
     upstream::Upstream,
+    upstream_conn::Transport,
     worker,
 };
 
@@ -145,17 +146,15 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     });
 
     let mut tasks = JoinSet::new();
-    for u in &upstreams {
-        if u.stream {
-            // Status-Server over a stream (the RFC 3539 watchdog) is not made yet: its
-            // health moves on its answers alone.
-            info!(upstream = %u.name, addr = %u.auth, "upstream over a stream: no Status-Server probes");
-            metrics.set_upstream_state(&u.name, 0);
-            continue;
-        }
-        tokio::spawn(probe_upstream(u.clone()));
+    for (u, transport) in upstreams.iter().zip(&shared.upstream_transports) {
+        tokio::spawn(probe_upstream(u.clone(), transport.clone()));
         metrics.set_upstream_state(&u.name, 0);
-        tasks.spawn(watch_upstream(u.clone(), metrics.clone(), cancel.clone()));
+        tasks.spawn(watch_upstream(
+            u.clone(),
+            transport.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ));
     }
     for &Listener { addr, role } in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
@@ -362,11 +361,75 @@ async fn forward_ebpf_logs(logger: crate::fastpath::EbpfLogger, cancel: Cancella
     }
 }
 
-/// Asks an upstream once, at start, whether it is there (RFC 5997 Status-Server), and says
-/// so plainly either way: a missing or misconfigured AAA server should not look like NASes
-/// timing out.
-/// One Status-Server (RFC 5997) to `u`, answered and verified within `wait`.
-async fn status_server_once(u: &Upstream, wait: Duration) -> Result<(), String> {
+/// One Status-Server (RFC 5997) to `u`, answered and verified within `wait`: a datagram,
+/// or over TCP/TLS a connection of its own (the workers' connections carry requests only).
+async fn status_server_once(
+    u: &Arc<Upstream>,
+    transport: &Transport,
+    wait: Duration,
+) -> Result<(), String> {
+    let tls = match transport {
+        Transport::Udp => return udp_status_server(u, wait).await,
+        Transport::Tcp => None,
+        Transport::Tls(t) => Some(t.clone()),
+    };
+    let u = u.clone();
+    tokio::task::spawn_blocking(move || stream_status_server(&u, tls, wait))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Status-Server over a connection of its own, blocking (on the runtime's blocking pool).
+fn stream_status_server(
+    u: &Upstream,
+    tls: Option<crate::upstream_conn::TlsClient>,
+    wait: Duration,
+) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let mut buf = [0u8; 4096];
+    let (req, auth) = {
+        let p =
+            crate::codec::edit::status_server(&mut buf, 0, &u.secret).map_err(|e| e.to_string())?;
+        (p.as_bytes().to_vec(), p.authenticator())
+    };
+    let sock = std::net::TcpStream::connect_timeout(&u.auth, wait).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    trait Stream: std::io::Read + std::io::Write {}
+    impl<T: std::io::Read + std::io::Write> Stream for T {}
+    let mut stream: Box<dyn Stream> = match tls {
+        None => Box::new(sock),
+        Some((config, name)) => Box::new(rustls::StreamOwned::new(
+            rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?,
+            sock,
+        )),
+    };
+    stream.write_all(&req).map_err(|e| e.to_string())?;
+    stream.flush().map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let len = loop {
+        if got.len() >= 4 {
+            let len = usize::from(u16::from_be_bytes([got[2], got[3]]));
+            if got.len() >= len {
+                break len;
+            }
+        }
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the connection closed without an answer".into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    };
+    let reply = crate::codec::Packet::parse(&got[..len]).map_err(|e| e.to_string())?;
+    crate::codec::auth::verify(&reply, &u.secret, Some(&auth))
+        .map_err(|e| format!("an answer that does not verify ({e}): check the secret"))?;
+    Ok(())
+}
+
+/// One Status-Server datagram to `u`.
+async fn udp_status_server(u: &Upstream, wait: Duration) -> Result<(), String> {
     let any: SocketAddr = if u.auth.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -393,7 +456,12 @@ async fn status_server_once(u: &Upstream, wait: Duration) -> Result<(), String> 
 
 /// Probes `u` with Status-Server every `check_interval` while it is a zombie or dead, moves
 /// its health on the answers, and keeps its state in the metrics.
-async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+async fn watch_upstream(
+    u: Arc<Upstream>,
+    transport: Transport,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     use crate::upstream::State;
     let mut tick = tokio::time::interval(u.options.check_interval);
     let mut last = State::Alive;
@@ -405,7 +473,7 @@ async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: Cancell
         let state = u.health.state();
         if state != State::Alive {
             let wait = u.options.check_interval.min(Duration::from_secs(2));
-            let answered = status_server_once(&u, wait).await.is_ok();
+            let answered = status_server_once(&u, &transport, wait).await.is_ok();
             u.health
                 .on_probe(answered, std::time::Instant::now(), &u.options.health);
         }
@@ -426,9 +494,11 @@ async fn watch_upstream(u: Arc<Upstream>, metrics: Arc<Metrics>, cancel: Cancell
     }
 }
 
-/// Asks an upstream once, at start, whether it is there, and says so plainly either way.
-async fn probe_upstream(u: Arc<Upstream>) {
-    let outcome = status_server_once(&u, Duration::from_secs(2)).await;
+/// Asks an upstream once, at start, whether it is there (RFC 5997 Status-Server), and says
+/// so plainly either way: a missing or misconfigured AAA server should not look like NASes
+/// timing out.
+async fn probe_upstream(u: Arc<Upstream>, transport: Transport) {
+    let outcome = status_server_once(&u, &transport, Duration::from_secs(2)).await;
     match outcome {
         Ok(()) => info!(upstream = %u.name, addr = %u.auth, "upstream answers Status-Server"),
         Err(why) => warn!(

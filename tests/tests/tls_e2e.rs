@@ -347,6 +347,12 @@ secret = "{RADCLIENT_SECRET}"
             dir = pki.display()
         ),
     );
+    let mut daemon = daemon;
+    assert!(
+        daemon.wait_for_log("upstream answers Status-Server", Duration::from_secs(5)),
+        "the start-up probe goes over TLS too: {}",
+        daemon.log()
+    );
     let ask = || {
         let child = spawn_radclient(
             &topo.nas1,
