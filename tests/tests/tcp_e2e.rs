@@ -1,5 +1,6 @@
 //! End to end, RADIUS/TCP (RFC 6613): radclient over TCP in its own namespace, through the
-//! sidecar's TCP listener, to a real FreeRADIUS on UDP; and the bounds a listener keeps
+//! sidecar's TCP listener (beside UDP on the same port, with the fast path on), to a real
+//! FreeRADIUS on UDP; and the bounds a listener keeps
 //! against connections that cost without asking anything (silent, half a packet, a length
 //! RADIUS does not allow, sources that are no client), while a good NAS is served
 //! throughout. Run as root.
@@ -34,19 +35,20 @@ fn setup() -> Setup {
         USERS,
         11812,
     );
-    // nas2's network is no client: its connections are refused at accept.
+    // nas2's network is no client: its connections are refused at accept. UDP on the same
+    // port, with the fast path steering it, beside TCP.
     let daemon = sidecar_with_config(
         &topo.sidecar,
         "tcp",
         &format!(
             r#"[server]
-listen = ["127.0.0.1:1812"]
+listen = ["0.0.0.0:1812"]
 listen_tcp = ["0.0.0.0:1812", "0.0.0.0:1813"]
 tcp_timeout = 1
 max_connections_per_source = 4
 workers = 1
-iface = "none"
-ebpf = "off"
+iface = "sc1"
+ebpf = "require"
 metrics = "{METRICS}"
 
 [[upstream]]
@@ -171,6 +173,15 @@ fn radclient_over_tcp_is_answered_by_freeradius_on_udp() {
         ok && out.matches("Received Access-Accept").count() == 3,
         "{out}"
     );
+    // The same NAS on UDP to the same port, steered by the fast path meanwhile.
+    let child = spawn_radclient(
+        &s.topo.nas1,
+        &["-x", "-r", "2", "-t", "2", &to_auth, "auth", NAS_SECRET],
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    let udp = String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned();
+    assert!(udp.contains("Received Access-Accept"), "{udp}");
+    assert_eq!(metric(&s.topo.sidecar, METRICS, "radius_fast_path"), 1);
     let accepted = metric(
         &s.topo.sidecar,
         METRICS,
