@@ -956,28 +956,28 @@ impl Engine {
     /// Replies read on upstream socket `socket`: checked, re-signed for its NAS and queued
     /// for it.
     pub fn handle_upstream(&mut self, now: Instant, socket: usize, data: &[u8]) {
-        let Some(upstream) = self.common.upstreams.get(link_of(socket)).cloned() else {
+        // Borrowed field by field, not cloned: this runs for every reply, and an Arc shared
+        // by all workers would bounce its count between their cores.
+        let common = &*self.common;
+        let Some(upstream) = common.upstreams.get(link_of(socket)) else {
             return;
         };
-        let common = self.common.clone();
         if data.len() < codec::HEADER_LEN {
-            self.count(Count::Dropped("reply_malformed"));
+            common.counters.count(Count::Dropped("reply_malformed"));
             return;
         }
         let at = At {
             socket,
             id: data[1],
         };
-        if self.requests.get(at).is_none() {
-            self.count(Count::Dropped("reply_unknown_id"));
-            return;
-        }
-        let n = self.take_request(data);
         let Some(pending) = self.requests.get(at) else {
+            common.counters.count(Count::Dropped("reply_unknown_id"));
             return;
         };
+        let n = data.len().min(self.buf.len());
+        self.buf[..n].copy_from_slice(&data[..n]);
         let len =
-            match proxy::process_reply(&mut self.buf, n, &upstream, pending, &common.proxy_state) {
+            match proxy::process_reply(&mut self.buf, n, upstream, pending, &common.proxy_state) {
                 Ok(r) => {
                     if r.learnt_upstream_signs {
                         common.counters.signs("upstream", &upstream.name);
@@ -992,14 +992,14 @@ impl Engine {
                 }
                 // A forged or broken reply does not cancel the request: the real one may follow.
                 Err(e) => {
-                    self.count(Count::Dropped(e.reason()));
+                    common.counters.count(Count::Dropped(e.reason()));
                     warn!(upstream = %upstream.name, error = %e, "reply dropped");
                     return;
                 }
             };
         upstream.health.on_answer(now);
         let Some((done, send_to)) = end_request(
-            &common,
+            common,
             &mut self.requests,
             &mut self.flows,
             at,

@@ -30,6 +30,7 @@ use crate::{
     metrics::{ConnectionLabel, Metrics, TransportLabel},
     socket::Poller,
     stream::Deframer,
+    tls,
 };
 
 /// Bytes of answers a connection may leave unread before it is closed as a slow reader.
@@ -77,17 +78,8 @@ impl Connection {
             None => self.unsent.extend_from_slice(data),
             Some(tls) => {
                 let _ = tls.writer().write_all(data);
-                drain_tls(tls, &mut self.unsent);
+                tls::drain(tls, &mut self.unsent);
             }
-        }
-    }
-}
-
-/// Moves what a TLS session has to send (records, alerts, handshake) into `out`.
-fn drain_tls(tls: &mut ServerConnection, out: &mut Vec<u8>) {
-    while tls.wants_write() {
-        if tls.write_tls(out).is_err() {
-            break;
         }
     }
 }
@@ -276,7 +268,7 @@ impl TcpFront {
                 c.deframer.push(&buf[..n], now);
                 continue;
             };
-            if let Err(reason) = read_tls(tls, &buf[..n], &mut c.deframer, now) {
+            if let Err(reason) = tls::read_records(tls, &buf[..n], &mut c.deframer, now) {
                 if reason != "peer" {
                     info!(remote = %c.remote, transport, reason, "TLS connection refused");
                 }
@@ -299,7 +291,7 @@ impl TcpFront {
         }
         if let Some(tls) = c.tls.as_deref_mut() {
             // Handshake messages, or the alert that tells the peer why it is refused.
-            drain_tls(tls, &mut c.unsent);
+            tls::drain(tls, &mut c.unsent);
         }
         self.write_out(i, poller);
         closing
@@ -527,32 +519,6 @@ fn identify(
         .and_then(|c| c.first())
         .ok_or("no_certificate")?;
     crate::tls::check_peer(&client.certificate, der)
-}
-
-/// Bytes read from a TLS connection: records into the session, plaintext into the
-/// deframer. `Err(reason)` when the connection must close.
-fn read_tls(
-    tls: &mut ServerConnection,
-    mut bytes: &[u8],
-    deframer: &mut Deframer,
-    now: Instant,
-) -> Result<(), &'static str> {
-    let mut plain = [0u8; 4096];
-    while !bytes.is_empty() {
-        tls.read_tls(&mut bytes).map_err(|_| "tls_error")?;
-        tls.process_new_packets()
-            .map_err(|e| crate::tls::failure_reason(&e))?;
-        loop {
-            match tls.reader().read(&mut plain) {
-                // close_notify: the peer is done.
-                Ok(0) => return Err("peer"),
-                Ok(m) => deframer.push(&plain[..m], now),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err("peer"),
-            }
-        }
-    }
-    Ok(())
 }
 
 /// An IPv4 peer of a dual-stack socket as IPv4, so it matches the client table.

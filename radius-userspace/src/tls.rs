@@ -124,6 +124,45 @@ pub fn check_peer(required: &CertificateMatch, der: &[u8]) -> Result<(), &'stati
     if named { Ok(()) } else { Err("name_mismatch") }
 }
 
+/// Moves what a TLS session (of a listener's connection or an upstream's) has to send:
+/// records, alerts, handshake messages, into `out`.
+pub fn drain<D>(session: &mut rustls::ConnectionCommon<D>, out: &mut Vec<u8>) {
+    while session.wants_write() {
+        if session.write_tls(out).is_err() {
+            break;
+        }
+    }
+}
+
+/// Bytes read from a TLS connection: records into the session, plaintext into the
+/// deframer. `Err` is why the connection must close (the metric label; `"peer"` when the
+/// peer said goodbye).
+pub fn read_records<D>(
+    session: &mut rustls::ConnectionCommon<D>,
+    mut bytes: &[u8],
+    deframer: &mut crate::stream::Deframer,
+    now: std::time::Instant,
+) -> Result<(), &'static str> {
+    use std::io::Read as _;
+    let mut plain = [0u8; 4096];
+    while !bytes.is_empty() {
+        session.read_tls(&mut bytes).map_err(|_| "tls_error")?;
+        session
+            .process_new_packets()
+            .map_err(|e| failure_reason(&e))?;
+        loop {
+            match session.reader().read(&mut plain) {
+                // close_notify: the peer is done.
+                Ok(0) => return Err("peer"),
+                Ok(m) => deframer.push(&plain[..m], now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err("peer"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// ring, whose provider rustls marks deprecated for its lack of post-quantum key exchange;
 /// aws-lc-rs has it but builds with cmake and NASM. RADIUS peers (FreeRADIUS 3.2,
 /// radsecproxy 1.9) offer no post-quantum group either.

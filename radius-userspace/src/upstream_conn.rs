@@ -16,7 +16,7 @@ use rustls::{ClientConnection, pki_types::ServerName};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info};
 
-use crate::{socket::Poller, stream::Deframer};
+use crate::{socket::Poller, stream::Deframer, tls};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -128,7 +128,7 @@ impl UpstreamConn {
             None => self.unsent.extend_from_slice(data),
             Some(s) => {
                 let _ = s.writer().write_all(data);
-                drain(s, &mut self.unsent);
+                tls::drain(s, &mut self.unsent);
             }
         }
         if self.connected {
@@ -170,7 +170,7 @@ impl UpstreamConn {
             return out;
         }
         if let Some(s) = self.session.as_deref_mut() {
-            drain(s, &mut self.unsent);
+            tls::drain(s, &mut self.unsent);
         }
         self.write_out(poller);
         out
@@ -200,7 +200,10 @@ impl UpstreamConn {
             match self.session.as_deref_mut() {
                 None => self.deframer.push(&buf[..n], now),
                 Some(s) => {
-                    if read_tls(s, &buf[..n], &mut self.deframer, now).is_err() {
+                    if let Err(reason) = tls::read_records(s, &buf[..n], &mut self.deframer, now) {
+                        if reason != "peer" {
+                            info!(upstream = %self.to, reason, "upstream TLS failed");
+                        }
                         failed = true;
                         break;
                     }
@@ -271,37 +274,4 @@ impl UpstreamConn {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
-}
-
-fn drain(s: &mut ClientConnection, out: &mut Vec<u8>) {
-    while s.wants_write() {
-        if s.write_tls(out).is_err() {
-            break;
-        }
-    }
-}
-
-fn read_tls(
-    s: &mut ClientConnection,
-    mut bytes: &[u8],
-    deframer: &mut Deframer,
-    now: Instant,
-) -> Result<(), ()> {
-    let mut plain = [0u8; 4096];
-    while !bytes.is_empty() {
-        s.read_tls(&mut bytes).map_err(|_| ())?;
-        if let Err(e) = s.process_new_packets() {
-            info!(error = %e, "upstream TLS failed");
-            return Err(());
-        }
-        loop {
-            match s.reader().read(&mut plain) {
-                Ok(0) => return Err(()),
-                Ok(m) => deframer.push(&plain[..m], now),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(()),
-            }
-        }
-    }
-    Ok(())
 }

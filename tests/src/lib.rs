@@ -659,6 +659,20 @@ pub fn spawn_radclient(ns: &NetNs, args: &[&str], input: &str) -> Child {
     child
 }
 
+/// Runs radclient in `ns` (as [`spawn_radclient`]) to its end: whether it succeeded, and
+/// what it printed (stdout, then stderr).
+pub fn run_radclient(ns: &NetNs, args: &[&str], input: &str) -> (bool, String) {
+    let out = spawn_radclient(ns, args, input)
+        .wait_with_output()
+        .expect("radclient ends");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Replaces the text between the `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` lines
 /// of the Markdown file `path` with `table`, or appends a section titled `heading`.
 pub fn splice_markdown(

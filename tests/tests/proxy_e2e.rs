@@ -90,18 +90,11 @@ require_message_authenticator = true
 
 /// Runs radclient in `ns` and returns (exit success, stdout).
 fn radclient(ns: &NetNs, target: &str, kind: &str, secret: &str, input: &str) -> (bool, String) {
-    let child = spawn_radclient(
+    run_radclient(
         ns,
         &["-x", "-r", "2", "-t", "2", target, kind, secret],
         input,
-    );
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    )
 }
 
 fn nas_requests_are_answered_under_each_nas_secret(fast: bool) {

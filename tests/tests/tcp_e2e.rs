@@ -80,20 +80,13 @@ secret = "{NAS_SECRET}"
 
 /// radclient over TCP from `ns`; (exit success, output).
 fn radclient_tcp(ns: &NetNs, target: &str, kind: &str, input: &str) -> (bool, String) {
-    let child = spawn_radclient(
+    run_radclient(
         ns,
         &[
             "-x", "-P", "tcp", "-r", "1", "-t", "3", target, kind, NAS_SECRET,
         ],
         input,
-    );
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    )
 }
 
 fn closed(ns: &NetNs, reason: &str) -> u64 {

@@ -158,7 +158,7 @@ fn radsecproxy(ns: &NetNs, pki: &std::path::Path, cert: &str) -> Radsecproxy {
 }
 
 fn radclient(ns: &NetNs, input: &str) -> (bool, String) {
-    let child = spawn_radclient(
+    run_radclient(
         ns,
         &[
             "-x",
@@ -171,14 +171,7 @@ fn radclient(ns: &NetNs, input: &str) -> (bool, String) {
             RADCLIENT_SECRET,
         ],
         input,
-    );
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    )
 }
 
 fn closed(ns: &NetNs, reason: &str) -> u64 {
