@@ -438,7 +438,7 @@ pub fn program_loaded(name: &str) -> bool {
 }
 
 /// What a private FreeRADIUS is given on top of Debian's configuration.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct FreeRadiusSetup<'a> {
     /// (address or prefix, secret).
     pub clients: &'a [(&'a str, &'a str)],
@@ -448,6 +448,21 @@ pub struct FreeRadiusSetup<'a> {
     pub auth_port: u16,
     /// A whole `proxy.conf` (home servers, pools, realms), for FreeRADIUS as a proxy.
     pub proxy_conf: Option<&'a str>,
+    /// A RadSec listener (its `tls` site) beside the UDP ones.
+    pub tls: Option<FreeRadiusTls<'a>>,
+}
+
+/// FreeRADIUS as a RADIUS/TLS server (RFC 6614): a `proto = tcp` listener with a `tls`
+/// block on 127.0.0.1, whose clients must present a certificate of `ca` and use the
+/// secret `radsec`.
+#[derive(Clone, Copy)]
+pub struct FreeRadiusTls<'a> {
+    pub port: u16,
+    pub certificate: &'a Path,
+    pub key: &'a Path,
+    pub ca: &'a Path,
+    /// Addresses or prefixes allowed to connect.
+    pub clients: &'a [&'a str],
 }
 
 /// A private FreeRADIUS (Debian's package) in a namespace: the packaged configuration copied
@@ -472,7 +487,7 @@ impl FreeRadius {
                 clients,
                 users,
                 auth_port,
-                proxy_conf: None,
+                ..Default::default()
             },
         )
     }
@@ -485,6 +500,7 @@ impl FreeRadius {
             users,
             auth_port,
             proxy_conf,
+            tls,
         } = *setup;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("rs-freeradius-{}-{n}", std::process::id()));
@@ -550,6 +566,9 @@ impl FreeRadius {
         if let Some(p) = proxy_conf {
             std::fs::write(dir.join("proxy.conf"), p).expect("proxy.conf");
         }
+        if let Some(t) = tls {
+            std::fs::write(dir.join("sites-enabled/tls"), tls_site(&t)).expect("tls site");
+        }
         let log = File::create(dir.join("stdout.log")).expect("log file");
         let child = ns
             .command("freeradius")
@@ -574,6 +593,29 @@ impl FreeRadius {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
     }
+}
+
+/// The `tls` site of [`FreeRadiusTls`], after Debian's `sites-available/tls`.
+fn tls_site(t: &FreeRadiusTls<'_>) -> String {
+    let mut clients = String::new();
+    for (i, c) in t.clients.iter().enumerate() {
+        clients.push_str(&format!(
+            " client radsec{i} {{\n  ipaddr = {c}\n  proto = tls\n  secret = radsec\n }}\n"
+        ));
+    }
+    format!(
+        "listen {{\n ipaddr = 127.0.0.1\n port = {port}\n type = auth+acct\n proto = tcp\n \
+         virtual_server = default\n clients = radsec\n \
+         limit {{\n  max_connections = 64\n  lifetime = 0\n  idle_timeout = 30\n }}\n \
+         tls {{\n  private_key_file = {key}\n  certificate_file = {cert}\n  ca_file = {ca}\n  \
+         fragment_size = 8192\n  cipher_list = \"DEFAULT\"\n  tls_min_version = \"1.2\"\n  \
+         tls_max_version = \"1.3\"\n  require_client_cert = yes\n }}\n}}\n\
+         clients radsec {{\n{clients}}}\n",
+        port = t.port,
+        key = t.key.display(),
+        cert = t.certificate.display(),
+        ca = t.ca.display(),
+    )
 }
 
 impl Drop for FreeRadius {

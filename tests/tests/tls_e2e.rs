@@ -16,6 +16,8 @@ const RADCLIENT_SECRET: &str = "radclient-to-radsecproxy";
 
 const USERS: &str = r#"alice	Cleartext-Password := "alice-pw"
 	Reply-Message := "hello alice over tls"
+
+bob	Cleartext-Password := "bob-pw"
 "#;
 
 struct Setup {
@@ -383,4 +385,172 @@ secret = "{RADCLIENT_SECRET}"
         daemon.log()
     );
     drop(daemon);
+}
+
+/// FreeRADIUS 3.2.1 as a RadSec home server (its `tls` site) behind the sidecar: radclient
+/// (PAP) and eapol_test (PEAP/MSCHAPv2, whose MS-MPPE keys eapol_test checks) on UDP to the
+/// sidecar, answered over TLS. The keys were hidden by FreeRADIUS with `radsec` and must be
+/// re-hidden for the NAS's secret.
+#[test]
+fn freeradius_as_a_radsec_home_server_answers_udp_nases_pap_and_peap() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-frhome-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let fr = FreeRadius::start_with(
+        &topo.sidecar,
+        &FreeRadiusSetup {
+            clients: &[],
+            users: USERS,
+            auth_port: 11812,
+            tls: Some(FreeRadiusTls {
+                port: 2084,
+                certificate: &pki.join("server.pem"),
+                key: &pki.join("server.key"),
+                ca: &pki.join("ca.pem"),
+                clients: &["127.0.0.1"],
+            }),
+            ..Default::default()
+        },
+    );
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        "tls-frhome",
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius-radsec"
+auth = "127.0.0.1:2084"
+transport = "tls"
+secret = "{RADSEC_SECRET}"
+tls_ca = "{dir}/ca.pem"
+tls_certificate = "{dir}/nas.pem"
+tls_key = "{dir}/nas.key"
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{RADCLIENT_SECRET}"
+"#,
+            dir = pki.display()
+        ),
+    );
+    assert!(
+        daemon.wait_for_log("upstream answers Status-Server", Duration::from_secs(10)),
+        "{}\n{}",
+        daemon.log(),
+        fr.log()
+    );
+    let (ok, out) = run_radclient(
+        &topo.nas1,
+        &[
+            "-x",
+            "-r",
+            "3",
+            "-t",
+            "3",
+            &format!("{SIDECAR1_V4}:1812"),
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    assert!(
+        ok && out.contains("Received Access-Accept") && out.contains("hello alice over tls"),
+        "{out}\n{}\n{}",
+        daemon.log(),
+        fr.log()
+    );
+    let peap = pki.join("peap.conf");
+    std::fs::write(
+        &peap,
+        "network={\n key_mgmt=IEEE8021X\n eap=PEAP\n identity=\"bob\"\n password=\"bob-pw\"\n \
+         phase2=\"auth=MSCHAPV2\"\n eapol_flags=0\n}\n",
+    )
+    .unwrap();
+    let out = topo
+        .nas1
+        .command("eapol_test")
+        .args(["-c", peap.to_str().unwrap(), "-a", SIDECAR1_V4])
+        .args(["-p", "1812", "-s", RADCLIENT_SECRET, "-t", "10"])
+        .output()
+        .expect("eapol_test (package eapoltest)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // eapol_test compares the MPPE keys it derived with those in the Access-Accept.
+    assert!(
+        out.status.success()
+            && text.contains("SUCCESS")
+            && text.contains("MPPE keys OK: 1  mismatch: 0"),
+        "{}\n{}",
+        text.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+        daemon.log()
+    );
+    assert!(
+        fr.log()
+            .contains("-> (127.0.0.1, 2084, virtual-server=default)"),
+        "FreeRADIUS answered over its tls site: {}",
+        fr.log()
+    );
+    drop(daemon);
+}
+
+/// FreeRADIUS 3.2.1 as a RadSec *client* of the sidecar: radclient sends UDP to a FreeRADIUS
+/// proxy in the NAS's network, whose home server (`proto = tcp`, a `tls` block with the
+/// NAS's certificate) is the sidecar's TLS listener; the sidecar answers through the
+/// FreeRADIUS on UDP behind it.
+#[test]
+fn freeradius_as_a_radsec_client_is_answered() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let s = setup("frclient");
+    let dir = s.pki.display();
+    let proxy_conf = format!(
+        "proxy server {{\n default_fallback = no\n}}\n\
+         home_server sidecar {{\n ipaddr = {SIDECAR1_V4}\n port = 2083\n type = auth\n \
+         secret = {RADSEC_SECRET}\n proto = tcp\n status_check = none\n response_window = 5\n \
+         tls {{\n  private_key_file = {dir}/nas.key\n  certificate_file = {dir}/nas.pem\n  \
+         ca_file = {dir}/ca.pem\n  fragment_size = 8192\n  cipher_list = \"DEFAULT\"\n  \
+         connect_timeout = 5\n }}\n}}\n\
+         home_server_pool sidecar_pool {{\n type = fail-over\n home_server = sidecar\n}}\n\
+         realm sidecar {{\n auth_pool = sidecar_pool\n nostrip\n}}\n"
+    );
+    let fr_proxy = FreeRadius::start_with(
+        &s.topo.nas1,
+        &FreeRadiusSetup {
+            clients: &[("127.0.0.1", RADCLIENT_SECRET)],
+            users: "DEFAULT Proxy-To-Realm := \"sidecar\"\n",
+            auth_port: 11812,
+            proxy_conf: Some(&proxy_conf),
+            ..Default::default()
+        },
+    );
+    let (ok, out) = radclient(
+        &s.topo.nas1,
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    assert!(
+        ok && out.contains("Received Access-Accept") && out.contains("hello alice over tls"),
+        "{out}\n{}\n{}",
+        s.daemon.log(),
+        fr_proxy.log()
+    );
+    let (_, out) = radclient(&s.topo.nas1, "User-Name = alice, User-Password = wrong\n");
+    assert!(out.contains("Received Access-Reject"), "{out}");
+    assert!(
+        metric(
+            &s.topo.sidecar,
+            METRICS,
+            "radius_connections_accepted_total{transport=\"tls\"}"
+        ) >= 1
+    );
+    drop(s.daemon);
 }

@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             clients: &[("127.0.0.1", UP_SECRET), ("127.0.2.0/24", NAS_SECRET)],
             users: "bench Cleartext-Password := \"bench-pw\"\n",
             auth_port: FR_PORT,
-            proxy_conf: None,
+            ..Default::default()
         },
     );
     let responders = ns.run(|| {
@@ -404,6 +404,7 @@ upstream = "up"
                     users: "DEFAULT Proxy-To-Realm := \"bench_up\"\n",
                     auth_port: FR_PROXY_PORT,
                     proxy_conf: Some(&proxy_conf),
+                    ..Default::default()
                 },
             );
             (Running::FreeRadius(fr), FR_PROXY_PORT)
@@ -648,7 +649,7 @@ fn failover_run(ns: &NetNs, o: &Opts, proxy: Proxy) -> anyhow::Result<LoadResult
         clients: &[("127.0.0.1", UP_SECRET)],
         users: "bench Cleartext-Password := \"bench-pw\"\n",
         auth_port: port,
-        proxy_conf: None,
+        ..Default::default()
     };
     let fr_a = FreeRadius::start_with(ns, &setup(FO_A));
     let _fr_b = FreeRadius::start_with(ns, &setup(FO_B));
