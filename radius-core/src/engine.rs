@@ -623,15 +623,17 @@ impl Engine {
         let Some(upstream) = sticky.or_else(|| client.pool.pick(hash, None).cloned()) else {
             return;
         };
-        self.forward(now, slot, &client, &upstream, n, io);
+        self.forward(now, now, slot, &client, &upstream, n, io);
     }
 
     /// Prepares the NAS request in `buf[..n]` for `upstream`, gives it an Identifier of one
     /// of this worker's sockets to it, signs it and queues it; the flow's dedup entry then
-    /// points at it. True when it went.
+    /// points at it. Its timeout counts from `since`. True when it went.
+    #[expect(clippy::too_many_arguments, reason = "one request's whole context")]
     fn forward(
         &mut self,
         now: Instant,
+        since: Instant,
         slot: usize,
         client: &Arc<Client>,
         upstream: &Arc<Upstream>,
@@ -693,7 +695,7 @@ impl Engine {
             client: client.clone(),
             prepared,
             up_auth: [0; 16],
-            sent_at: now,
+            sent_at: since,
             reply_to,
             wire: Vec::new(),
             retries: 0,
@@ -817,7 +819,7 @@ impl Engine {
                 let r = p.reply_to;
                 info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
                 if self.flows.of(&r).is_some()
-                    && self.forward(now, r.slot as usize, &p.client, &to, n, io)
+                    && self.forward(now, now, r.slot as usize, &p.client, &to, n, io)
                 {
                     self.count(Count::UpstreamRetransmit("failover"));
                 }
@@ -849,7 +851,9 @@ impl Engine {
             };
             let Some(to) = to else { continue };
             let n = self.take_request(&p.nas_packet);
-            if self.forward(now, r.slot as usize, &p.client, &to, n, io) {
+            // Its timeout still counts from its first sending: a server whose connections
+            // keep closing cannot keep a request alive past it.
+            if self.forward(now, p.sent_at, r.slot as usize, &p.client, &to, n, io) {
                 self.count(Count::UpstreamRetransmit("connection_lost"));
             }
         }

@@ -1044,3 +1044,29 @@ fn the_requests_of_a_closed_stream_go_anew_with_a_new_signature() {
     );
     assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
 }
+
+#[test]
+fn a_request_sent_anew_on_each_new_connection_still_times_out_from_its_first_sending() {
+    let mut w = World::new(Setup {
+        upstreams: vec![stream_upstream("radsec-1", 2083)],
+        ..Setup::default()
+    });
+    let req = access_request(8, "max", None);
+    w.nas_sends(nas(40000), &req);
+    let mut socket = w.take_upstream(0)[0].0.socket;
+    // The server's connections keep closing before it answers.
+    for _ in 0..3 {
+        w.advance(Duration::from_secs(6));
+        w.engine.handle_upstream_closed(w.now, socket, &mut w.io);
+        w.collect();
+        if let Some(sent) = w.take_upstream(0).first() {
+            socket = sent.0.socket;
+        }
+    }
+    // 18 s after its first sending, 2 s before its 20 s timeout: still out.
+    assert_eq!(w.engine.in_flight(), 1);
+    w.advance(Duration::from_secs(3));
+    assert_eq!(w.engine.in_flight(), 0, "given up 20 s after it first went");
+    assert_eq!(w.count(Count::Dropped("upstream_timeout")), 1);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}

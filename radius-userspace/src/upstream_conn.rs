@@ -1,9 +1,13 @@
 //! Upstreams over RADIUS/TCP (RFC 6613) or RADIUS/TLS (RFC 6614): one connection per socket
 //! index of the engine's request table (so 256 Identifiers each, and another connection
 //! when they are all in flight), connected without blocking. Requests written while it
-//! connects wait in its buffer; when it closes, the worker tells the engine (which sends
-//! that connection's requests anew) and the connection is made again after a backoff that
-//! doubles up to [`MAX_BACKOFF`].
+//! connects (or handshakes, or waits to connect again) wait in its buffer; when it closes,
+//! the worker tells the engine (which sends that connection's requests anew, to wait for
+//! the next connection) and the connection is made again after a backoff that doubles up
+//! to [`MAX_BACKOFF`].
+//!
+//! Over TLS each request is a TLS record of its own: FreeRADIUS 3.2 takes a record for one
+//! packet, and closes the connection when it holds more.
 
 use std::{
     io::{Read as _, Write as _},
@@ -43,6 +47,10 @@ pub struct UpstreamConn {
     session: Option<Box<ClientConnection>>,
     connected: bool,
     deframer: Deframer,
+    /// Requests (clear text) not yet given to the connection: it is not up, or TLS is
+    /// still shaking hands.
+    waiting: Vec<u8>,
+    /// Bytes for the socket (TLS records, or requests on TCP), written from `unsent_from`.
     unsent: Vec<u8>,
     unsent_from: usize,
     want_write: bool,
@@ -75,6 +83,7 @@ impl UpstreamConn {
             session: None,
             connected: false,
             deframer: Deframer::default(),
+            waiting: Vec::new(),
             unsent: Vec::new(),
             unsent_from: 0,
             want_write: false,
@@ -119,22 +128,53 @@ impl UpstreamConn {
         Ok(())
     }
 
-    /// Queues a request; false when the connection holds too much already.
+    /// Queues a request, also while the connection is down (it goes on the next one);
+    /// false when the connection holds too much already.
     pub fn send(&mut self, data: &[u8], poller: &Poller) -> bool {
-        if self.stream.is_none() || self.unsent.len() - self.unsent_from > MAX_UNSENT {
+        if self.waiting.len() + self.unsent.len() - self.unsent_from > MAX_UNSENT {
             return false;
         }
+        self.waiting.extend_from_slice(data);
+        self.give_waiting(poller);
+        true
+    }
+
+    /// Gives the waiting requests to the connection once it can carry them, and writes.
+    fn give_waiting(&mut self, poller: &Poller) {
+        if !self.connected {
+            return;
+        }
         match self.session.as_deref_mut() {
-            None => self.unsent.extend_from_slice(data),
+            None => {
+                self.unsent.extend_from_slice(&self.waiting);
+                self.waiting.clear();
+            }
             Some(s) => {
-                let _ = s.writer().write_all(data);
+                if !s.is_handshaking() {
+                    // One packet per write: a record each. rustls takes a whole packet
+                    // (its buffer is drained after each); if it ever took part, the rest
+                    // follows at once, so `given` stays on a packet's boundary.
+                    let mut given = 0;
+                    'packets: while given < self.waiting.len() {
+                        let len = self
+                            .waiting
+                            .get(given + 2..given + 4)
+                            .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+                        let end = (given + len.max(1)).min(self.waiting.len());
+                        while given < end {
+                            match s.writer().write(&self.waiting[given..end]) {
+                                Ok(0) | Err(_) => break 'packets,
+                                Ok(n) => given += n,
+                            }
+                            tls::drain(s, &mut self.unsent);
+                        }
+                    }
+                    self.waiting.drain(..given);
+                }
                 tls::drain(s, &mut self.unsent);
             }
         }
-        if self.connected {
-            self.write_out(poller);
-        }
-        true
+        self.write_out(poller);
     }
 
     /// The socket is ready: the connection completes, replies are read, queued requests go.
@@ -169,10 +209,7 @@ impl UpstreamConn {
             out.closed = true;
             return out;
         }
-        if let Some(s) = self.session.as_deref_mut() {
-            tls::drain(s, &mut self.unsent);
-        }
-        self.write_out(poller);
+        self.give_waiting(poller);
         out
     }
 
@@ -247,7 +284,8 @@ impl UpstreamConn {
         }
     }
 
-    /// Drops the connection; what it held is lost (the engine sends its requests anew).
+    /// Drops the connection; what it held, and what waited for it, is lost (the engine
+    /// sends its requests anew, and they wait for the next connection).
     pub fn close(&mut self, poller: &Poller, now: Instant, why: &str) {
         if let Some(s) = self.stream.take() {
             poller.remove(&s);
@@ -256,6 +294,7 @@ impl UpstreamConn {
         self.session = None;
         self.connected = false;
         self.deframer = Deframer::default();
+        self.waiting.clear();
         self.unsent.clear();
         self.unsent_from = 0;
         self.want_write = false;

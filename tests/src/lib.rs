@@ -291,9 +291,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `radius-sidecar` in `ns` with `args`, as `user` (None: root).
+    /// Starts `radius-sidecar` in `ns` with `args`, as `user` (None: root), logging at
+    /// `RADIUS_SIDECAR_FILTER` (default `info`; `debug` to follow a failing test).
     pub fn start<S: AsRef<std::ffi::OsStr>>(ns: &NetNs, user: Option<&str>, args: &[S]) -> Self {
-        Self::start_logging(ns, user, args, "info")
+        let filter = std::env::var("RADIUS_SIDECAR_FILTER").unwrap_or_else(|_| "info".into());
+        Self::start_logging(ns, user, args, &filter)
     }
 
     /// As [`Daemon::start`], with `RUST_LOG` set to `filter` (e.g. "trace").
@@ -494,6 +496,7 @@ impl FreeRadius {
 
     /// The general form: [`FreeRadiusSetup`] says what differs from Debian's configuration.
     /// Every listener gets an 8 MB receive buffer, so that bursts are not lost in the kernel.
+    /// With `FREERADIUS_DEBUG` set, it logs at `-xx` (to follow a failing test).
     pub fn start_with(ns: &NetNs, setup: &FreeRadiusSetup<'_>) -> Self {
         let FreeRadiusSetup {
             clients,
@@ -573,6 +576,7 @@ impl FreeRadius {
         let child = ns
             .command("freeradius")
             .args(["-f", "-l", "stdout", "-d", dir.to_str().expect("utf-8")])
+            .args(std::env::var("FREERADIUS_DEBUG").ok().map(|_| "-xx"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

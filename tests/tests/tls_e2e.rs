@@ -398,57 +398,7 @@ fn freeradius_as_a_radsec_home_server_answers_udp_nases_pap_and_peap() {
     }
     let topo = Topology::new();
     let pki = std::env::temp_dir().join(format!("rs-tls-frhome-{}", std::process::id()));
-    write_test_pki(&pki).unwrap();
-    let fr = FreeRadius::start_with(
-        &topo.sidecar,
-        &FreeRadiusSetup {
-            clients: &[],
-            users: USERS,
-            auth_port: 11812,
-            tls: Some(FreeRadiusTls {
-                port: 2084,
-                certificate: &pki.join("server.pem"),
-                key: &pki.join("server.key"),
-                ca: &pki.join("ca.pem"),
-                clients: &["127.0.0.1"],
-            }),
-            ..Default::default()
-        },
-    );
-    let mut daemon = sidecar_with_config(
-        &topo.sidecar,
-        "tls-frhome",
-        &format!(
-            r#"[server]
-listen = ["0.0.0.0:1812"]
-workers = 1
-iface = "none"
-ebpf = "off"
-metrics = "{METRICS}"
-
-[[upstream]]
-name = "freeradius-radsec"
-auth = "127.0.0.1:2084"
-transport = "tls"
-secret = "{RADSEC_SECRET}"
-tls_ca = "{dir}/ca.pem"
-tls_certificate = "{dir}/nas.pem"
-tls_key = "{dir}/nas.key"
-
-[[client]]
-prefix = "192.0.2.0/24"
-name = "nas1"
-secret = "{RADCLIENT_SECRET}"
-"#,
-            dir = pki.display()
-        ),
-    );
-    assert!(
-        daemon.wait_for_log("upstream answers Status-Server", Duration::from_secs(10)),
-        "{}\n{}",
-        daemon.log(),
-        fr.log()
-    );
+    let (fr, daemon) = behind_freeradius_over_tls(&topo, &pki, "frhome");
     let (ok, out) = run_radclient(
         &topo.nas1,
         &[
@@ -553,4 +503,143 @@ fn freeradius_as_a_radsec_client_is_answered() {
         ) >= 1
     );
     drop(s.daemon);
+}
+
+/// FreeRADIUS with its `tls` site on 127.0.0.1:2084 in the sidecar's namespace, and the
+/// sidecar (UDP on 1812 for nas1, secret `RADCLIENT_SECRET`) with it as its TLS upstream;
+/// returns once the sidecar's start-up probe was answered over TLS.
+fn behind_freeradius_over_tls(
+    topo: &Topology,
+    pki: &std::path::Path,
+    tag: &str,
+) -> (FreeRadius, Daemon) {
+    write_test_pki(pki).unwrap();
+    let fr = FreeRadius::start_with(
+        &topo.sidecar,
+        &FreeRadiusSetup {
+            clients: &[],
+            users: USERS,
+            auth_port: 11812,
+            tls: Some(FreeRadiusTls {
+                port: 2084,
+                certificate: &pki.join("server.pem"),
+                key: &pki.join("server.key"),
+                ca: &pki.join("ca.pem"),
+                clients: &["127.0.0.1"],
+            }),
+            ..Default::default()
+        },
+    );
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        &format!("tls-{tag}"),
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius-radsec"
+auth = "127.0.0.1:2084"
+transport = "tls"
+secret = "{RADSEC_SECRET}"
+tls_ca = "{dir}/ca.pem"
+tls_certificate = "{dir}/nas.pem"
+tls_key = "{dir}/nas.key"
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{RADCLIENT_SECRET}"
+"#,
+            dir = pki.display()
+        ),
+    );
+    assert!(
+        daemon.wait_for_log("upstream answers Status-Server", Duration::from_secs(10)),
+        "{}\n{}",
+        daemon.log(),
+        fr.log()
+    );
+    (fr, daemon)
+}
+
+/// An upstream TLS connection killed (`ss -K`, as a reset would) three times under load:
+/// the requests it carried are sent again on the next connection, with new Identifiers and
+/// signatures, and no NAS request is lost.
+#[test]
+fn requests_on_a_killed_upstream_tls_connection_are_sent_again_none_lost() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-kill-{}", std::process::id()));
+    let (fr, daemon) = behind_freeradius_over_tls(&topo, &pki, "kill");
+    let spec = tests::loadgen::LoadSpec {
+        target: format!("{SIDECAR1_V4}:1812").parse().unwrap(),
+        sources: vec![NAS1_V4.parse().unwrap()],
+        sockets_per_source: 4,
+        outstanding: 64,
+        duration: Duration::from_secs(5),
+        max_requests: 500_000,
+        secret: RADCLIENT_SECRET.as_bytes().to_vec(),
+        user: "alice".into(),
+        password: "alice-pw".into(),
+        // No NAS retransmission: a request not answered in time is lost.
+        timeout: Duration::from_secs(3),
+        message_authenticator: true,
+    };
+    let load = topo.nas1.spawn(move || tests::loadgen::run(&spec).unwrap());
+    let mut killed = 0;
+    let kills = 3;
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(1200));
+        let out = topo
+            .sidecar
+            .command("ss")
+            .args(["-K", "-t", "dst", "127.0.0.1", "dport", "=", ":2084"])
+            .output()
+            .unwrap();
+        killed += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("ESTAB"))
+            .count();
+    }
+    let res = load.join().unwrap();
+    let resent = metric(
+        &topo.sidecar,
+        METRICS,
+        "radius_upstream_retransmits_total{reason=\"connection_lost\"}",
+    );
+    println!(
+        "killed {killed} connections under load: {} sent, {} answered, {} lost, {} bad, \
+         {resent} sent again on a new connection, p99 {:.1} ms",
+        res.sent,
+        res.answered,
+        res.lost,
+        res.bad,
+        res.latency_ms(0.99)
+    );
+    assert!(killed >= kills, "ss -K killed {killed} connections");
+    assert!(
+        res.lost == 0 && res.bad == 0 && res.answered > 1000,
+        "{} lost, {} bad\n{}\n{}\n{}",
+        res.lost,
+        res.bad,
+        metrics_text(&topo.sidecar, METRICS)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        daemon.log(),
+        fr.log()
+    );
+    assert!(
+        resent > 0,
+        "no request was in flight on a killed connection"
+    );
+    drop(daemon);
 }
