@@ -110,6 +110,7 @@ mod tests {
         m.sign(b"upstream", None).unwrap();
         let rewritten = m.as_bytes().to_vec();
         let prepared = Prepared {
+            nas_v11: false,
             len: rewritten.len(),
             code: Code::AccountingRequest,
             nas_id: 7,

@@ -97,6 +97,12 @@ pub trait Io {
     /// Starts the definition of dynamic source `ip`; its outcome comes back through
     /// [`Engine::handle_defined`] (of every worker).
     fn define(&mut self, ip: IpAddr);
+    /// The connection from `remote` to `local` negotiated RADIUS/1.1 (RFC 9765): its TLS
+    /// handshake, done before any of its packets is read, authenticated it, and its
+    /// packets carry a Token and no signature.
+    fn speaks_v11(&self, _remote: SocketAddr, _local: SocketAddr) -> bool {
+        false
+    }
 }
 
 /// What a round sends: requests on their upstream sockets, datagrams to NASes from the
@@ -220,6 +226,10 @@ pub struct Engine {
     next_tick: Instant,
     drain_until: Option<Instant>,
     random: Random,
+    /// Per upstream link: its connections negotiated RADIUS/1.1 (the driver says, after
+    /// each handshake), and the Token counter of requests to such upstreams.
+    upstream_v11: Vec<bool>,
+    next_token: u32,
 }
 
 impl Engine {
@@ -244,7 +254,49 @@ impl Engine {
             next_tick: now + TICK,
             drain_until: None,
             random: Random::default(),
+            upstream_v11: Vec::new(),
+            next_token: 0,
         }
+    }
+
+    /// Whether upstream socket `socket`'s link speaks RADIUS/1.1.
+    pub fn upstream_speaks_v11(&self, socket: usize) -> bool {
+        self.upstream_v11
+            .get(link_of(socket))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// A connection behind upstream socket `socket` finished its TLS handshake, with
+    /// RADIUS/1.1 negotiated or not. When that is not what its link spoke so far, its
+    /// requests in flight are prepared again (the driver drops what it held of them);
+    /// true then.
+    pub fn handle_upstream_version(
+        &mut self,
+        now: Instant,
+        socket: usize,
+        v11: bool,
+        io: &mut dyn Io,
+    ) -> bool {
+        let link = link_of(socket);
+        if self.upstream_speaks_v11(socket) == v11 {
+            return false;
+        }
+        if self.upstream_v11.len() <= link {
+            self.upstream_v11.resize(link + 1, false);
+        }
+        self.upstream_v11[link] = v11;
+        info!(
+            upstream = self
+                .common
+                .upstreams
+                .get(link)
+                .map_or("", |u| u.name.as_str()),
+            protocol = if v11 { "radius/1.1" } else { "radius/1.0" },
+            "upstream protocol negotiated"
+        );
+        self.send_anew(now, socket, "protocol_changed", io);
+        true
     }
 
     /// Replaces the engine's randomness (tests fix it).
@@ -452,7 +504,14 @@ impl Engine {
         io: &mut dyn Io,
     ) {
         let common = self.common.clone();
-        let Some((client, packets, proved)) = screen(&*common.counters, &binding, packets) else {
+        // A RADIUS/1.1 connection was authenticated by its handshake; its packets carry no
+        // signature to screen.
+        let v11 = io.speaks_v11(remote, local);
+        let screened = match (&binding, v11) {
+            (Binding::One(client), true) => Some((client.clone(), packets, true)),
+            _ => screen(&*common.counters, &binding, packets),
+        };
+        let Some((client, packets, proved)) = screened else {
             debug!(%remote, "no flow for packets that prove nothing of their source");
             return;
         };
@@ -473,9 +532,9 @@ impl Engine {
                 }
             }
         }
-        let slot = self
-            .flows
-            .insert(Flow::new(remote, local, client, proved, now));
+        let mut flow = Flow::new(remote, local, client, proved, now);
+        flow.v11 = v11;
+        let slot = self.flows.insert(flow);
         if proved {
             if let Err(why) = self.open_child(slot, io) {
                 self.flows.remove(slot);
@@ -551,9 +610,39 @@ impl Engine {
             common.counters.count(Count::Dropped("malformed"));
             return;
         }
-        let (code, id) = (self.buf[0], self.buf[1]);
+        let (code, mut id) = (self.buf[0], self.buf[1]);
         let mut nas_auth = [0u8; 16];
         nas_auth.copy_from_slice(&self.buf[4..20]);
+        if flow.v11 {
+            // RADIUS/1.1: the Token is the request's key (its last byte for the
+            // Identifier-indexed dedup); Reserved-2 is ignored.
+            id = nas_auth[3];
+            nas_auth[4..].fill(0);
+            if code == Code::StatusServer as u8 {
+                let reply = if self.accounting {
+                    Code::AccountingResponse
+                } else {
+                    Code::AccessAccept
+                };
+                let mut b = [0u8; codec::HEADER_LEN];
+                b[0] = reply as u8;
+                b[3] = codec::HEADER_LEN as u8;
+                b[4..20].copy_from_slice(&nas_auth);
+                self.out.send_nas(flow.remote, flow.local, &b);
+                common.counters.count(Count::LocalAnswer("status_server"));
+                return;
+            }
+            if Code::from_u8(code).is_some_and(|c| {
+                matches!(
+                    c,
+                    Code::CoaAck | Code::CoaNak | Code::DisconnectAck | Code::DisconnectNak
+                )
+            }) {
+                // CoA is not relayed through RADIUS/1.1 flows yet.
+                common.counters.count(Count::Dropped("coa_over_radius_1_1"));
+                return;
+            }
+        }
         if code == Code::StatusServer as u8 {
             let mut b = [0u8; 64];
             match answers::status_server(&mut b, &self.buf[..n], &client.secret, self.accounting) {
@@ -655,9 +744,14 @@ impl Engine {
             Vec::new()
         };
         let fresh = (self.random.authenticator)();
+        let hops = proxy::Hops {
+            nas_v11: self.flows.get(slot).is_some_and(|f| f.v11),
+            upstream_v11: self.upstream_v11.get(li).copied().unwrap_or(false),
+        };
         let prepared = match proxy::prepare_request(
             client,
             upstream,
+            hops,
             &common.proxy_state,
             &fresh,
             &mut self.buf,
@@ -726,7 +820,11 @@ impl Engine {
             self.protocol_error(client, reply_to, &prepared, RESOURCES_UNAVAILABLE);
             return false;
         };
-        match proxy::finalize_request(&mut self.buf, prepared.len, at.id, upstream) {
+        let token = hops.upstream_v11.then(|| {
+            self.next_token = self.next_token.wrapping_add(1) & 0x00ff_ffff;
+            self.next_token
+        });
+        match proxy::finalize_request(&mut self.buf, prepared.len, at.id, upstream, token) {
             Ok(up_auth) => {
                 let wire = &self.buf[..prepared.len];
                 if let Some(p) = self.requests.get_mut(at) {
@@ -832,6 +930,12 @@ impl Engine {
     /// Identifier and a fresh signature (RFC 6613 section 2.6.5), to the same server while it
     /// is usable, else to another of its pool.
     pub fn handle_upstream_closed(&mut self, now: Instant, socket: usize, io: &mut dyn Io) {
+        self.send_anew(now, socket, "connection_lost", io);
+    }
+
+    /// Prepares the requests in flight on upstream socket `socket` again, each with a new
+    /// Identifier and a fresh signature.
+    fn send_anew(&mut self, now: Instant, socket: usize, cause: &'static str, io: &mut dyn Io) {
         let Some(upstream) = self.common.upstreams.get(link_of(socket)).cloned() else {
             return;
         };
@@ -854,7 +958,7 @@ impl Engine {
             // Its timeout still counts from its first sending: a server whose connections
             // keep closing cannot keep a request alive past it.
             if self.forward(now, p.sent_at, r.slot as usize, &p.client, &to, n, io) {
-                self.count(Count::UpstreamRetransmit("connection_lost"));
+                self.count(Count::UpstreamRetransmit(cause));
             }
         }
     }
@@ -970,9 +1074,15 @@ impl Engine {
             common.counters.count(Count::Dropped("reply_malformed"));
             return;
         }
+        // On RADIUS/1.1 the Token's last byte is the Identifier we gave.
+        let v11 = self
+            .upstream_v11
+            .get(link_of(socket))
+            .copied()
+            .unwrap_or(false);
         let at = At {
             socket,
-            id: data[1],
+            id: if v11 { data[7] } else { data[1] },
         };
         let Some(pending) = self.requests.get(at) else {
             common.counters.count(Count::Dropped("reply_unknown_id"));
@@ -980,27 +1090,33 @@ impl Engine {
         };
         let n = data.len().min(self.buf.len());
         self.buf[..n].copy_from_slice(&data[..n]);
-        let len =
-            match proxy::process_reply(&mut self.buf, n, upstream, pending, &common.proxy_state) {
-                Ok(r) => {
-                    if r.learnt_upstream_signs {
-                        common.counters.signs("upstream", &upstream.name);
-                        info!(
-                            upstream = %upstream.name,
-                            "upstream signs its Access replies without EAP: a \
-                             Message-Authenticator is now required from it \
-                             (require_message_authenticator = auto)"
-                        );
-                    }
-                    r.len
+        let len = match proxy::process_reply(
+            &mut self.buf,
+            n,
+            upstream,
+            v11,
+            pending,
+            &common.proxy_state,
+        ) {
+            Ok(r) => {
+                if r.learnt_upstream_signs {
+                    common.counters.signs("upstream", &upstream.name);
+                    info!(
+                        upstream = %upstream.name,
+                        "upstream signs its Access replies without EAP: a \
+                         Message-Authenticator is now required from it \
+                         (require_message_authenticator = auto)"
+                    );
                 }
-                // A forged or broken reply does not cancel the request: the real one may follow.
-                Err(e) => {
-                    common.counters.count(Count::Dropped(e.reason()));
-                    warn!(upstream = %upstream.name, error = %e, "reply dropped");
-                    return;
-                }
-            };
+                r.len
+            }
+            // A forged or broken reply does not cancel the request: the real one may follow.
+            Err(e) => {
+                common.counters.count(Count::Dropped(e.reason()));
+                warn!(upstream = %upstream.name, error = %e, "reply dropped");
+                return;
+            }
+        };
         upstream.health.on_answer(now);
         let Some((done, send_to)) = end_request(
             common,

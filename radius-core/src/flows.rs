@@ -72,6 +72,8 @@ pub struct Flow {
     /// CoA/Disconnect requests sent to the NAS, by the Identifier we gave them.
     pub coa: HashMap<u8, PendingCoa>,
     pub coa_next_id: u8,
+    /// A connection that negotiated RADIUS/1.1 (RFC 9765): Tokens, no signatures.
+    pub v11: bool,
 }
 
 impl Flow {
@@ -98,6 +100,7 @@ impl Flow {
             named: false,
             coa: HashMap::new(),
             coa_next_id: 0,
+            v11: false,
         }
     }
 }

@@ -12,6 +12,11 @@
 //!   secret.
 //! - [`IdPool`]: the 256 Identifiers of one upstream socket, and [`InFlight`], what is
 //!   kept of a request while it is out.
+//!
+//! Either side may be a RADIUS/1.1 hop (RFC 9765, [`Hops`]): TLS protects it, so nothing
+//! is verified or signed there, no Message-Authenticator is sent, hidden types travel plain
+//! (revealed from, or hidden for, the other side's secret), and a Token stands where the
+//! Identifier and authenticator were.
 
 use std::sync::Arc;
 
@@ -44,6 +49,8 @@ pub enum ProxyError {
     NoProxyState,
     #[error("an Access reply without a Message-Authenticator from an upstream that must send one")]
     UpstreamWithoutMessageAuthenticator,
+    #[error("a RADIUS/1.1 reply whose Token is not the request's")]
+    TokenMismatch,
 }
 
 impl ProxyError {
@@ -60,8 +67,16 @@ impl ProxyError {
             ProxyError::Edit(_) => "too_big",
             ProxyError::NoProxyState => "no_proxy_state",
             ProxyError::UpstreamWithoutMessageAuthenticator => "upstream_no_message_authenticator",
+            ProxyError::TokenMismatch => "token_mismatch",
         }
     }
+}
+
+/// Which sides of a request's trip speak RADIUS/1.1 (RFC 9765).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hops {
+    pub nas_v11: bool,
+    pub upstream_v11: bool,
 }
 
 /// What [`prepare_request`] learnt, and what the reply will need.
@@ -69,18 +84,25 @@ impl ProxyError {
 pub struct Prepared {
     pub len: usize,
     pub code: Code,
+    /// The NAS's Identifier (from a RADIUS/1.1 NAS, its Token's last byte: the key of its
+    /// flow's dedup entry).
     pub nas_id: u8,
+    /// The NAS's authenticator (from a RADIUS/1.1 NAS, its Token then zeros: the header
+    /// of the reply).
     pub nas_auth: [u8; 16],
+    pub nas_v11: bool,
     /// This request taught the client's `auto` switch that it signs its requests.
     pub learnt_client_signs: bool,
 }
 
 /// Checks a NAS's request (in `buf[..len]`) and rewrites it for `upstream`, but for the
 /// Identifier and the signature. `fresh` is the new Request Authenticator of an
-/// Access-Request (random, drawn by the caller: RFC 2865 asks it unpredictable).
+/// Access-Request to a RADIUS/UDP, TCP or TLS upstream (random, drawn by the caller: RFC
+/// 2865 asks it unpredictable).
 pub fn prepare_request(
     client: &Client,
     upstream: &Upstream,
+    hops: Hops,
     proxy_state: &[u8],
     fresh: &[u8; 16],
     buf: &mut [u8],
@@ -92,19 +114,28 @@ pub fn prepare_request(
         if !matches!(code, Code::AccessRequest | Code::AccountingRequest) {
             return Err(ProxyError::NotForwarded { code });
         }
-        auth::verify(&p, &client.secret, None)?;
+        let (nas_id, nas_auth) = if hops.nas_v11 {
+            let mut token = [0u8; 16];
+            token[..4].copy_from_slice(&p.authenticator()[..4]);
+            (token[3], token)
+        } else {
+            auth::verify(&p, &client.secret, None)?;
+            (p.identifier(), *p.authenticator())
+        };
         (
             code,
-            p.identifier(),
-            *p.authenticator(),
+            nas_id,
+            nas_auth,
             p.message_authenticator_offset().is_some(),
             p.get(attr::PROXY_STATE).is_some(),
             p.get(attr::EAP_MESSAGE).is_some(),
-            p.get(attr::CHAP_PASSWORD).is_some() && p.get(attr::CHAP_CHALLENGE).is_none(),
+            !hops.nas_v11
+                && p.get(attr::CHAP_PASSWORD).is_some()
+                && p.get(attr::CHAP_CHALLENGE).is_none(),
         )
     };
     let mut learnt_client_signs = false;
-    if code == Code::AccessRequest {
+    if code == Code::AccessRequest && !hops.nas_v11 {
         let b = client.blastradius(has_ma, has_ps, has_eap);
         if b.require_message_authenticator && !has_ma {
             return Err(ProxyError::MissingMessageAuthenticator);
@@ -116,37 +147,64 @@ pub fn prepare_request(
     }
     let mut m = PacketMut::from_datagram(buf, len)?;
     m.add_proxy_state(proxy_state)?;
-    m.message_authenticator_first()?;
+    if hops.upstream_v11 {
+        m.remove_all(attr::MESSAGE_AUTHENTICATOR);
+    } else {
+        m.message_authenticator_first()?;
+    }
     if code == Code::AccessRequest {
         // CHAP without CHAP-Challenge uses the Request Authenticator as its challenge
         // (RFC 2865 2.2): it must survive the new authenticator.
         if chap_without_challenge {
             m.push(attr::CHAP_CHALLENGE, &nas_auth)?;
         }
-        m.set_authenticator(fresh);
-        m.rehide(
-            (client.secret.bytes(), &nas_auth),
-            (upstream.secret.bytes(), fresh),
-        )?;
+        match (hops.nas_v11, hops.upstream_v11) {
+            (false, false) => {
+                m.set_authenticator(fresh);
+                m.rehide(
+                    (client.secret.bytes(), &nas_auth),
+                    (upstream.secret.bytes(), fresh),
+                )?;
+            }
+            (false, true) => {
+                m.reveal_all(client.secret.bytes(), &nas_auth)?;
+            }
+            (true, false) => {
+                m.set_authenticator(fresh);
+                m.hide_all(upstream.secret.bytes(), fresh)?;
+            }
+            (true, true) => {}
+        }
     }
     Ok(Prepared {
         len: m.len(),
         code,
         nas_id,
         nas_auth,
+        nas_v11: hops.nas_v11,
         learnt_client_signs,
     })
 }
 
 /// Sets the upstream Identifier and signs; returns the authenticator the reply must be
-/// verified against.
+/// verified against. To a RADIUS/1.1 upstream, `token` goes where the authenticator was
+/// (its last byte is `id`, by which the reply is found), the rest of the header is zero,
+/// and nothing is signed; the header's 16 bytes are returned.
 pub fn finalize_request(
     buf: &mut [u8],
     len: usize,
     id: u8,
     upstream: &Upstream,
+    token: Option<u32>,
 ) -> Result<[u8; 16], ProxyError> {
     let mut m = PacketMut::from_datagram(buf, len)?;
+    if let Some(token) = token {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&((token << 8) | u32::from(id)).to_be_bytes());
+        m.set_identifier(0);
+        m.set_authenticator(&header);
+        return Ok(header);
+    }
     m.set_identifier(id);
     m.sign(&upstream.secret, None)?;
     Ok(m.authenticator())
@@ -180,57 +238,88 @@ pub struct Reply {
 }
 
 /// Checks the upstream's reply (in `buf[..len]`) and rewrites it for the NAS.
+/// `upstream_v11`: it came over a RADIUS/1.1 connection.
 pub fn process_reply<T>(
     buf: &mut [u8],
     len: usize,
     upstream: &Upstream,
+    upstream_v11: bool,
     inflight: &InFlight<T>,
     proxy_state: &[u8],
 ) -> Result<Reply, ProxyError> {
     let mut learnt_upstream_signs = false;
     let code = {
         let p = Packet::parse(&buf[..len])?;
-        // Checks the Message-Authenticator too, when there is one.
-        auth::verify(&p, &upstream.secret, Some(&inflight.up_auth))?;
         let code = p.code();
-        if matches!(
-            code,
-            Code::AccessAccept | Code::AccessReject | Code::AccessChallenge
-        ) {
-            use std::sync::atomic::Ordering::Relaxed;
-            let o = &upstream.options;
-            if p.message_authenticator_offset().is_some() {
-                // Verified above. EAP replies must carry one (RFC 3579): only a reply
-                // without EAP-Message shows that this server signs what it need not.
-                if p.get(attr::EAP_MESSAGE).is_none()
-                    && o.require_message_authenticator == YesNoAuto::Auto
-                {
-                    learnt_upstream_signs = !o.seen_message_authenticator.swap(true, Relaxed);
+        if upstream_v11 {
+            if p.authenticator()[..4] != inflight.up_auth[..4] {
+                return Err(ProxyError::TokenMismatch);
+            }
+        } else {
+            // Checks the Message-Authenticator too, when there is one.
+            auth::verify(&p, &upstream.secret, Some(&inflight.up_auth))?;
+            if matches!(
+                code,
+                Code::AccessAccept | Code::AccessReject | Code::AccessChallenge
+            ) {
+                use std::sync::atomic::Ordering::Relaxed;
+                let o = &upstream.options;
+                if p.message_authenticator_offset().is_some() {
+                    // Verified above. EAP replies must carry one (RFC 3579): only a reply
+                    // without EAP-Message shows that this server signs what it need not.
+                    if p.get(attr::EAP_MESSAGE).is_none()
+                        && o.require_message_authenticator == YesNoAuto::Auto
+                    {
+                        learnt_upstream_signs = !o.seen_message_authenticator.swap(true, Relaxed);
+                    }
+                } else if o.requires_message_authenticator() {
+                    return Err(ProxyError::UpstreamWithoutMessageAuthenticator);
                 }
-            } else if o.requires_message_authenticator() {
-                return Err(ProxyError::UpstreamWithoutMessageAuthenticator);
             }
         }
         code
     };
     let client = &inflight.client;
+    let prepared = &inflight.prepared;
     let mut m = PacketMut::from_datagram(buf, len)?;
     if !m.strip_proxy_state(proxy_state) {
         return Err(ProxyError::NoProxyState);
     }
-    m.set_identifier(inflight.prepared.nas_id);
-    m.rehide(
-        (upstream.secret.bytes(), &inflight.up_auth),
-        (client.secret.bytes(), &inflight.prepared.nas_auth),
-    )?;
-    if matches!(
+    let access = matches!(
         code,
         Code::AccessAccept | Code::AccessReject | Code::AccessChallenge
-    ) {
-        // The NAS gets a Message-Authenticator on every Access reply (BlastRADIUS).
-        m.message_authenticator_first()?;
+    );
+    match (upstream_v11, prepared.nas_v11) {
+        (false, false) => m
+            .rehide(
+                (upstream.secret.bytes(), &inflight.up_auth),
+                (client.secret.bytes(), &prepared.nas_auth),
+            )
+            .map(drop)?,
+        (false, true) => m
+            .reveal_all(upstream.secret.bytes(), &inflight.up_auth)
+            .map(drop)?,
+        (true, false) => m
+            .hide_all(client.secret.bytes(), &prepared.nas_auth)
+            .map(drop)?,
+        (true, true) => {}
     }
-    m.sign(&client.secret, Some(&inflight.prepared.nas_auth))?;
+    if prepared.nas_v11 {
+        // RFC 9765: Reserved-1 zero, the request's Token, Reserved-2 zero, unsigned.
+        m.remove_all(attr::MESSAGE_AUTHENTICATOR);
+        m.set_identifier(0);
+        m.set_authenticator(&prepared.nas_auth);
+    } else {
+        m.set_identifier(prepared.nas_id);
+        if upstream_v11 {
+            m.remove_all(attr::MESSAGE_AUTHENTICATOR);
+        }
+        if access {
+            // The NAS gets a Message-Authenticator on every Access reply (BlastRADIUS).
+            m.message_authenticator_first()?;
+        }
+        m.sign(&client.secret, Some(&prepared.nas_auth))?;
+    }
     Ok(Reply {
         len: m.len(),
         learnt_upstream_signs,
@@ -369,6 +458,7 @@ mod tests {
         let prep = prepare_request(
             &c,
             &c.pool.members[0],
+            Hops::default(),
             b"ps",
             &auth::random_authenticator(),
             &mut buf,
@@ -376,7 +466,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((prep.nas_id, prep.nas_auth), (42, nas_auth));
-        let up_auth = finalize_request(&mut buf, prep.len, 7, &c.pool.members[0]).unwrap();
+        let up_auth = finalize_request(&mut buf, prep.len, 7, &c.pool.members[0], None).unwrap();
         let up = Packet::parse(&buf[..prep.len]).unwrap();
         assert_eq!(up.identifier(), 7);
         auth::verify(&up, &c.pool.members[0].secret, None).unwrap();
@@ -408,7 +498,7 @@ mod tests {
             next_retry: std::time::Instant::now(),
             nas_packet: Vec::new(),
         };
-        let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], &inflight, b"ps")
+        let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], false, &inflight, b"ps")
             .unwrap()
             .len;
         let back = Packet::parse(&rbuf[..n]).unwrap();
@@ -451,13 +541,14 @@ mod tests {
         let prep = prepare_request(
             &c,
             &up,
+            Hops::default(),
             b"ps",
             &auth::random_authenticator(),
             &mut buf,
             req.len(),
         )
         .unwrap();
-        let up_auth = finalize_request(&mut buf, prep.len, 7, &up).unwrap();
+        let up_auth = finalize_request(&mut buf, prep.len, 7, &up, None).unwrap();
         let inflight = InFlight {
             client: c.clone(),
             prepared: prep,
@@ -471,7 +562,7 @@ mod tests {
         };
         let relay = |code, eap, ma| {
             let (mut r, n) = upstream_reply(&up, &inflight, code, eap, ma);
-            process_reply(&mut r, n, &up, &inflight, b"ps")
+            process_reply(&mut r, n, &up, false, &inflight, b"ps")
         };
         // FreeRADIUS 3.2.1: signed EAP replies, unsigned PAP ones. Both keep flowing.
         assert!(
@@ -517,6 +608,7 @@ mod tests {
             prepare_request(
                 &c,
                 &c.pool.members[0],
+                Hops::default(),
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,
@@ -533,6 +625,7 @@ mod tests {
             prepare_request(
                 &c,
                 &c.pool.members[0],
+                Hops::default(),
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,
@@ -546,6 +639,7 @@ mod tests {
             prepare_request(
                 &c,
                 &c.pool.members[0],
+                Hops::default(),
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,

@@ -216,6 +216,7 @@ mod tests {
         InFlight {
             client: c.clone(),
             prepared: Prepared {
+                nas_v11: false,
                 len: 20,
                 code: Code::AccessRequest,
                 nas_id: n as u8,

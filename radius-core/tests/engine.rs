@@ -64,6 +64,8 @@ struct FakeIo {
     extra_sockets_allowed: usize,
     defines: Vec<IpAddr>,
     closed_children: usize,
+    /// NASes whose connections negotiated RADIUS/1.1.
+    v11_nases: Vec<SocketAddr>,
 }
 
 impl Io for FakeIo {
@@ -90,6 +92,9 @@ impl Io for FakeIo {
     }
     fn define(&mut self, ip: IpAddr) {
         self.defines.push(ip);
+    }
+    fn speaks_v11(&self, remote: SocketAddr, _: SocketAddr) -> bool {
+        self.v11_nases.contains(&remote)
     }
 }
 
@@ -1069,4 +1074,193 @@ fn a_request_sent_anew_on_each_new_connection_still_times_out_from_its_first_sen
     assert_eq!(w.engine.in_flight(), 0, "given up 20 s after it first went");
     assert_eq!(w.count(Count::Dropped("upstream_timeout")), 1);
     assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
+// ---------------------------------------------------------------- RADIUS/1.1 (RFC 9765)
+
+/// A RADIUS/1.1 packet: Reserved-1 zero, `token`, Reserved-2 zero, plain attributes.
+fn v11_packet(code: Code, token: u32, attrs: &[(u8, &[u8])], mppe: Option<&[u8]>) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    let mut m = PacketMut::new(&mut buf, code, 0).unwrap();
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&token.to_be_bytes());
+    m.set_authenticator(&header);
+    for (ty, v) in attrs {
+        m.push(*ty, v).unwrap();
+    }
+    if let Some(k) = mppe {
+        m.push_vendor(attr::VENDOR_MICROSOFT, attr::MS_MPPE_RECV_KEY, k)
+            .unwrap();
+    }
+    m.as_bytes().to_vec()
+}
+
+fn mppe_key<'a>(p: &Packet<'a>) -> &'a [u8] {
+    let vsa = p.get(attr::VENDOR_SPECIFIC).expect("an MPPE key").value;
+    &vsa[6..]
+}
+
+#[test]
+fn a_udp_nas_reaches_a_radius_1_1_upstream_and_back() {
+    let mut w = World::new(Setup {
+        upstreams: vec![stream_upstream("radsec-1", 2083)],
+        ..Setup::default()
+    });
+    // The connection negotiated radius/1.1 before any request: nothing to send anew.
+    assert!(w.engine.handle_upstream_version(w.now, 0, true, &mut w.io));
+    w.collect();
+    assert!(w.take_upstream(0).is_empty());
+    let req = access_request(8, "ann", None);
+    w.nas_sends(nas(40000), &req);
+    let sent = w.take_upstream(0);
+    assert_eq!(sent.len(), 1);
+    let (at, wire) = &sent[0];
+    let p = Packet::parse(wire).unwrap();
+    assert_eq!(p.identifier(), 0, "Reserved-1");
+    assert_eq!(
+        p.authenticator()[3],
+        at.id,
+        "the Token ends in our Identifier"
+    );
+    assert_eq!(&p.authenticator()[4..], &[0u8; 12], "Reserved-2");
+    assert!(p.message_authenticator_offset().is_none(), "no MD5 on 1.1");
+    assert_eq!(
+        p.get(attr::USER_PASSWORD).unwrap().value,
+        b"secret-pw",
+        "the password travels plain inside TLS"
+    );
+    let token = u32::from_be_bytes(p.authenticator()[..4].try_into().unwrap());
+    let key = [5u8; 32];
+    let ps = p.get(attr::PROXY_STATE).unwrap().value.to_vec();
+    let reply = v11_packet(
+        Code::AccessAccept,
+        token,
+        &[(attr::PROXY_STATE, ps.as_slice())],
+        Some(&key),
+    );
+    // A reply with another Token is not its answer.
+    let forged = v11_packet(
+        Code::AccessAccept,
+        token ^ 0x100,
+        &[(attr::PROXY_STATE, ps.as_slice())],
+        None,
+    );
+    w.upstream_sends(at.socket, &forged);
+    assert!(w.take_nas().is_empty());
+    assert_eq!(w.count(Count::Dropped("token_mismatch")), 1);
+    w.upstream_sends(at.socket, &reply);
+    let got = w.take_nas();
+    let answer = nas_reads(&got[0].2, &req);
+    assert_eq!(answer.code(), Code::AccessAccept);
+    assert!(answer.message_authenticator_offset().is_some());
+    let request = Packet::parse(&req).unwrap();
+    let mut out = [0u8; 64];
+    let n = hide::reveal_salted(
+        mppe_key(&answer),
+        NAS_SECRET,
+        request.authenticator(),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(&out[..n], &key, "the MPPE key hidden for the NAS");
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
+#[test]
+fn a_radius_1_1_nas_reaches_a_udp_upstream_and_gets_its_token_back() {
+    let mut w = World::new(Setup::default());
+    w.io.v11_nases.push(nas(40001));
+    let token = 0x0102_0304;
+    let req = v11_packet(
+        Code::AccessRequest,
+        token,
+        &[
+            (attr::USER_NAME, b"ann".as_slice()),
+            (attr::USER_PASSWORD, b"plain-pw".as_slice()),
+        ],
+        None,
+    );
+    w.nas_sends(nas(40001), &req);
+    let sent = w.take_upstream(0);
+    assert_eq!(sent.len(), 1, "a 1.1 flow needs no signature to be served");
+    let (p, pw) = w.servers[0].read(&sent[0].1);
+    assert_eq!(pw, b"plain-pw", "hidden with the upstream's secret");
+    assert!(p.message_authenticator_offset().is_some());
+    // The server answers with a hidden MPPE key.
+    let mut buf = [0u8; 4096];
+    let mut r = PacketMut::new(&mut buf, Code::AccessAccept, p.identifier()).unwrap();
+    r.message_authenticator_first().unwrap();
+    let mut hidden = [0u8; 64];
+    let key = [6u8; 32];
+    let n = hide::hide_salted(
+        &key,
+        [0x81, 2],
+        &w.servers[0].secret,
+        p.authenticator(),
+        &mut hidden,
+    )
+    .unwrap();
+    r.push_vendor(attr::VENDOR_MICROSOFT, attr::MS_MPPE_RECV_KEY, &hidden[..n])
+        .unwrap();
+    for ps in p.get_all(attr::PROXY_STATE) {
+        r.add_proxy_state(ps.value).unwrap();
+    }
+    r.sign(&w.servers[0].upstream.secret, Some(p.authenticator()))
+        .unwrap();
+    let reply = r.as_bytes().to_vec();
+    w.upstream_sends(sent[0].0.socket, &reply);
+    let got = w.take_nas();
+    let answer = Packet::parse(&got[0].2).unwrap();
+    assert_eq!(answer.code(), Code::AccessAccept);
+    assert_eq!(answer.identifier(), 0);
+    assert_eq!(
+        &answer.authenticator()[..4],
+        &token.to_be_bytes(),
+        "its Token"
+    );
+    assert_eq!(&answer.authenticator()[4..], &[0u8; 12]);
+    assert!(answer.message_authenticator_offset().is_none());
+    assert!(
+        answer.get(attr::PROXY_STATE).is_none(),
+        "our Proxy-State removed"
+    );
+    assert_eq!(mppe_key(&answer), &key, "the MPPE key plain");
+    // A Status-Server is answered by the sidecar, in 1.1 form.
+    let ss = v11_packet(Code::StatusServer, 77, &[], None);
+    w.nas_sends(nas(40001), &ss);
+    let got = w.take_nas();
+    let a = Packet::parse(&got[0].2).unwrap();
+    assert_eq!(a.code(), Code::AccessAccept);
+    assert_eq!(&a.authenticator()[..4], &77u32.to_be_bytes());
+}
+
+#[test]
+fn requests_prepared_before_the_handshake_said_1_1_are_prepared_again() {
+    let mut w = World::new(Setup {
+        upstreams: vec![stream_upstream("radsec-1", 2083)],
+        ..Setup::default()
+    });
+    let req = access_request(9, "bo", None);
+    w.nas_sends(nas(40000), &req);
+    let first = w.take_upstream(0);
+    assert!(
+        w.servers[0]
+            .read(&first[0].1)
+            .0
+            .message_authenticator_offset()
+            .is_some()
+    );
+    // The handshake ends: radius/1.1. What was prepared for RADIUS/TLS goes anew, in 1.1.
+    assert!(
+        w.engine
+            .handle_upstream_version(w.now, first[0].0.socket, true, &mut w.io)
+    );
+    w.collect();
+    let again = w.take_upstream(0);
+    assert_eq!(again.len(), 1);
+    let p = Packet::parse(&again[0].1).unwrap();
+    assert_eq!(p.identifier(), 0);
+    assert_eq!(p.get(attr::USER_PASSWORD).unwrap().value, b"secret-pw");
+    assert_eq!(w.count(Count::UpstreamRetransmit("protocol_changed")), 1);
+    assert_eq!(w.engine.in_flight(), 1);
 }

@@ -4,14 +4,16 @@
 //!
 //! The proxy's path over one request: [`PacketMut::from_datagram`], add Proxy-State, put
 //! the Message-Authenticator first (BlastRADIUS), set the upstream's Identifier and
-//! authenticator, [`PacketMut::rehide`] the hidden values, [`PacketMut::sign`].
+//! authenticator, [`PacketMut::rehide`] the hidden values, [`PacketMut::sign`]. Towards or
+//! from a RADIUS/1.1 hop, [`PacketMut::reveal_all`] and [`PacketMut::hide_all`] instead.
 
 use super::{
     HEADER_LEN, MAX_PACKET_LEN, Packet, ParseError, attr,
     auth::{self, SharedSecret, message_authenticator, message_authenticator_basis},
-    hide::{self, HideError},
+    hide::{self, HideError, Hiding},
     packet::Code,
 };
+use zeroize::Zeroize as _;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EditError {
@@ -236,6 +238,92 @@ impl<'a> PacketMut<'a> {
                 count += 1;
             }
             off += l;
+        }
+        Ok(count)
+    }
+
+    /// Reveals every hidden value (User-Password, Tunnel-Password, MS-MPPE keys) that was
+    /// hidden with (`secret`, `auth`), leaving it as its plain data type: the form RADIUS/1.1
+    /// (RFC 9765 section 5.1) carries them in. Returns how many.
+    pub fn reveal_all(&mut self, secret: &[u8], auth: &[u8; 16]) -> Result<usize, EditError> {
+        self.recode_hidden(|kind, value, out| {
+            let mut clear = [0u8; 256];
+            let n = match kind {
+                Hiding::UserPassword => {
+                    hide::reveal_user_password(value, secret, auth, &mut clear)?
+                }
+                Hiding::TunnelPassword | Hiding::Mppe => {
+                    let skip = usize::from(kind == Hiding::TunnelPassword);
+                    out[..skip].copy_from_slice(&value[..skip]);
+                    let n = hide::reveal_salted(&value[skip..], secret, auth, &mut clear)?;
+                    out[skip..skip + n].copy_from_slice(&clear[..n]);
+                    clear.zeroize();
+                    return Ok(skip + n);
+                }
+            };
+            out[..n].copy_from_slice(&clear[..n]);
+            clear.zeroize();
+            Ok(n)
+        })
+    }
+
+    /// Hides every value of a hidden type, given in its plain form (from a RADIUS/1.1
+    /// hop), with (`secret`, `auth`). Salts are random with the high bit set, and unique in
+    /// the packet (RFC 2868 3.5). Returns how many.
+    pub fn hide_all(&mut self, secret: &[u8], auth: &[u8; 16]) -> Result<usize, EditError> {
+        let mut index = 0u8;
+        self.recode_hidden(|kind, value, out| match kind {
+            Hiding::UserPassword => Ok(hide::hide_user_password(value, secret, auth, out)?),
+            Hiding::TunnelPassword | Hiding::Mppe => {
+                let skip = usize::from(kind == Hiding::TunnelPassword);
+                out[..skip].copy_from_slice(value.get(..skip).unwrap_or_default());
+                let mut r = [0u8; 1];
+                auth::fill_random(&mut r);
+                let salt = [0x80 | (index & 0x7f), r[0]];
+                index = index.wrapping_add(1);
+                let clear = value.get(skip..).unwrap_or_default();
+                Ok(skip + hide::hide_salted(clear, salt, secret, auth, &mut out[skip..])?)
+            }
+        })
+    }
+
+    /// Rewrites the value of every attribute that may be hidden with `f(kind, value, out)`
+    /// (which returns the new value's length), whatever the lengths.
+    fn recode_hidden(
+        &mut self,
+        mut f: impl FnMut(Hiding, &[u8], &mut [u8]) -> Result<usize, EditError>,
+    ) -> Result<usize, EditError> {
+        let mut off = HEADER_LEN;
+        let mut count = 0;
+        let mut out = [0u8; 256];
+        while off + 2 <= self.len {
+            let (ty, l) = (self.buf[off], (self.buf[off + 1] as usize).max(2));
+            let Some((at, n, kind)) = hide::hidden_in(ty, &self.buf[off + 2..off + l], off + 2)
+            else {
+                off += l;
+                continue;
+            };
+            // The attribute's value up to the hidden part (a VSA's header), then the new one.
+            let head = at - (off + 2);
+            let mut value = [0u8; 256];
+            value[..head].copy_from_slice(&self.buf[off + 2..at]);
+            let m = f(kind, &self.buf[at..at + n], &mut out)?;
+            if head + m > 253 {
+                out.zeroize();
+                return Err(EditError::ValueTooLong { len: head + m });
+            }
+            value[head..head + m].copy_from_slice(&out[..m]);
+            if kind == Hiding::Mppe {
+                // The vendor sub-attribute's length follows its value.
+                value[5] = (m + 2) as u8;
+            }
+            self.remove_at(off);
+            let inserted = self.insert_at(off, ty, &value[..head + m]);
+            value.zeroize();
+            out.zeroize();
+            inserted?;
+            off += head + m + 2;
+            count += 1;
         }
         Ok(count)
     }

@@ -568,3 +568,46 @@ proptest! {
         prop_assert_eq!(&out[..m], &pw[..]);
     }
 }
+
+/// RADIUS/1.1 carries hidden types in their plain form: hiding them for a RADIUS/UDP hop
+/// and revealing them again gives the same packet, and each hidden value reveals with the
+/// RFC's own functions.
+#[test]
+fn plain_values_of_a_radius_1_1_hop_are_hidden_and_revealed_losslessly() {
+    let mut buf = [0u8; 4096];
+    let mut m = PacketMut::new(&mut buf, Code::AccessAccept, 0).unwrap();
+    m.push(attr::USER_NAME, b"bob").unwrap();
+    m.push(attr::USER_PASSWORD, b"a password").unwrap();
+    m.push(attr::TUNNEL_PASSWORD, b"\x01tunnel secret").unwrap();
+    let key = [7u8; 32];
+    m.push_vendor(attr::VENDOR_MICROSOFT, attr::MS_MPPE_RECV_KEY, &key)
+        .unwrap();
+    m.push_vendor(attr::VENDOR_MICROSOFT, attr::MS_MPPE_SEND_KEY, &key)
+        .unwrap();
+    let plain = m.as_bytes().to_vec();
+    let (secret, auth) = (b"hop-secret".as_slice(), [9u8; 16]);
+    assert_eq!(m.hide_all(secret, &auth).unwrap(), 4);
+    let hidden = m.as_bytes().to_vec();
+    {
+        let p = Packet::parse(&hidden).unwrap();
+        let mut out = [0u8; 256];
+        let pw = p.get(attr::USER_PASSWORD).unwrap().value;
+        assert_eq!(pw.len(), 16);
+        let n = hide::reveal_user_password(pw, secret, &auth, &mut out).unwrap();
+        assert_eq!(&out[..n], b"a password");
+        let tp = p.get(attr::TUNNEL_PASSWORD).unwrap().value;
+        assert_eq!(tp[0], 1, "the tag stays in front");
+        let n = hide::reveal_salted(&tp[1..], secret, &auth, &mut out).unwrap();
+        assert_eq!(&out[..n], b"tunnel secret");
+        let salts: Vec<[u8; 2]> = p
+            .attributes()
+            .filter(|a| a.ty == attr::VENDOR_SPECIFIC)
+            .map(|a| [a.value[6], a.value[7]])
+            .collect();
+        assert_eq!(salts.len(), 2);
+        assert!(salts.iter().all(|s| s[0] & 0x80 != 0));
+        assert_ne!(salts[0], salts[1], "salts unique in the packet");
+    }
+    assert_eq!(m.reveal_all(secret, &auth).unwrap(), 4);
+    assert_eq!(m.as_bytes(), &plain[..]);
+}
