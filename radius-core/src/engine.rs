@@ -662,8 +662,9 @@ impl Engine {
             return;
         }
         if !flow.named {
-            // Once per flow: where a CoA for this NAS must go.
-            if let Ok(p) = Packet::parse(&self.buf[..n]) {
+            // Once per flow: where a CoA for this NAS must go. (Reading names only: the
+            // lenient parse, for RADIUS/1.1 flows too; the request is verified later.)
+            if let Ok(p) = Packet::parse_v11(&self.buf[..n]) {
                 common.nas_directory.register(
                     NasName::of(&p),
                     FlowHandle {
@@ -701,7 +702,7 @@ impl Engine {
             .pool
             .spreads()
             .then(|| {
-                Packet::parse(&self.buf[..n])
+                Packet::parse_v11(&self.buf[..n])
                     .ok()?
                     .get(attr::STATE)
                     .map(|a| a.value.to_vec())
@@ -1130,7 +1131,7 @@ impl Engine {
         };
         if done.client.pool.spreads()
             && self.buf[0] == Code::AccessChallenge as u8
-            && let Ok(p) = Packet::parse(&self.buf[..len])
+            && let Ok(p) = Packet::parse_v11(&self.buf[..len])
             && let Some(st) = p.get(attr::STATE)
         {
             common.eap_states.remember(st.value, &upstream.name, now);

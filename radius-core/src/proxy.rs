@@ -109,7 +109,11 @@ pub fn prepare_request(
     len: usize,
 ) -> Result<Prepared, ProxyError> {
     let (code, nas_id, nas_auth, has_ma, has_ps, has_eap, chap_without_challenge) = {
-        let p = Packet::parse(&buf[..len])?;
+        let p = if hops.nas_v11 {
+            Packet::parse_v11(&buf[..len])?
+        } else {
+            Packet::parse(&buf[..len])?
+        };
         let code = p.code();
         if !matches!(code, Code::AccessRequest | Code::AccountingRequest) {
             return Err(ProxyError::NotForwarded { code });
@@ -249,7 +253,11 @@ pub fn process_reply<T>(
 ) -> Result<Reply, ProxyError> {
     let mut learnt_upstream_signs = false;
     let code = {
-        let p = Packet::parse(&buf[..len])?;
+        let p = if upstream_v11 {
+            Packet::parse_v11(&buf[..len])?
+        } else {
+            Packet::parse(&buf[..len])?
+        };
         let code = p.code();
         if upstream_v11 {
             if p.authenticator()[..4] != inflight.up_auth[..4] {

@@ -243,6 +243,10 @@ struct TlsSection {
     key: PathBuf,
     /// CA certificates that NASes' client certificates must chain to.
     ca: PathBuf,
+    /// ALPN (RFC 9765), in the order of preference: "radius/1.1" (no MD5 inside TLS),
+    /// "radius/1.0" (RADIUS/TLS; also what a peer without ALPN gets). Default: both, 1.1
+    /// first; without "radius/1.0", RADIUS/1.1 is required.
+    alpn: Option<Spanned<Vec<String>>>,
 }
 
 /// Which kind of directory defines dynamic clients.
@@ -395,6 +399,8 @@ struct UpstreamSection {
     tls_certificate: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_name: Option<String>,
+    /// Over TLS, ALPN as in `[tls]`: offered in this order; default both, 1.1 first.
+    alpn: Option<Spanned<Vec<String>>>,
     /// Where Access-Requests go.
     auth: SocketAddr,
     /// Where Accounting-Requests go.
@@ -617,6 +623,12 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
+        let alpn = |list: &Option<Spanned<Vec<String>>>, key: &str| match list {
+            None => Ok(crate::tls::default_alpn()),
+            Some(l) => crate::tls::check_alpn(l.get_ref())
+                .map(|()| l.get_ref().clone())
+                .map_err(|m| err(l.span(), key, m)),
+        };
         if !server.listen.is_empty() {
             daemon.listen = listeners(&server.listen, "server.listen")?;
         }
@@ -627,14 +639,18 @@ impl Config {
             .parent()
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
-        daemon.tls = f.tls.as_ref().map(|t| {
-            let t = t.get_ref();
-            crate::tls::TlsFiles {
-                certificate: folder.join(&t.certificate),
-                key: folder.join(&t.key),
-                ca: folder.join(&t.ca),
+        daemon.tls = match f.tls.as_ref() {
+            None => None,
+            Some(t) => {
+                let t = t.get_ref();
+                Some(crate::tls::TlsFiles {
+                    certificate: folder.join(&t.certificate),
+                    key: folder.join(&t.key),
+                    ca: folder.join(&t.ca),
+                    alpn: alpn(&t.alpn, "tls.alpn")?,
+                })
             }
-        });
+        };
         if let Some(first) = server.listen_tls.first()
             && daemon.tls.is_none()
         {
@@ -689,6 +705,7 @@ impl Config {
                             .tls_name
                             .clone()
                             .unwrap_or_else(|| u.auth.ip().to_string()),
+                        alpn: alpn(&u.alpn, "upstream.alpn")?,
                     },
                 );
             }
@@ -1107,6 +1124,17 @@ mod tests {
             files.name, "192.0.2.9",
             "verified against its address by default"
         );
+        assert_eq!(files.alpn, ["radius/1.1", "radius/1.0"], "RFC 9765's allow");
+        let e = Config::from_toml(
+            &format!(
+                "{base}tls_ca = \"ca.pem\"\ntls_certificate = \"me.pem\"\ntls_key = \"me.key\"\n\
+                 alpn = [\"radius/2\"]\n"
+            ),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (9, "upstream.alpn"));
         let tcp = Config::from_toml(&base.replace("\"tls\"", "\"tcp\""), "f.toml").unwrap();
         assert!(tcp.upstreams[0].stream && tcp.upstream_tls.is_empty());
     }

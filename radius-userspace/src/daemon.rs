@@ -386,25 +386,42 @@ fn stream_status_server(
     wait: Duration,
 ) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
-    let mut buf = [0u8; 4096];
-    let (req, auth) = {
-        let p =
-            crate::codec::edit::status_server(&mut buf, 0, &u.secret).map_err(|e| e.to_string())?;
-        (p.as_bytes().to_vec(), p.authenticator())
-    };
-    let sock = std::net::TcpStream::connect_timeout(&u.auth, wait).map_err(|e| e.to_string())?;
+    let mut sock =
+        std::net::TcpStream::connect_timeout(&u.auth, wait).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(wait))
         .map_err(|e| e.to_string())?;
     sock.set_write_timeout(Some(wait))
         .map_err(|e| e.to_string())?;
     trait Stream: std::io::Read + std::io::Write {}
     impl<T: std::io::Read + std::io::Write> Stream for T {}
-    let mut stream: Box<dyn Stream> = match tls {
-        None => Box::new(sock),
-        Some((config, name)) => Box::new(rustls::StreamOwned::new(
-            rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?,
-            sock,
-        )),
+    // Over TLS the handshake first: on RADIUS/1.1 (RFC 9765) the probe carries a Token and
+    // no signature, and the answer must echo the Token.
+    let (mut stream, v11): (Box<dyn Stream>, bool) = match tls {
+        None => (Box::new(sock), false),
+        Some((config, name)) => {
+            let mut conn =
+                rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+            }
+            let v11 = crate::tls::negotiated(&conn, &config.alpn_protocols)
+                .map_err(|reason| format!("TLS refused: {reason}"))?;
+            (Box::new(rustls::StreamOwned::new(conn, sock)), v11)
+        }
+    };
+    let mut buf = [0u8; 4096];
+    let (req, auth) = if v11 {
+        let mut token = [0u8; 16];
+        crate::codec::auth::fill_random(&mut token[..4]);
+        let mut req = vec![0u8; crate::codec::HEADER_LEN];
+        req[0] = crate::codec::Code::StatusServer as u8;
+        req[3] = crate::codec::HEADER_LEN as u8;
+        req[4..20].copy_from_slice(&token);
+        (req, token)
+    } else {
+        let p =
+            crate::codec::edit::status_server(&mut buf, 0, &u.secret).map_err(|e| e.to_string())?;
+        (p.as_bytes().to_vec(), p.authenticator())
     };
     stream.write_all(&req).map_err(|e| e.to_string())?;
     stream.flush().map_err(|e| e.to_string())?;
@@ -423,6 +440,13 @@ fn stream_status_server(
         got.extend_from_slice(&buf[..n]);
     };
     let reply = crate::codec::Packet::parse(&got[..len]).map_err(|e| e.to_string())?;
+    if v11 {
+        return if reply.authenticator()[..4] == auth[..4] {
+            Ok(())
+        } else {
+            Err("a RADIUS/1.1 answer with another Token".into())
+        };
+    }
     crate::codec::auth::verify(&reply, &u.secret, Some(&auth))
         .map_err(|e| format!("an answer that does not verify ({e}): check the secret"))?;
     Ok(())

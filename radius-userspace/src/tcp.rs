@@ -69,6 +69,8 @@ struct Connection {
     tls: Option<Box<ServerConnection>>,
     /// Its certificate was held against its client's requirements (after the handshake).
     identified: bool,
+    /// Its handshake agreed on RADIUS/1.1 (ALPN, RFC 9765).
+    v11: bool,
 }
 
 impl Connection {
@@ -224,6 +226,7 @@ impl TcpFront {
                 flow: None,
                 tls,
                 identified: false,
+                v11: false,
             });
             self.by_addr.insert((remote, local), i);
             *self.per_source.entry(ip).or_default() += 1;
@@ -282,7 +285,21 @@ impl TcpFront {
             && !tls.is_handshaking()
         {
             c.identified = true;
-            if let Err(reason) = identify(tls, c.remote, common) {
+            let offered = self
+                .tls
+                .as_ref()
+                .map_or(&[][..], |t| t.alpn_protocols.as_slice());
+            let checked =
+                identify(tls, c.remote, common).and_then(|()| tls::negotiated(tls, offered));
+            if let Ok(v11) = checked {
+                c.v11 = v11;
+                info!(
+                    remote = %c.remote,
+                    protocol = if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 },
+                    "TLS connection accepted"
+                );
+            }
+            if let Err(reason) = checked {
                 info!(remote = %c.remote, transport, reason, "TLS connection refused");
                 // Nothing it sent is handled.
                 c.deframer = Deframer::default();
@@ -320,6 +337,14 @@ impl TcpFront {
             deframer.compact();
             c.deframer = deframer;
         }
+    }
+
+    /// Whether the connection from `remote` to `local` speaks RADIUS/1.1.
+    pub fn speaks_v11(&self, remote: SocketAddr, local: SocketAddr) -> bool {
+        self.by_addr
+            .get(&(remote, local))
+            .and_then(|&i| self.connections.get(i)?.as_ref())
+            .is_some_and(|c| c.v11)
     }
 
     /// The engine gave the flow of `remote` to `local` its "child": this connection.

@@ -4,6 +4,12 @@
 //! and fingerprints its certificate must show ([`check_peer`]). Every error names the file
 //! and the key it came from; nothing here echoes a key's bytes. What a handshake failure
 //! means, as a metric label, is [`failure_reason`].
+//!
+//! ALPN (RFC 9765): listeners and upstreams offer the configured `alpn` list
+//! (`radius/1.1`, `radius/1.0`, in the order of preference); [`negotiated`] says, after a
+//! handshake, whether the connection speaks RADIUS/1.1, or why it must close (1.1 required
+//! and not agreed, or agreed below TLS 1.3). A peer that sends no ALPN (FreeRADIUS 3.2,
+//! radsecproxy 1.9) gets RADIUS/TLS, unless 1.1 is required.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -24,6 +30,60 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA certificates (PEM) that NASes' client certificates must chain to.
     pub ca: PathBuf,
+    /// ALPN protocols accepted, in the order of preference.
+    pub alpn: Vec<String>,
+}
+
+/// RFC 9765's ALPN names.
+pub const RADIUS_11: &str = "radius/1.1";
+pub const RADIUS_10: &str = "radius/1.0";
+
+/// The default `alpn` of listeners and upstreams: RADIUS/1.1 when the peer offers it, else
+/// RADIUS/TLS (RFC 9765's "allow", which it asks to be the default).
+pub fn default_alpn() -> Vec<String> {
+    vec![RADIUS_11.to_owned(), RADIUS_10.to_owned()]
+}
+
+/// Checks an `alpn` list: known names, at least one, none twice.
+pub fn check_alpn(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err(format!(
+            "name at least one of \"{RADIUS_11}\", \"{RADIUS_10}\""
+        ));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if n != RADIUS_11 && n != RADIUS_10 {
+            return Err(format!(
+                "\"{n}\" is not a RADIUS ALPN name (\"{RADIUS_11}\", \"{RADIUS_10}\")"
+            ));
+        }
+        if names[..i].contains(n) {
+            return Err(format!("\"{n}\" is named twice"));
+        }
+    }
+    Ok(())
+}
+
+fn alpn_wire(names: &[String]) -> Vec<Vec<u8>> {
+    names.iter().map(|n| n.as_bytes().to_vec()).collect()
+}
+
+/// What a finished handshake agreed on: `Ok(true)` for RADIUS/1.1, `Ok(false)` for
+/// RADIUS/TLS; `Err` (a metric label) when the connection must close: 1.1 is required
+/// (`offered` lacks `radius/1.0`) and was not agreed, or it was agreed below TLS 1.3.
+pub fn negotiated<D>(
+    session: &rustls::ConnectionCommon<D>,
+    offered: &[Vec<u8>],
+) -> Result<bool, &'static str> {
+    let v11 = session.alpn_protocol() == Some(RADIUS_11.as_bytes());
+    if v11 && session.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Err("alpn_below_tls13");
+    }
+    let required = !offered.is_empty() && !offered.iter().any(|p| p == RADIUS_10.as_bytes());
+    if required && !v11 {
+        return Err("alpn_refused");
+    }
+    Ok(v11)
 }
 
 /// A TLS file that does not do: which, under which key, and why.
@@ -72,13 +132,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| error(&files.ca, "tls.ca", e))?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| error(&files.certificate, "tls.certificate", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         // Also where a key that is not the certificate's is found.
         .map_err(|e| error(&files.key, "tls.key", e))?;
+    config.alpn_protocols = alpn_wire(&files.alpn);
     Ok(Arc::new(config))
 }
 
@@ -185,6 +246,8 @@ pub struct UpstreamTlsFiles {
     pub key: PathBuf,
     /// The name (DNS or IP) its certificate must hold.
     pub name: String,
+    /// ALPN protocols offered, in the order of preference.
+    pub alpn: Vec<String>,
 }
 
 /// Reads an upstream's TLS files into a rustls client configuration, and the name to
@@ -202,12 +265,13 @@ pub fn client_config(
     let chain = certificates(&files.certificate, "upstream.tls_certificate")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| error(&files.key, "upstream.tls_key", e))?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| error(&files.certificate, "upstream.tls_certificate", e))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| error(&files.key, "upstream.tls_key", e))?;
+    config.alpn_protocols = alpn_wire(&files.alpn);
     let name = ServerName::try_from(files.name.clone()).map_err(|e| TlsError {
         file: PathBuf::new(),
         key: "upstream.tls_name",
@@ -249,6 +313,7 @@ mod tests {
             certificate: dir.join("server.pem"),
             key: dir.join("server.key"),
             ca: dir.join("ca.pem"),
+            alpn: default_alpn(),
         }
     }
 

@@ -6,7 +6,10 @@
 //! the next connection) and the connection is made again after a backoff that doubles up
 //! to [`MAX_BACKOFF`].
 //!
-//! Over TLS each request is a TLS record of its own: FreeRADIUS 3.2 takes a record for one
+//! Over TLS, what waits is held until the worker has heard which protocol the handshake
+//! agreed on (ALPN, RFC 9765) and confirmed it ([`UpstreamConn::confirm`]): requests
+//! prepared for the other one are dropped, and the engine prepares them again. Each
+//! request is then a TLS record of its own: FreeRADIUS 3.2 takes a record for one
 //! packet, and closes the connection when it holds more.
 
 use std::{
@@ -50,6 +53,9 @@ pub struct UpstreamConn {
     /// Requests (clear text) not yet given to the connection: it is not up, or TLS is
     /// still shaking hands.
     waiting: Vec<u8>,
+    /// The handshake's protocol was told to the worker (TLS), and confirmed by it.
+    told: bool,
+    confirmed: bool,
     /// Bytes for the socket (TLS records, or requests on TCP), written from `unsent_from`.
     unsent: Vec<u8>,
     unsent_from: usize,
@@ -64,6 +70,9 @@ pub struct UpstreamConn {
 pub struct Readiness {
     pub replies: Vec<Vec<u8>>,
     pub closed: bool,
+    /// The TLS handshake just finished: RADIUS/1.1 agreed or not. The worker tells the
+    /// engine, then [`UpstreamConn::confirm`]s.
+    pub negotiated: Option<bool>,
 }
 
 impl UpstreamConn {
@@ -84,6 +93,8 @@ impl UpstreamConn {
             connected: false,
             deframer: Deframer::default(),
             waiting: Vec::new(),
+            told: false,
+            confirmed: false,
             unsent: Vec::new(),
             unsent_from: 0,
             want_write: false,
@@ -124,6 +135,8 @@ impl UpstreamConn {
         };
         self.stream = Some(stream);
         self.connected = false;
+        self.told = false;
+        self.confirmed = false;
         self.retry_at = None;
         Ok(())
     }
@@ -150,7 +163,7 @@ impl UpstreamConn {
                 self.waiting.clear();
             }
             Some(s) => {
-                if !s.is_handshaking() {
+                if !s.is_handshaking() && self.confirmed {
                     // One packet per write: a record each. rustls takes a whole packet
                     // (its buffer is drained after each); if it ever took part, the rest
                     // follows at once, so `given` stays on a packet's boundary.
@@ -209,8 +222,45 @@ impl UpstreamConn {
             out.closed = true;
             return out;
         }
+        if !self.told
+            && let Some(s) = self.session.as_deref()
+            && !s.is_handshaking()
+        {
+            self.told = true;
+            let offered = self
+                .tls
+                .as_ref()
+                .map_or(&[][..], |t| &t.0.alpn_protocols[..]);
+            match tls::negotiated(s, offered) {
+                Ok(v11) => {
+                    info!(
+                        upstream = %self.to,
+                        protocol = if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 },
+                        "upstream TLS connection ready"
+                    );
+                    out.negotiated = Some(v11);
+                }
+                Err(reason) => {
+                    info!(upstream = %self.to, reason, "upstream TLS refused: RADIUS/1.1 required");
+                    self.close(poller, now, reason);
+                    out.closed = true;
+                    return out;
+                }
+            }
+        }
         self.give_waiting(poller);
         out
+    }
+
+    /// The worker told the engine what the handshake agreed on; `drop_waiting` when the
+    /// requests that waited were prepared for the other protocol (the engine sent them
+    /// anew). What waits may go now.
+    pub fn confirm(&mut self, drop_waiting: bool, poller: &Poller) {
+        if drop_waiting {
+            self.waiting.clear();
+        }
+        self.confirmed = true;
+        self.give_waiting(poller);
     }
 
     /// Reads what the socket has into the deframer and the replies; true when the

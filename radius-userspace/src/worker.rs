@@ -212,6 +212,13 @@ impl Io for Sockets {
     fn define(&mut self, ip: IpAddr) {
         spawn_definition(&self.runtime, self.shared.clone(), ip);
     }
+
+    fn speaks_v11(&self, remote: SocketAddr, local: SocketAddr) -> bool {
+        match &self.front {
+            Front::Tcp(t) => t.speaks_v11(remote, local),
+            Front::Udp { .. } => false,
+        }
+    }
 }
 
 struct Worker {
@@ -424,6 +431,17 @@ impl Worker {
             Some(UpstreamSocket::Udp(_)) => {}
             Some(UpstreamSocket::Stream(c)) => {
                 let ready = c.on_ready(&mut self.buf, &self.io.poller, now);
+                if let Some(v11) = ready.negotiated {
+                    // What waited was prepared for the protocol the link spoke so far;
+                    // if the handshake chose the other, the engine prepares it again.
+                    let changed =
+                        self.engine
+                            .handle_upstream_version(now, index, v11, &mut self.io);
+                    if let Some(Some(UpstreamSocket::Stream(c))) = self.io.upstreams.get_mut(index)
+                    {
+                        c.confirm(changed, &self.io.poller);
+                    }
+                }
                 for reply in &ready.replies {
                     self.engine.handle_upstream(now, index, reply);
                 }

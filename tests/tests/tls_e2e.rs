@@ -564,6 +564,14 @@ secret = "{RADCLIENT_SECRET}"
         daemon.log(),
         fr.log()
     );
+    // FreeRADIUS 3.2.1 answers no ALPN: RADIUS/TLS, though radius/1.1 was offered.
+    assert!(
+        daemon.log().contains("upstream TLS connection ready")
+            && daemon.log().contains("radius/1.0")
+            && !daemon.log().contains("radius/1.1"),
+        "{}",
+        daemon.log()
+    );
     (fr, daemon)
 }
 
@@ -642,4 +650,176 @@ fn requests_on_a_killed_upstream_tls_connection_are_sent_again_none_lost() {
         "no request was in flight on a killed connection"
     );
     drop(daemon);
+}
+
+/// RADIUS/1.1 (RFC 9765) between two sidecars: radclient (PAP) and eapol_test (PEAP, MPPE
+/// keys checked) on UDP to sidecar A, A to sidecar B over TLS with ALPN radius/1.1 (no MD5
+/// on that hop: passwords and keys travel plain inside TLS, a Token instead of the
+/// authenticator), B to FreeRADIUS on UDP. Both ends say which protocol they agreed on.
+/// The same A offers radius/1.1 to FreeRADIUS 3.2.1's tls site, which has no ALPN: there
+/// it falls back to RADIUS/TLS (`behind_freeradius_over_tls` asserts it).
+#[test]
+fn radius_1_1_between_two_sidecars_carries_pap_and_peap() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-v11-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let dir = pki.display().to_string();
+    let fr = FreeRadius::start_on(
+        &topo.sidecar,
+        &[("127.0.0.1", UPSTREAM_SECRET)],
+        USERS,
+        11812,
+    );
+    let b = sidecar_with_config(
+        &topo.sidecar,
+        "tls-v11-b",
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1912"]
+listen_tls = ["127.0.0.1:2085"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "127.0.0.1:9813"
+
+[tls]
+certificate = "{dir}/server.pem"
+key = "{dir}/server.key"
+ca = "{dir}/ca.pem"
+
+[[upstream]]
+name = "freeradius"
+auth = "127.0.0.1:11812"
+secret = "{UPSTREAM_SECRET}"
+
+[[client]]
+prefix = "127.0.0.1/32"
+name = "sidecar-a"
+secret = "{RADSEC_SECRET}"
+certificate_names = ["nas1"]
+"#
+        ),
+    );
+    let mut a = sidecar_with_config(
+        &topo.sidecar,
+        "tls-v11-a",
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "sidecar-b"
+auth = "127.0.0.1:2085"
+transport = "tls"
+secret = "{RADSEC_SECRET}"
+tls_ca = "{dir}/ca.pem"
+tls_certificate = "{dir}/nas.pem"
+tls_key = "{dir}/nas.key"
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{RADCLIENT_SECRET}"
+"#
+        ),
+    );
+    assert!(
+        a.wait_for_log("upstream answers Status-Server", Duration::from_secs(10)),
+        "the start-up probe goes over RADIUS/1.1 too: {}\n{}",
+        a.log(),
+        b.log()
+    );
+    let (ok, out) = run_radclient(
+        &topo.nas1,
+        &[
+            "-x",
+            "-r",
+            "3",
+            "-t",
+            "3",
+            &format!("{SIDECAR1_V4}:1812"),
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    assert!(
+        ok && out.contains("Received Access-Accept") && out.contains("hello alice over tls"),
+        "{out}\n{}\n{}\n{}",
+        a.log(),
+        b.log(),
+        fr.log()
+    );
+    let (_, out) = run_radclient(
+        &topo.nas1,
+        &[
+            "-x",
+            "-r",
+            "2",
+            "-t",
+            "3",
+            &format!("{SIDECAR1_V4}:1812"),
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        "User-Name = alice, User-Password = wrong\n",
+    );
+    assert!(out.contains("Received Access-Reject"), "{out}");
+    let peap = pki.join("peap.conf");
+    std::fs::write(
+        &peap,
+        "network={\n key_mgmt=IEEE8021X\n eap=PEAP\n identity=\"bob\"\n password=\"bob-pw\"\n \
+         phase2=\"auth=MSCHAPV2\"\n eapol_flags=0\n}\n",
+    )
+    .unwrap();
+    let out = topo
+        .nas1
+        .command("eapol_test")
+        .args(["-c", peap.to_str().unwrap(), "-a", SIDECAR1_V4])
+        .args(["-p", "1812", "-s", RADCLIENT_SECRET, "-t", "10"])
+        .output()
+        .expect("eapol_test (package eapoltest)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counted = |addr: &str| {
+        metrics_text(&topo.sidecar, addr)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.ends_with(" 0") && !l.contains("bucket"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        out.status.success()
+            && text.contains("SUCCESS")
+            && text.contains("MPPE keys OK: 1  mismatch: 0"),
+        "{}\nA: {}\nB: {}",
+        text.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+        counted(METRICS),
+        counted("127.0.0.1:9813"),
+    );
+    // The negotiated protocol, as each side saw it.
+    assert!(
+        a.wait_for_log("protocol=\"radius/1.1\"", Duration::from_secs(1))
+            || a.log().contains("protocol=radius/1.1"),
+        "A: {}",
+        a.log()
+    );
+    assert!(
+        b.log().contains("TLS connection accepted") && b.log().contains("radius/1.1"),
+        "B: {}",
+        b.log()
+    );
+    assert!(
+        !a.log().contains("radius/1.0"),
+        "A never fell back: {}",
+        a.log()
+    );
+    drop(a);
+    drop(b);
 }

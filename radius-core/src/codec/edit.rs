@@ -54,9 +54,10 @@ impl<'a> PacketMut<'a> {
     }
 
     /// Takes the first `len` bytes of `buf` (a received datagram), validated as a packet;
-    /// padding past the length field is dropped.
+    /// padding past the length field is dropped. Its framing only: whoever reads it checks
+    /// what its profile asks (a Message-Authenticator beside EAP, on RADIUS but not 1.1).
     pub fn from_datagram(buf: &'a mut [u8], len: usize) -> Result<Self, EditError> {
-        let plen = Packet::parse(&buf[..len.min(buf.len())])?.len();
+        let plen = Packet::parse_v11(&buf[..len.min(buf.len())])?.len();
         Ok(Self { buf, len: plen })
     }
 

@@ -138,6 +138,16 @@ pub struct Packet<'a> {
 impl<'a> Packet<'a> {
     /// Validates `datagram` and returns a view of the packet in it.
     pub fn parse(datagram: &'a [u8]) -> Result<Self, ParseError> {
+        Self::parse_profile(datagram, true)
+    }
+
+    /// As [`Packet::parse`], for RADIUS/1.1 (RFC 9765), where no Message-Authenticator is
+    /// sent: an EAP-Message needs none.
+    pub fn parse_v11(datagram: &'a [u8]) -> Result<Self, ParseError> {
+        Self::parse_profile(datagram, false)
+    }
+
+    fn parse_profile(datagram: &'a [u8], eap_needs_ma: bool) -> Result<Self, ParseError> {
         if datagram.len() < HEADER_LEN {
             return Err(ParseError::ShortHeader {
                 len: datagram.len(),
@@ -200,7 +210,7 @@ impl<'a> Packet<'a> {
             }
             off += alen as usize;
         }
-        if let (Some(offset), None) = (eap, message_authenticator) {
+        if let (Some(offset), None, true) = (eap, message_authenticator, eap_needs_ma) {
             return Err(ParseError::EapWithoutMessageAuthenticator { offset });
         }
         Ok(Self {

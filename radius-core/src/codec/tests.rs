@@ -611,3 +611,16 @@ fn plain_values_of_a_radius_1_1_hop_are_hidden_and_revealed_losslessly() {
     assert_eq!(m.reveal_all(secret, &auth).unwrap(), 4);
     assert_eq!(m.as_bytes(), &plain[..]);
 }
+
+#[test]
+fn eap_without_a_message_authenticator_is_refused_but_on_radius_1_1() {
+    let mut buf = [0u8; 4096];
+    let mut m = PacketMut::new(&mut buf, Code::AccessRequest, 0).unwrap();
+    m.push(attr::EAP_MESSAGE, b"\x02\x01\x00\x05\x01").unwrap();
+    let bytes = m.as_bytes().to_vec();
+    assert!(matches!(
+        Packet::parse(&bytes),
+        Err(ParseError::EapWithoutMessageAuthenticator { .. })
+    ));
+    assert!(Packet::parse_v11(&bytes).is_ok(), "RFC 9765 sends none");
+}
