@@ -10,6 +10,11 @@
 //! With `--baseline PATH` (another `radius-sidecar` binary, e.g. the previous build), the
 //! sidecar rows are measured with both binaries in the same rounds, and the table gives the
 //! ratios of the new build to the baseline.
+//!
+//! TLS rows: the same NASes on UDP, the proxy speaking RADIUS/TLS (RFC 6614, client
+//! certificates from a test CA) to FreeRADIUS's `tls` site (the sidecar offers radius/1.1;
+//! FreeRADIUS 3.2.1 answers RADIUS/TLS); and a handshake run, TLS clients with
+//! certificates connecting to the proxy's TLS listener as fast as they can.
 
 use std::{
     fmt::Write as _,
@@ -34,6 +39,10 @@ const RESPONDER_PORT: u16 = 41812;
 /// The responder NASes reach directly (their secret, not the upstream one).
 const RESPONDER_DIRECT_PORT: u16 = 41912;
 const SIDECAR_PORT: u16 = 1812;
+/// FreeRADIUS's tls site, and the proxies' TLS listeners of the handshake run.
+const FR_TLS_PORT: u16 = 2083;
+const PROXY_TLS_PORT: u16 = 2183;
+const RADSEC: &str = "radsec";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Proxy {
@@ -64,6 +73,8 @@ impl Proxy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Upstream {
     FreeRadius,
+    /// The same FreeRADIUS, over RADIUS/TLS (its tls site).
+    FreeRadiusTls,
     Responder,
 }
 
@@ -71,14 +82,19 @@ impl Upstream {
     fn name(self) -> &'static str {
         match self {
             Upstream::FreeRadius => "FreeRADIUS 3.2.1",
+            Upstream::FreeRadiusTls => "FreeRADIUS 3.2.1 over TLS",
             Upstream::Responder => "own responder",
         }
     }
     fn port(self) -> u16 {
         match self {
             Upstream::FreeRadius => FR_PORT,
+            Upstream::FreeRadiusTls => FR_TLS_PORT,
             Upstream::Responder => RESPONDER_PORT,
         }
+    }
+    fn is_freeradius(self) -> bool {
+        matches!(self, Upstream::FreeRadius | Upstream::FreeRadiusTls)
     }
 }
 
@@ -111,6 +127,10 @@ struct Opts {
     failover: bool,
     /// Another radius-sidecar binary to measure beside this one.
     baseline: Option<std::path::PathBuf>,
+    /// The TLS rows and the handshake run.
+    tls: bool,
+    /// Certificates of the TLS rows (tests::write_test_pki).
+    pki: std::path::PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,6 +146,8 @@ fn main() -> anyhow::Result<()> {
         sweep: true,
         failover: true,
         baseline: None,
+        tls: true,
+        pki: temp_dir("pki"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -143,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             "--workers" => o.workers = num()? as usize,
             "--no-sweep" => o.sweep = false,
             "--no-failover" => o.failover = false,
+            "--no-tls" => o.tls = false,
             "--baseline" => o.baseline = Some(args.next().context("a binary")?.into()),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -161,12 +184,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let ns = NetNs::new("pbench");
+    tests::write_test_pki(&o.pki)?;
     let fr = FreeRadius::start_with(
         &ns,
         &FreeRadiusSetup {
             clients: &[("127.0.0.1", UP_SECRET), ("127.0.2.0/24", NAS_SECRET)],
             users: "bench Cleartext-Password := \"bench-pw\"\n",
             auth_port: FR_PORT,
+            tls: Some(tests::FreeRadiusTls {
+                port: FR_TLS_PORT,
+                certificate: &o.pki.join("server.pem"),
+                key: &o.pki.join("server.key"),
+                ca: &o.pki.join("ca.pem"),
+                clients: &["127.0.0.1"],
+            }),
             ..Default::default()
         },
     );
@@ -212,6 +243,16 @@ fn main() -> anyhow::Result<()> {
         .map(|(p, u)| (p, u, o.ceiling_outstanding)),
     )
     .chain(
+        [
+            (Proxy::SidecarFast, Upstream::FreeRadiusTls),
+            (Proxy::SidecarUser, Upstream::FreeRadiusTls),
+            (Proxy::Radsecproxy, Upstream::FreeRadiusTls),
+        ]
+        .into_iter()
+        .filter(|_| o.tls)
+        .map(|(p, u)| (p, u, o.outstanding)),
+    )
+    .chain(
         [256usize, 1_000, 4_000]
             .into_iter()
             .filter(|_| o.sweep)
@@ -253,6 +294,23 @@ fn main() -> anyhow::Result<()> {
         }
     }
     drop(responders);
+    let mut handshakes = Vec::new();
+    if o.tls {
+        for round in 0..o.rounds {
+            for proxy in [Proxy::SidecarUser, Proxy::Radsecproxy] {
+                let h = handshake_run(&ns, &o, proxy)
+                    .with_context(|| format!("handshakes with {}", proxy.name()))?;
+                eprintln!(
+                    "round {round}: handshakes with {:<32}: {:.0}/s, {:.0} us of proxy CPU each, {} failed",
+                    proxy.name(),
+                    h.rate(),
+                    h.cpu_us(),
+                    h.failed
+                );
+                handshakes.push((proxy, h));
+            }
+        }
+    }
     let mut failovers = Vec::new();
     if o.failover {
         for proxy in [Proxy::SidecarFast, Proxy::Radsecproxy] {
@@ -275,6 +333,9 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let mut table = render(&rows, &o);
+    if !handshakes.is_empty() {
+        table.push_str(&render_handshakes(handshakes, o.rounds));
+    }
     if !failovers.is_empty() {
         table.push_str(&render_failover(&failovers, o.outstanding));
     }
@@ -353,6 +414,20 @@ fn start_proxy(
                 Proxy::BaselineFast | Proxy::BaselineUser => o.baseline.clone(),
                 _ => None,
             };
+            let over_tls = if upstream == Upstream::FreeRadiusTls {
+                format!(
+                    "transport = \"tls\"\ntls_ca = \"{dir}/ca.pem\"\n\
+                     tls_certificate = \"{dir}/nas.pem\"\ntls_key = \"{dir}/nas.key\"\n",
+                    dir = o.pki.display()
+                )
+            } else {
+                String::new()
+            };
+            let secret = if upstream == Upstream::FreeRadiusTls {
+                RADSEC
+            } else {
+                UP_SECRET
+            };
             let toml = format!(
                 r#"
 [server]
@@ -365,9 +440,9 @@ workers = {workers}
 [[upstream]]
 name = "up"
 auth = "127.0.0.1:{up}"
-secret = "{UP_SECRET}"
+secret = "{secret}"
 timeout_ms = 5000
-
+{over_tls}
 [[client]]
 prefix = "127.0.2.0/24"
 name = "bench-nases"
@@ -378,6 +453,21 @@ upstream = "up"
             let d = tests::sidecar_with_config_of(ns, "pbench", &toml, bin.as_deref());
             (Running::Sidecar(d), SIDECAR_PORT)
         }
+        Proxy::Radsecproxy if upstream == Upstream::FreeRadiusTls => (
+            start_radsecproxy(
+                ns,
+                "radsecproxy-tls",
+                &format!(
+                    "tls default {{\n CACertificateFile {dir}/ca.pem\n CertificateFile {dir}/nas.pem\n \
+                     CertificateKeyFile {dir}/nas.key\n}}\n\
+                     server up {{\n host 127.0.0.1\n port {up}\n type tls\n tls default\n \
+                     secret {RADSEC}\n CertificateNameCheck off\n}}\n\
+                     realm * {{\n server up\n}}\n",
+                    dir = o.pki.display()
+                ),
+            )?,
+            RADSEC_PORT,
+        ),
         Proxy::Radsecproxy => (
             start_radsecproxy(
                 ns,
@@ -523,7 +613,7 @@ fn measure(
         (Some(b), Some(a)) => per_req_us(a.saturating_sub(b), load.answered),
         _ => 0.0,
     };
-    let upstream_us = if upstream == Upstream::FreeRadius {
+    let upstream_us = if upstream.is_freeradius() {
         per_req_us(after.1.saturating_sub(before.1), load.answered)
     } else {
         0.0
@@ -566,9 +656,14 @@ fn render(rows: &[Row], o: &Opts) -> String {
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in rows {
+        // TLS rows are held against FreeRADIUS reached directly on UDP.
+        let direct_of = match r.upstream {
+            Upstream::FreeRadiusTls => Upstream::FreeRadius,
+            u => u,
+        };
         let direct = rows
             .iter()
-            .find(|d| d.proxy == Proxy::None && d.upstream == r.upstream)
+            .find(|d| d.proxy == Proxy::None && d.upstream == direct_of)
             .map_or(f64::NAN, |d| d.load.rate());
         let _ = writeln!(
             t,
@@ -587,7 +682,7 @@ fn render(rows: &[Row], o: &Opts) -> String {
             } else {
                 format!("{:.1}", r.proxy_us)
             },
-            if r.upstream == Upstream::FreeRadius {
+            if r.upstream.is_freeradius() {
                 format!("{:.1}", r.upstream_us)
             } else {
                 "-".to_owned()
@@ -607,6 +702,7 @@ fn render(rows: &[Row], o: &Opts) -> String {
     for (q, u) in [
         (Proxy::Radsecproxy, Upstream::FreeRadius),
         (Proxy::FreeRadiusHop, Upstream::FreeRadius),
+        (Proxy::Radsecproxy, Upstream::FreeRadiusTls),
         (Proxy::Radsecproxy, Upstream::Responder),
     ] {
         if let Some((rate, cpu)) = ratio(Proxy::SidecarFast, q, u) {
@@ -762,6 +858,200 @@ fn render_failover(rows: &[(Proxy, LoadResult)], outstanding: usize) -> String {
             let _ = write!(t, " {} |", r.per_second.get(i).copied().unwrap_or(0));
         }
         let _ = writeln!(t, " {} |", r.lost);
+    }
+    t
+}
+
+const HANDSHAKE_SECONDS: u64 = 3;
+const HANDSHAKE_CLIENTS: usize = 4;
+
+/// What a handshake run gave.
+struct Handshakes {
+    done: u64,
+    failed: u64,
+    elapsed: Duration,
+    proxy_cpu: Duration,
+}
+
+impl Handshakes {
+    fn rate(&self) -> f64 {
+        self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn cpu_us(&self) -> f64 {
+        per_req_us(self.proxy_cpu, self.done)
+    }
+}
+
+/// TLS clients (rustls, with the NAS certificate of the test CA) connect to the proxy's TLS
+/// listener one after another, each finishing a full handshake (no resumption) and closing,
+/// `HANDSHAKE_CLIENTS` at a time for `HANDSHAKE_SECONDS`.
+fn handshake_run(ns: &NetNs, o: &Opts, proxy: Proxy) -> anyhow::Result<Handshakes> {
+    let dir = o.pki.display().to_string();
+    let running = match proxy {
+        Proxy::Radsecproxy => {
+            let tdir = temp_dir("radsecproxy-hs");
+            let conf = tdir.join("radsecproxy.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "ListenTLS 127.0.0.1:{PROXY_TLS_PORT}\nLogLevel 1\nLogDestination file://{}/log\n\
+                     tls default {{\n CACertificateFile {dir}/ca.pem\n CertificateFile {dir}/server.pem\n \
+                     CertificateKeyFile {dir}/server.key\n}}\n\
+                     client nases {{\n host 127.0.0.0/8\n type tls\n tls default\n secret {RADSEC}\n \
+                     CertificateNameCheck off\n}}\n\
+                     server up {{\n host 127.0.0.1\n port {FR_PORT}\n type udp\n secret {UP_SECRET}\n}}\n\
+                     realm * {{\n server up\n}}\n",
+                    tdir.display()
+                ),
+            )?;
+            let child = ns
+                .command("radsecproxy")
+                .args(["-f", "-c"])
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting radsecproxy")?;
+            Running::Process(child, tdir)
+        }
+        _ => {
+            let toml = format!(
+                r#"
+[server]
+listen = ["127.0.0.1:{SIDECAR_PORT}"]
+listen_tls = ["127.0.0.1:{PROXY_TLS_PORT}"]
+iface = "none"
+ebpf = "off"
+metrics = "none"
+workers = {workers}
+max_connections_per_source = 1000
+
+[tls]
+certificate = "{dir}/server.pem"
+key = "{dir}/server.key"
+ca = "{dir}/ca.pem"
+
+[[upstream]]
+name = "up"
+auth = "127.0.0.1:{FR_PORT}"
+secret = "{UP_SECRET}"
+
+[[client]]
+prefix = "127.0.0.0/8"
+name = "nases"
+secret = "{RADSEC}"
+"#,
+                workers = o.workers
+            );
+            Running::Sidecar(tests::sidecar_with_config(ns, "pbench-hs", &toml))
+        }
+    };
+    wait_tcp_listening(ns, PROXY_TLS_PORT)?;
+    let pid = running.pid().context("a proxy process")?;
+    let cpu0 = loadgen::process_cpu(pid);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(HANDSHAKE_SECONDS);
+    let pki = o.pki.clone();
+    let counts: Vec<(u64, u64)> = std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..HANDSHAKE_CLIENTS)
+            .map(|_| {
+                let pki = pki.clone();
+                sc.spawn(move || {
+                    ns.run(move || {
+                        let (mut done, mut failed) = (0u64, 0u64);
+                        while Instant::now() < deadline && done + failed < 1_000_000 {
+                            match handshake(&pki) {
+                                Ok(()) => done += 1,
+                                Err(_) => failed += 1,
+                            }
+                        }
+                        (done, failed)
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or((0, 0)))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let proxy_cpu = loadgen::process_cpu(pid).saturating_sub(cpu0);
+    drop(running);
+    Ok(Handshakes {
+        done: counts.iter().map(|c| c.0).sum(),
+        failed: counts.iter().map(|c| c.1).sum(),
+        elapsed,
+        proxy_cpu,
+    })
+}
+
+/// One full handshake with the proxy's TLS listener, then close_notify.
+fn handshake(pki: &std::path::Path) -> anyhow::Result<()> {
+    let mut s = tests::tls_connect(pki, "nas", &format!("127.0.0.1:{PROXY_TLS_PORT}"))?;
+    s.sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    s.conn.send_close_notify();
+    let _ = s.conn.complete_io(&mut s.sock);
+    Ok(())
+}
+
+fn wait_tcp_listening(ns: &NetNs, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = ns.command("ss").args(["-tln"]).output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("nothing listens on TCP port {port} after 10 s")
+}
+
+/// The handshake table: per proxy, the median round by rate.
+fn render_handshakes(mut runs: Vec<(Proxy, Handshakes)>, rounds: usize) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nTLS handshakes: {HANDSHAKE_CLIENTS} clients (rustls, ECDSA P-256 certificates of a test CA, a \
+         client certificate each time, no resumption) connect to the proxy's TLS listener one \
+         after another for {HANDSHAKE_SECONDS} s, each completing a handshake and closing; median of \
+         {rounds} rounds by rate:\n"
+    );
+    let _ = writeln!(
+        t,
+        "| proxy | handshakes/s | proxy CPU us/handshake | failed |\n| --- | ---: | ---: | ---: |"
+    );
+    for p in [Proxy::SidecarUser, Proxy::Radsecproxy] {
+        let mut mine: Vec<Handshakes> = Vec::new();
+        let mut rest = Vec::new();
+        for (q, h) in runs.drain(..) {
+            if q == p {
+                mine.push(h);
+            } else {
+                rest.push((q, h));
+            }
+        }
+        runs = rest;
+        mine.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        if mine.is_empty() {
+            continue;
+        }
+        let h = mine.swap_remove(mine.len() / 2);
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {:.0} | {} |",
+            if p == Proxy::SidecarUser {
+                "radius-sidecar"
+            } else {
+                p.name()
+            },
+            h.rate(),
+            h.cpu_us(),
+            h.failed
+        );
     }
     t
 }
