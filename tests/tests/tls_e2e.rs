@@ -823,3 +823,94 @@ secret = "{RADCLIENT_SECRET}"
     drop(a);
     drop(b);
 }
+
+/// An upstream that must speak RADIUS/1.1 (`alpn = ["radius/1.1"]`): FreeRADIUS 3.2.1 agrees
+/// on no ALPN, so every connection is refused after its handshake, said once per attempt
+/// with the reason, and no request goes to it in RADIUS/TLS.
+#[test]
+fn an_upstream_that_must_speak_radius_1_1_is_refused_when_it_cannot() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-v11req-{}", std::process::id()));
+    write_test_pki(&pki).unwrap();
+    let fr = FreeRadius::start_with(
+        &topo.sidecar,
+        &FreeRadiusSetup {
+            clients: &[],
+            users: USERS,
+            auth_port: 11812,
+            tls: Some(FreeRadiusTls {
+                port: 2084,
+                certificate: &pki.join("server.pem"),
+                key: &pki.join("server.key"),
+                ca: &pki.join("ca.pem"),
+                clients: &["127.0.0.1"],
+            }),
+            ..Default::default()
+        },
+    );
+    let mut daemon = sidecar_with_config(
+        &topo.sidecar,
+        "tls-v11req",
+        &format!(
+            r#"[server]
+listen = ["0.0.0.0:1812"]
+workers = 1
+iface = "none"
+ebpf = "off"
+metrics = "{METRICS}"
+
+[[upstream]]
+name = "freeradius-radsec"
+auth = "127.0.0.1:2084"
+transport = "tls"
+secret = "{RADSEC_SECRET}"
+tls_ca = "{dir}/ca.pem"
+tls_certificate = "{dir}/nas.pem"
+tls_key = "{dir}/nas.key"
+alpn = ["radius/1.1"]
+
+[[client]]
+prefix = "192.0.2.0/24"
+name = "nas1"
+secret = "{RADCLIENT_SECRET}"
+"#,
+            dir = pki.display()
+        ),
+    );
+    assert!(
+        daemon.wait_for_log("RADIUS/1.1 required", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("alpn_refused"), "{}", daemon.log());
+    let (_, out) = run_radclient(
+        &topo.nas1,
+        &[
+            "-x",
+            "-r",
+            "1",
+            "-t",
+            "2",
+            &format!("{SIDECAR1_V4}:1812"),
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    assert!(!out.contains("Received Access-Accept"), "{out}");
+    assert_eq!(
+        metric(&topo.sidecar, METRICS, "radius_relayed_total"),
+        0,
+        "nothing was answered through it in RADIUS/TLS"
+    );
+    assert!(
+        !daemon.log().contains("upstream answers Status-Server"),
+        "nor did the probe pass: {}\n{}",
+        daemon.log(),
+        fr.log()
+    );
+    drop(daemon);
+}
