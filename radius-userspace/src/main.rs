@@ -120,8 +120,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = load(&cli)?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
+        // Every certificate and key: readable, parsed, within its dates, the key the
+        // certificate's.
         if let Some(files) = &config.daemon.tls {
             radius_sidecar::tls::server_config(files)?;
+        }
+        for files in config.upstream_tls.values() {
+            radius_sidecar::tls::client_config(files)?;
         }
         println!(
             "configuration OK: {} listener(s), {} upstream(s), {} client(s)",

@@ -103,6 +103,9 @@ fn error(file: &std::path::Path, key: &'static str, message: impl ToString) -> T
     }
 }
 
+/// The certificates of a PEM file, each parsed and within its dates: a certificate that
+/// has expired (or is not valid yet) is named with its subject and date, at start and by
+/// check-config, rather than found out at the first handshake.
 fn certificates(
     file: &std::path::Path,
     key: &'static str,
@@ -114,7 +117,28 @@ fn certificates(
     if certs.is_empty() {
         return Err(error(file, key, "no certificate in the file"));
     }
+    for der in &certs {
+        within_dates(der).map_err(|m| error(file, key, m))?;
+    }
     Ok(certs)
+}
+
+fn within_dates(der: &[u8]) -> Result<(), String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let v = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    let subject = cert.subject();
+    if now > v.not_after {
+        return Err(format!("\"{subject}\" expired on {}", v.not_after));
+    }
+    if now < v.not_before {
+        return Err(format!(
+            "\"{subject}\" is not valid before {}",
+            v.not_before
+        ));
+    }
+    Ok(())
 }
 
 /// Reads and checks the files: readable, parsed, the key matches the certificate, the CA
@@ -363,6 +387,25 @@ mod tests {
             check_peer(&need(&["nas1.example.org"], vec![[0; 32]]), &der),
             Err("fingerprint_mismatch")
         );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_named_with_its_file_key_and_date() {
+        let dir = std::env::temp_dir().join(format!("rs-tls-expired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["old".to_owned()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        let e = server_config(&files(&dir)).err().unwrap();
+        assert_eq!(e.key, "tls.certificate");
+        assert!(e.to_string().contains("expired on"), "{e}");
+        assert!(e.to_string().contains("2021"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
