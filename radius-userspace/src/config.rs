@@ -472,13 +472,18 @@ fn default_max_retries() -> u32 {
     2
 }
 
+/// RFC 6614's shared secret for RADIUS/TLS.
+const RADSEC_SECRET: &str = "radsec";
+
 /// `[[client]]`: NASes allowed to talk to the sidecar.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientSection {
     /// An address or prefix ("192.0.2.0/24", "2001:db8::/48").
     prefix: Spanned<String>,
-    secret: SecretText,
+    /// Required, but for a client named by its certificate (certificate_names or
+    /// certificate_fingerprints), whose default is "radsec" (RFC 6614 section 2.3).
+    secret: Option<SecretText>,
     /// Short name for logs and metrics (default: the prefix).
     name: Option<String>,
     /// Upstream name (default: the first upstream).
@@ -787,7 +792,7 @@ impl Config {
         let mut clients = ClientTable::default();
         for c in f.clients {
             let span = c.span();
-            let c = c.into_inner();
+            let mut c = c.into_inner();
             let prefix_span = c.prefix.span();
             let prefix: IpNet = match c.prefix.get_ref().parse::<IpNet>() {
                 Ok(p) => p.trunc(),
@@ -802,7 +807,22 @@ impl Config {
                     }
                 },
             };
-            if c.secret.is_empty() {
+            let by_certificate =
+                !c.certificate_names.is_empty() || !c.certificate_fingerprints.is_empty();
+            let secret = match c.secret.take() {
+                Some(s) => s,
+                None if by_certificate => SecretText::new(RADSEC_SECRET.to_owned()),
+                None => {
+                    return Err(err(
+                        span,
+                        "client.secret",
+                        "required (only a client named by its certificate may leave it out: \
+                         then it is \"radsec\")"
+                            .into(),
+                    ));
+                }
+            };
+            if secret.is_empty() {
                 return Err(err(span, "client.secret", "must not be empty".into()));
             }
             let pool = match &c.upstream {
@@ -843,7 +863,7 @@ impl Config {
             let client = Client {
                 name: c.name.unwrap_or(default_name),
                 prefix,
-                secret: Secret::new(c.secret.as_bytes()),
+                secret: Secret::new(secret.as_bytes()),
                 pool,
                 // NAT entries are told apart by a proven Message-Authenticator.
                 require_message_authenticator: if c.nas_identifier.is_some()
@@ -1104,6 +1124,26 @@ mod tests {
             (e.line, e.key.as_str()),
             (10, "client.certificate_fingerprints")
         );
+    }
+
+    #[test]
+    fn a_client_named_by_its_certificate_has_the_radsec_secret_by_default() {
+        use crate::codec::auth::SharedSecret as _;
+        let up = "[[upstream]]\nname = \"u\"\nauth = \"192.0.2.9:1812\"\nsecret = \"s\"\n";
+        let c = Config::from_toml(
+            &format!("{up}[[client]]\nprefix = \"192.0.2.0/24\"\ncertificate_names = [\"nas1\"]\n"),
+            "f.toml",
+        )
+        .unwrap();
+        let client = c.clients.lookup("192.0.2.7".parse().unwrap()).unwrap();
+        assert_eq!(client.secret.bytes(), b"radsec");
+        let e = Config::from_toml(
+            &format!("{up}[[client]]\nprefix = \"192.0.2.0/24\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (5, "client.secret"));
     }
 
     #[test]

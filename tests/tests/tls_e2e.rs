@@ -61,10 +61,10 @@ auth = "127.0.0.1:11812"
 acct = "127.0.0.1:11813"
 secret = "{UPSTREAM_SECRET}"
 
+# No secret: named by its certificate, it has RFC 6614's "radsec".
 [[client]]
 prefix = "192.0.2.0/24"
 name = "radsec-nas1"
-secret = "{RADSEC_SECRET}"
 certificate_names = ["nas1"]
 
 # nas2's network: only a certificate named for it will do.
