@@ -52,6 +52,21 @@ pub struct UpstreamLabel {
     pub upstream: String,
 }
 
+/// What happened to a connection to an upstream: the protocol it opened with, or why it
+/// closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamEventLabel {
+    pub upstream: String,
+    pub event: &'static str,
+}
+
+/// The protocol a listener's TLS connection agreed on (ALPN).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub transport: &'static str,
+    pub protocol: &'static str,
+}
+
 /// A peer of the sidecar: an upstream or a client, by name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
@@ -108,6 +123,10 @@ pub struct Metrics {
     pub connections_accepted: Family<TransportLabel, Counter>,
     pub connections_refused: Family<ConnectionLabel, Counter>,
     pub connections_closed: Family<ConnectionLabel, Counter>,
+    /// TLS connections of listeners, by the protocol their handshake agreed on.
+    pub connections_protocol: Family<ProtocolLabel, Counter>,
+    /// Connections to stream upstreams: opened (by protocol) and closed (by reason).
+    pub upstream_connections: Family<UpstreamEventLabel, Counter>,
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
@@ -241,6 +260,21 @@ impl Metrics {
              bad_length, slow_reader, error, shutdown)",
             connections_closed.clone(),
         );
+        let connections_protocol = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "connections_protocol",
+            "TLS connections accepted, by the protocol their handshake agreed on (ALPN: \
+             radius/1.1, else radius/1.0)",
+            connections_protocol.clone(),
+        );
+        let upstream_connections = Family::<UpstreamEventLabel, Counter>::default();
+        registry.register(
+            "upstream_connections",
+            "Connections to TCP and TLS upstreams, by event: opened speaking tcp, radius/1.0 \
+             or radius/1.1; or closed, by reason (closed, error, connect_failed, \
+             alpn_refused, a TLS failure such as unknown_ca or name_mismatch)",
+            upstream_connections.clone(),
+        );
         let open_files_limit = Gauge::default();
         registry.register(
             "open_files_limit",
@@ -288,6 +322,8 @@ impl Metrics {
             connections_accepted,
             connections_refused,
             connections_closed,
+            connections_protocol,
+            upstream_connections,
             open_files_limit,
             max_flows,
             fast_path,

@@ -27,7 +27,7 @@ use tracing::{debug, info};
 
 use crate::{
     engine::Common,
-    metrics::{ConnectionLabel, Metrics, TransportLabel},
+    metrics::{ConnectionLabel, Metrics, ProtocolLabel, TransportLabel},
     socket::Poller,
     stream::Deframer,
     tls,
@@ -248,6 +248,7 @@ impl TcpFront {
         now: Instant,
         common: &Common,
         poller: &Poller,
+        metrics: &Metrics,
     ) -> Option<&'static str> {
         let transport = self.transport;
         let c = self.connections.get_mut(i).and_then(Option::as_mut)?;
@@ -293,11 +294,15 @@ impl TcpFront {
                 identify(tls, c.remote, common).and_then(|()| tls::negotiated(tls, offered));
             if let Ok(v11) = checked {
                 c.v11 = v11;
-                info!(
-                    remote = %c.remote,
-                    protocol = if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 },
-                    "TLS connection accepted"
-                );
+                let protocol = if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 };
+                info!(remote = %c.remote, protocol, "TLS connection accepted");
+                metrics
+                    .connections_protocol
+                    .get_or_create(&ProtocolLabel {
+                        transport,
+                        protocol,
+                    })
+                    .inc();
             }
             if let Err(reason) = checked {
                 info!(remote = %c.remote, transport, reason, "TLS connection refused");

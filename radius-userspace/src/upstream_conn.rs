@@ -53,6 +53,8 @@ pub struct UpstreamConn {
     /// Requests (clear text) not yet given to the connection: it is not up, or TLS is
     /// still shaking hands.
     waiting: Vec<u8>,
+    /// Why it last closed (a metric label).
+    closed_why: &'static str,
     /// The handshake's protocol was told to the worker (TLS), and confirmed by it.
     told: bool,
     confirmed: bool,
@@ -73,6 +75,9 @@ pub struct Readiness {
     /// The TLS handshake just finished: RADIUS/1.1 agreed or not. The worker tells the
     /// engine, then [`UpstreamConn::confirm`]s.
     pub negotiated: Option<bool>,
+    /// The connection is ready to carry requests, speaking this ("tcp", "radius/1.0",
+    /// "radius/1.1"): a metric label.
+    pub opened: Option<&'static str>,
 }
 
 impl UpstreamConn {
@@ -93,6 +98,7 @@ impl UpstreamConn {
             connected: false,
             deframer: Deframer::default(),
             waiting: Vec::new(),
+            closed_why: "",
             told: false,
             confirmed: false,
             unsent: Vec::new(),
@@ -208,17 +214,19 @@ impl UpstreamConn {
                     self.connected = true;
                     self.backoff = FIRST_BACKOFF;
                     info!(upstream = %self.to, tls = self.tls.is_some(), "upstream connection open");
+                    if self.tls.is_none() {
+                        out.opened = Some("tcp");
+                    }
                 }
                 Some(false) => {
-                    self.close(poller, now, "connect failed");
+                    self.close(poller, now, "connect_failed");
                     out.closed = true;
                     return out;
                 }
             }
         }
-        let failed = self.read_all(buf, now, &mut out.replies);
-        if failed {
-            self.close(poller, now, "closed");
+        if let Some(why) = self.read_all(buf, now, &mut out.replies) {
+            self.close(poller, now, why);
             out.closed = true;
             return out;
         }
@@ -239,6 +247,7 @@ impl UpstreamConn {
                         "upstream TLS connection ready"
                     );
                     out.negotiated = Some(v11);
+                    out.opened = Some(if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 });
                 }
                 Err(reason) => {
                     info!(upstream = %self.to, reason, "upstream TLS refused: RADIUS/1.1 required");
@@ -263,24 +272,29 @@ impl UpstreamConn {
         self.give_waiting(poller);
     }
 
-    /// Reads what the socket has into the deframer and the replies; true when the
-    /// connection failed or closed.
-    fn read_all(&mut self, buf: &mut [u8], now: Instant, replies: &mut Vec<Vec<u8>>) -> bool {
+    /// Reads what the socket has into the deframer and the replies; why the connection
+    /// failed or closed, if it did.
+    fn read_all(
+        &mut self,
+        buf: &mut [u8],
+        now: Instant,
+        replies: &mut Vec<Vec<u8>>,
+    ) -> Option<&'static str> {
         let Some(stream) = self.stream.as_mut() else {
-            return true;
+            return Some("closed");
         };
-        let mut failed = false;
+        let mut failed = None;
         for _ in 0..8 {
             let n = match stream.read(buf) {
                 Ok(0) => {
-                    failed = true;
+                    failed = Some("closed");
                     break;
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    failed = true;
+                    failed = Some("error");
                     break;
                 }
             };
@@ -291,7 +305,7 @@ impl UpstreamConn {
                         if reason != "peer" {
                             info!(upstream = %self.to, reason, "upstream TLS failed");
                         }
-                        failed = true;
+                        failed = Some(if reason == "peer" { "closed" } else { reason });
                         break;
                     }
                 }
@@ -302,7 +316,7 @@ impl UpstreamConn {
                 Ok(Some(p)) => replies.push(p.to_vec()),
                 Ok(None) => break,
                 Err(_) => {
-                    failed = true;
+                    failed = Some("bad_length");
                     break;
                 }
             }
@@ -336,7 +350,8 @@ impl UpstreamConn {
 
     /// Drops the connection; what it held, and what waited for it, is lost (the engine
     /// sends its requests anew, and they wait for the next connection).
-    pub fn close(&mut self, poller: &Poller, now: Instant, why: &str) {
+    pub fn close(&mut self, poller: &Poller, now: Instant, why: &'static str) {
+        self.closed_why = why;
         if let Some(s) = self.stream.take() {
             poller.remove(&s);
             debug!(upstream = %self.to, why, "upstream connection closed");
@@ -350,6 +365,11 @@ impl UpstreamConn {
         self.want_write = false;
         self.retry_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Why it last closed: a metric label.
+    pub fn closed_why(&self) -> &'static str {
+        self.closed_why
     }
 
     /// Connects again once its backoff has passed.

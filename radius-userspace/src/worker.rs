@@ -22,9 +22,9 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    engine::{Engine, Io, Transmits},
+    engine::{self, Engine, Io, Transmits},
     flows::Flow,
-    metrics::Refusal,
+    metrics::{Refusal, UpstreamEventLabel},
     requests::At,
     shared::{Defined, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
@@ -389,6 +389,7 @@ impl Worker {
             now,
             &self.io.shared.common,
             &self.io.poller,
+            &self.io.shared.metrics,
         );
         let Some((mut deframer, remote, local)) = t.take_packets(i) else {
             return;
@@ -431,6 +432,35 @@ impl Worker {
             Some(UpstreamSocket::Udp(_)) => {}
             Some(UpstreamSocket::Stream(c)) => {
                 let ready = c.on_ready(&mut self.buf, &self.io.poller, now);
+                let closed_why = c.closed_why();
+                let shared = &self.io.shared;
+                let upstream = || {
+                    shared
+                        .common
+                        .upstreams
+                        .get(engine::link_of(index))
+                        .map_or_else(String::new, |u| u.name.clone())
+                };
+                if let Some(event) = ready.opened {
+                    shared
+                        .metrics
+                        .upstream_connections
+                        .get_or_create(&UpstreamEventLabel {
+                            upstream: upstream(),
+                            event,
+                        })
+                        .inc();
+                }
+                if ready.closed {
+                    shared
+                        .metrics
+                        .upstream_connections
+                        .get_or_create(&UpstreamEventLabel {
+                            upstream: upstream(),
+                            event: closed_why,
+                        })
+                        .inc();
+                }
                 if let Some(v11) = ready.negotiated {
                     // What waited was prepared for the protocol the link spoke so far;
                     // if the handshake chose the other, the engine prepares it again.

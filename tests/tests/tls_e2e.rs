@@ -886,6 +886,13 @@ secret = "{RADCLIENT_SECRET}"
         daemon.log()
     );
     assert!(daemon.log().contains("alpn_refused"), "{}", daemon.log());
+    assert!(
+        metric(
+            &topo.sidecar,
+            METRICS,
+            "radius_upstream_connections_total{upstream=\"freeradius-radsec\",event=\"alpn_refused\"}"
+        ) >= 1
+    );
     let (_, out) = run_radclient(
         &topo.nas1,
         &[
