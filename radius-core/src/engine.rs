@@ -311,7 +311,7 @@ impl Engine {
                 let Some(to) = to else { continue };
                 let socket = port(li, acct) * requests::MAX_SOCKETS;
                 io.open_upstream(socket, to)?;
-                self.requests.add_socket(socket, now);
+                self.requests.add_socket(socket, u.stream, now);
             }
         }
         Ok(())
@@ -804,7 +804,7 @@ impl Engine {
                 Allocation::At(at) => break Some(at),
                 Allocation::OpenSocket { socket, request } => match io.open_upstream(socket, to) {
                     Ok(()) => {
-                        self.requests.add_socket(socket, now);
+                        self.requests.add_socket(socket, upstream.stream, now);
                         debug!(%to, socket, "another upstream socket: 256 requests in flight on each");
                         pending = request;
                     }

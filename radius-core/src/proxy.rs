@@ -340,6 +340,8 @@ pub struct IdPool<T> {
     slots: Vec<Option<T>>,
     next: usize,
     used: usize,
+    /// Identifiers `0..limit` are given out (the rest are reserved).
+    limit: usize,
 }
 
 impl<T> Default for IdPool<T> {
@@ -348,20 +350,26 @@ impl<T> Default for IdPool<T> {
             slots: (0..256).map(|_| None).collect(),
             next: 0,
             used: 0,
+            limit: 256,
         }
     }
 }
 
 impl<T> IdPool<T> {
-    /// Takes a free Identifier for `v`, or gives `v` back when all 256 are in flight.
+    /// Keeps Identifiers `limit..256` out of [`IdPool::allocate`]'s reach.
+    pub fn reserve_from(&mut self, limit: u8) {
+        self.limit = usize::from(limit);
+    }
+
+    /// Takes a free Identifier for `v`, or gives `v` back when all are in flight.
     pub fn allocate(&mut self, v: T) -> Result<u8, T> {
-        if self.used == 256 {
+        if self.used >= self.limit {
             return Err(v);
         }
         // Round-robin: a reused Identifier is as old as possible.
-        for _ in 0..256 {
-            let id = self.next;
-            self.next = (self.next + 1) % 256;
+        for _ in 0..self.limit {
+            let id = self.next % self.limit;
+            self.next = (id + 1) % self.limit;
             if self.slots[id].is_none() {
                 self.slots[id] = Some(v);
                 self.used += 1;
@@ -417,6 +425,24 @@ impl<T> IdPool<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn identifiers_past_a_reservation_are_never_given() {
+        let mut ids = IdPool::<u32>::default();
+        ids.reserve_from(255);
+        let mut got = Vec::new();
+        for v in 0..300 {
+            match ids.allocate(v) {
+                Ok(id) => got.push(id),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(got.len(), 255);
+        assert!(!got.contains(&255), "the watchdog's Identifier stays free");
+        assert!(ids.take(7).is_some());
+        assert_eq!(ids.allocate(1000), Ok(7));
+    }
+
     use super::*;
     use crate::{codec::auth::Secret, codec::hide, upstream::UpstreamOptions};
     use std::time::Duration;

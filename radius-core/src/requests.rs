@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::proxy::{IdPool, InFlight};
 
+/// On a stream upstream's connection, the Identifier (and, on RADIUS/1.1, the last byte of
+/// the Token) of the driver's watchdog Status-Server (RFC 3539): never a request's.
+pub const WATCHDOG_ID: u8 = 255;
+
 /// Sockets a worker may open per upstream port.
 pub const MAX_SOCKETS: usize = 16;
 /// An extra socket with nothing in flight for this long is given back.
@@ -73,13 +77,18 @@ impl<F> Default for Requests<F> {
 }
 
 impl<F> Requests<F> {
-    /// The driver opened socket `socket`: its Identifiers are free.
-    pub fn add_socket(&mut self, socket: usize, now: Instant) {
+    /// The driver opened socket `socket`: its Identifiers are free (but
+    /// [`WATCHDOG_ID`] on a stream's connection).
+    pub fn add_socket(&mut self, socket: usize, stream: bool, now: Instant) {
         if self.spaces.len() <= socket {
             self.spaces.resize_with(socket + 1, || None);
         }
+        let mut ids = IdPool::default();
+        if stream {
+            ids.reserve_from(WATCHDOG_ID);
+        }
         self.spaces[socket] = Some(Space {
-            ids: IdPool::default(),
+            ids,
             idle_since: now,
         });
     }
@@ -240,7 +249,7 @@ mod tests {
             match t.allocate(port, r) {
                 Allocation::At(at) => return Some(at),
                 Allocation::OpenSocket { socket, request } => {
-                    t.add_socket(socket, now);
+                    t.add_socket(socket, false, now);
                     r = request;
                 }
                 Allocation::Exhausted(_) => return None,
@@ -252,7 +261,7 @@ mod tests {
     fn past_256_in_flight_the_next_socket_is_asked_for_and_past_the_bound_none() {
         let (c, now) = (client(), Instant::now());
         let mut t = Requests::default();
-        t.add_socket(MAX_SOCKETS, now); // port 1's first socket
+        t.add_socket(MAX_SOCKETS, false, now); // port 1's first socket
         let mut ats = Vec::new();
         for n in 0..256 {
             ats.push(allocate(&mut t, 1, request(&c, now, n), now).unwrap());
@@ -282,7 +291,7 @@ mod tests {
         let (c, t0) = (client(), Instant::now());
         let s = |n| t0 + Duration::from_secs(n);
         let mut t = Requests::default();
-        t.add_socket(0, t0);
+        t.add_socket(0, false, t0);
         let a = allocate(&mut t, 0, request(&c, t0, 1), t0).unwrap();
         let b = allocate(&mut t, 0, request(&c, s(3), 2), t0).unwrap();
         let delay = || Duration::from_millis(2_100);
@@ -300,7 +309,7 @@ mod tests {
         // Given up and answered: the extra socket of a burst goes back once idle.
         t.take(a, s(6));
         t.take(b, s(6));
-        t.add_socket(1, s(6));
+        t.add_socket(1, false, s(6));
         assert!(
             t.sweep(0, s(30), Duration::from_secs(5), 2, delay)
                 .closed

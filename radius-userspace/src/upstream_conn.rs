@@ -6,6 +6,14 @@
 //! the next connection) and the connection is made again after a backoff that doubles up
 //! to [`MAX_BACKOFF`].
 //!
+//! A watchdog (RFC 3539, as RFC 6613 section 2.6.4 asks): after the upstream's `retry`
+//! without a byte from the server while requests are out (or [`WATCHDOG_IDLE`] when none
+//! are), a Status-Server goes on the connection with Identifier [`WATCHDOG_ID`] (which the
+//! engine never gives a request); if nothing at all is heard for another `retry` while
+//! requests are out, the connection is closed and its requests go on a new one, while
+//! their timeout allows. Its answer is the connection's, not the engine's. (RFC 3539's
+//! Tw of 6 s or more is longer than a RADIUS request lives: 5 s by default here.)
+//!
 //! Over TLS, what waits is held until the worker has heard which protocol the handshake
 //! agreed on (ALPN, RFC 9765) and confirmed it ([`UpstreamConn::confirm`]): requests
 //! prepared for the other one are dropped, and the engine prepares them again. Each
@@ -23,10 +31,18 @@ use rustls::{ClientConnection, pki_types::ServerName};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info};
 
-use crate::{socket::Poller, stream::Deframer, tls};
+use crate::{
+    codec::{Code, Packet, auth::Secret},
+    requests::WATCHDOG_ID,
+    socket::Poller,
+    stream::Deframer,
+    tls,
+};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Silence, with nothing out, after which the watchdog asks (RFC 3539's default Tw).
+const WATCHDOG_IDLE: Duration = Duration::from_secs(30);
 /// Requests a connection may hold unsent before it counts as failed.
 const MAX_UNSENT: usize = 4 << 20;
 
@@ -45,6 +61,17 @@ pub enum Transport {
 pub struct UpstreamConn {
     to: SocketAddr,
     tls: Option<TlsClient>,
+    /// For the watchdog's Status-Server, and how long it lets a busy connection be silent.
+    secret: Secret,
+    watchdog_busy: Duration,
+    /// The handshake agreed on RADIUS/1.1.
+    v11: bool,
+    /// Requests given and replies read on this connection, and when a byte was last heard.
+    sent: u64,
+    answered: u64,
+    heard_at: Instant,
+    /// The watchdog's Status-Server out: when, and the authenticator (or Token) it carried.
+    probe: Option<(Instant, [u8; 16])>,
     token: u64,
     stream: Option<TcpStream>,
     session: Option<Box<ClientConnection>>,
@@ -85,6 +112,7 @@ impl UpstreamConn {
     pub fn connect(
         to: SocketAddr,
         tls: Option<TlsClient>,
+        (secret, watchdog_busy): (Secret, Duration),
         token: u64,
         poller: &Poller,
         now: Instant,
@@ -92,6 +120,13 @@ impl UpstreamConn {
         let mut c = Self {
             to,
             tls,
+            secret,
+            watchdog_busy,
+            v11: false,
+            sent: 0,
+            answered: 0,
+            heard_at: now,
+            probe: None,
             token,
             stream: None,
             session: None,
@@ -141,6 +176,11 @@ impl UpstreamConn {
         };
         self.stream = Some(stream);
         self.connected = false;
+        self.v11 = false;
+        self.sent = 0;
+        self.answered = 0;
+        self.heard_at = now;
+        self.probe = None;
         self.told = false;
         self.confirmed = false;
         self.retry_at = None;
@@ -154,6 +194,7 @@ impl UpstreamConn {
             return false;
         }
         self.waiting.extend_from_slice(data);
+        self.sent += 1;
         self.give_waiting(poller);
         true
     }
@@ -246,6 +287,7 @@ impl UpstreamConn {
                         protocol = if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 },
                         "upstream TLS connection ready"
                     );
+                    self.v11 = v11;
                     out.negotiated = Some(v11);
                     out.opened = Some(if v11 { tls::RADIUS_11 } else { tls::RADIUS_10 });
                 }
@@ -290,7 +332,10 @@ impl UpstreamConn {
                     failed = Some("closed");
                     break;
                 }
-                Ok(n) => n,
+                Ok(n) => {
+                    self.heard_at = now;
+                    n
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -313,7 +358,18 @@ impl UpstreamConn {
         }
         loop {
             match self.deframer.next_packet() {
-                Ok(Some(p)) => replies.push(p.to_vec()),
+                Ok(Some(p)) => {
+                    let id = if self.v11 { p.get(7) } else { p.get(1) };
+                    if id == Some(&WATCHDOG_ID) && self.probe.is_some() {
+                        // The watchdog's answer: checked, and the connection's alone.
+                        if answers_probe(self.probe.as_ref(), self.v11, &self.secret, p) {
+                            self.probe = None;
+                        }
+                    } else {
+                        self.answered += 1;
+                        replies.push(p.to_vec());
+                    }
+                }
                 Ok(None) => break,
                 Err(_) => {
                     failed = Some("bad_length");
@@ -372,6 +428,69 @@ impl UpstreamConn {
         self.closed_why
     }
 
+    /// The watchdog: asks a silent server, and closes a connection that stays silent with
+    /// requests out (true then: the worker sends them anew).
+    pub fn watchdog(&mut self, poller: &Poller, now: Instant) -> bool {
+        if !self.connected || !self.confirmed && self.tls.is_some() {
+            return false;
+        }
+        // A server that ignores Status-Server but answers requests: forget the probe, ask
+        // again later.
+        if let Some((at, _)) = self.probe
+            && self.heard_at > at
+            && now.saturating_duration_since(at) >= WATCHDOG_IDLE
+        {
+            self.probe = None;
+        }
+        let busy = self.sent > self.answered;
+        let silent = now.saturating_duration_since(self.heard_at);
+        match self.probe {
+            Some((at, _))
+                if busy
+                    && now.saturating_duration_since(at) >= self.watchdog_busy
+                    && silent >= self.watchdog_busy =>
+            {
+                info!(
+                    upstream = %self.to,
+                    silent_ms = silent.as_millis() as u64,
+                    "upstream connection silent: closed by the watchdog"
+                );
+                self.close(poller, now, "watchdog");
+                true
+            }
+            Some(_) => false,
+            None if silent
+                >= if busy {
+                    self.watchdog_busy
+                } else {
+                    WATCHDOG_IDLE
+                } =>
+            {
+                let mut buf = [0u8; 64];
+                let (packet, auth) = if self.v11 {
+                    let mut token = [0u8; 16];
+                    crate::codec::auth::fill_random(&mut token[..3]);
+                    token[3] = WATCHDOG_ID;
+                    buf[0] = Code::StatusServer as u8;
+                    buf[3] = crate::codec::HEADER_LEN as u8;
+                    buf[4..20].copy_from_slice(&token);
+                    (buf[..crate::codec::HEADER_LEN].to_vec(), token)
+                } else {
+                    match crate::codec::edit::status_server(&mut buf, WATCHDOG_ID, &self.secret) {
+                        Ok(p) => (p.as_bytes().to_vec(), p.authenticator()),
+                        Err(_) => return false,
+                    }
+                };
+                debug!(upstream = %self.to, "watchdog Status-Server");
+                self.probe = Some((now, auth));
+                self.waiting.extend_from_slice(&packet);
+                self.give_waiting(poller);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Connects again once its backoff has passed.
     pub fn poll(&mut self, poller: &Poller, now: Instant) {
         if self.stream.is_none()
@@ -383,4 +502,21 @@ impl UpstreamConn {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
+
+/// Whether `reply` answers the watchdog's Status-Server `probe` (sent at, authenticator or
+/// Token).
+fn answers_probe(
+    probe: Option<&(Instant, [u8; 16])>,
+    v11: bool,
+    secret: &Secret,
+    reply: &[u8],
+) -> bool {
+    let Some((_, auth)) = probe else {
+        return false;
+    };
+    if v11 {
+        return Packet::parse_v11(reply).is_ok_and(|p| p.authenticator()[..4] == auth[..4]);
+    }
+    Packet::parse(reply).is_ok_and(|p| crate::codec::auth::verify(&p, secret, Some(auth)).is_ok())
 }

@@ -192,7 +192,17 @@ impl Io for Sockets {
             }
         };
         let now = Instant::now();
-        let conn = UpstreamConn::connect(to, tls, token(UPSTREAM, index), &self.poller, now)?;
+        // The watchdog's Status-Server is signed with the upstream's secret, and lets a
+        // busy connection be silent for its `retry`.
+        let watchdog = self
+            .shared
+            .common
+            .upstreams
+            .get(link)
+            .map(|u| (u.secret.clone(), u.options.retry))
+            .ok_or_else(|| std::io::Error::other("no such upstream"))?;
+        let conn =
+            UpstreamConn::connect(to, tls, watchdog, token(UPSTREAM, index), &self.poller, now)?;
         put(
             &mut self.upstreams,
             index,
@@ -494,12 +504,36 @@ impl Worker {
         }
     }
 
-    /// Connections to upstreams that closed are made again once their backoff passed.
+    /// Connections to upstreams that closed are made again once their backoff passed; the
+    /// watchdog looks at the open ones, and what it closes has its requests sent anew.
     fn reconnect_upstreams(&mut self, now: Instant) {
-        for u in self.io.upstreams.iter_mut().flatten() {
-            if let UpstreamSocket::Stream(c) = u {
+        let mut silent = Vec::new();
+        for (index, u) in self.io.upstreams.iter_mut().enumerate() {
+            if let Some(UpstreamSocket::Stream(c)) = u {
+                if c.watchdog(&self.io.poller, now) {
+                    silent.push(index);
+                }
                 c.poll(&self.io.poller, now);
             }
+        }
+        for index in silent {
+            let upstream = self
+                .io
+                .shared
+                .common
+                .upstreams
+                .get(engine::link_of(index))
+                .map_or_else(String::new, |u| u.name.clone());
+            self.io
+                .shared
+                .metrics
+                .upstream_connections
+                .get_or_create(&UpstreamEventLabel {
+                    upstream,
+                    event: "watchdog",
+                })
+                .inc();
+            self.engine.handle_upstream_closed(now, index, &mut self.io);
         }
     }
 

@@ -549,6 +549,7 @@ secret = "{RADSEC_SECRET}"
 tls_ca = "{dir}/ca.pem"
 tls_certificate = "{dir}/nas.pem"
 tls_key = "{dir}/nas.key"
+timeout_ms = 8000
 
 [[client]]
 prefix = "192.0.2.0/24"
@@ -918,6 +919,62 @@ secret = "{RADCLIENT_SECRET}"
         "nor did the probe pass: {}\n{}",
         daemon.log(),
         fr.log()
+    );
+    drop(daemon);
+}
+
+/// The RFC 3539 watchdog of an upstream connection: FreeRADIUS is frozen (SIGSTOP) with a
+/// request out on its TLS connection. After `retry` (2 s) of silence the sidecar sends a
+/// Status-Server on the connection; 2 s later, still nothing: it closes the connection and
+/// sends the request anew on a new one (within its 8 s timeout), which FreeRADIUS answers
+/// once it is resumed.
+#[test]
+fn a_silent_upstream_connection_is_closed_by_the_watchdog_and_its_request_saved() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let topo = Topology::new();
+    let pki = std::env::temp_dir().join(format!("rs-tls-watchdog-{}", std::process::id()));
+    let (fr, mut daemon) = behind_freeradius_over_tls(&topo, &pki, "watchdog");
+    let pid = fr.child.id().to_string();
+    sh(&["kill", "-STOP", &pid]);
+    let nas = spawn_radclient(
+        &topo.nas1,
+        &[
+            "-x",
+            "-r",
+            "1",
+            "-t",
+            "10",
+            &format!("{SIDECAR1_V4}:1812"),
+            "auth",
+            RADCLIENT_SECRET,
+        ],
+        "User-Name = alice, User-Password = alice-pw\n",
+    );
+    let fired = daemon.wait_for_log("closed by the watchdog", Duration::from_secs(7));
+    sh(&["kill", "-CONT", &pid]);
+    let out = nas.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(fired, "{}", daemon.log());
+    assert!(
+        out.contains("Received Access-Accept"),
+        "{out}\n{}",
+        daemon.log()
+    );
+    assert!(
+        metric(
+            &topo.sidecar,
+            METRICS,
+            "radius_upstream_connections_total{upstream=\"freeradius-radsec\",event=\"watchdog\"}"
+        ) >= 1
+    );
+    assert!(
+        metric(
+            &topo.sidecar,
+            METRICS,
+            "radius_upstream_retransmits_total{reason=\"connection_lost\"}"
+        ) >= 1
     );
     drop(daemon);
 }
