@@ -243,16 +243,6 @@ fn main() -> anyhow::Result<()> {
         .map(|(p, u)| (p, u, o.ceiling_outstanding)),
     )
     .chain(
-        [
-            (Proxy::SidecarFast, Upstream::FreeRadiusTls),
-            (Proxy::SidecarUser, Upstream::FreeRadiusTls),
-            (Proxy::Radsecproxy, Upstream::FreeRadiusTls),
-        ]
-        .into_iter()
-        .filter(|_| o.tls)
-        .map(|(p, u)| (p, u, o.outstanding)),
-    )
-    .chain(
         [256usize, 1_000, 4_000]
             .into_iter()
             .filter(|_| o.sweep)
@@ -262,6 +252,18 @@ fn main() -> anyhow::Result<()> {
                     (Proxy::Radsecproxy, Upstream::FreeRadius, n),
                 ]
             }),
+    )
+    // Last: FreeRADIUS keeps a TLS row's requests for its cleanup_delay (5 s), which slows
+    // whatever row comes next.
+    .chain(
+        [
+            (Proxy::SidecarFast, Upstream::FreeRadiusTls),
+            (Proxy::SidecarUser, Upstream::FreeRadiusTls),
+            (Proxy::Radsecproxy, Upstream::FreeRadiusTls),
+        ]
+        .into_iter()
+        .filter(|_| o.tls)
+        .map(|(p, u)| (p, u, o.outstanding)),
     )
     .filter(|(p, _, _)| {
         *p == Proxy::None
