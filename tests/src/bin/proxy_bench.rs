@@ -42,6 +42,8 @@ const SIDECAR_PORT: u16 = 1812;
 /// FreeRADIUS's tls site, and the proxies' TLS listeners of the handshake run.
 const FR_TLS_PORT: u16 = 2083;
 const PROXY_TLS_PORT: u16 = 2183;
+/// The UDP ports of the TLS rows' FreeRADIUS (unused but for its start-up).
+const FR_TLS_UDP_PORT: u16 = 12812;
 const RADSEC: &str = "radsec";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,16 +193,30 @@ fn main() -> anyhow::Result<()> {
             clients: &[("127.0.0.1", UP_SECRET), ("127.0.2.0/24", NAS_SECRET)],
             users: "bench Cleartext-Password := \"bench-pw\"\n",
             auth_port: FR_PORT,
-            tls: Some(tests::FreeRadiusTls {
-                port: FR_TLS_PORT,
-                certificate: &o.pki.join("server.pem"),
-                key: &o.pki.join("server.key"),
-                ca: &o.pki.join("ca.pem"),
-                clients: &["127.0.0.1"],
-            }),
             ..Default::default()
         },
     );
+    // The TLS rows' FreeRADIUS is another instance: one that has just served a TLS row
+    // holds its requests for cleanup_delay and spends twice its CPU per request on the
+    // next row.
+    let fr_tls = o.tls.then(|| {
+        FreeRadius::start_with(
+            &ns,
+            &FreeRadiusSetup {
+                clients: &[],
+                users: "bench Cleartext-Password := \"bench-pw\"\n",
+                auth_port: FR_TLS_UDP_PORT,
+                tls: Some(tests::FreeRadiusTls {
+                    port: FR_TLS_PORT,
+                    certificate: &o.pki.join("server.pem"),
+                    key: &o.pki.join("server.key"),
+                    ca: &o.pki.join("ca.pem"),
+                    clients: &["127.0.0.1"],
+                }),
+                ..Default::default()
+            },
+        )
+    });
     let responders = ns.run(|| {
         let up: SocketAddr = ([127, 0, 0, 1], RESPONDER_PORT).into();
         let direct: SocketAddr = ([127, 0, 0, 1], RESPONDER_DIRECT_PORT).into();
@@ -253,8 +269,6 @@ fn main() -> anyhow::Result<()> {
                 ]
             }),
     )
-    // Last: FreeRADIUS keeps a TLS row's requests for its cleanup_delay (5 s), which slows
-    // whatever row comes next.
     .chain(
         [
             (Proxy::SidecarFast, Upstream::FreeRadiusTls),
@@ -275,7 +289,11 @@ fn main() -> anyhow::Result<()> {
     let mut runs: Vec<Vec<Row>> = plan.iter().map(|_| Vec::new()).collect();
     for round in 0..o.rounds {
         for (i, &(proxy, upstream, outstanding)) in plan.iter().enumerate() {
-            let row = measure(&ns, &fr, &o, proxy, upstream, outstanding)
+            let upstream_fr = match (upstream, &fr_tls) {
+                (Upstream::FreeRadiusTls, Some(t)) => t,
+                _ => &fr,
+            };
+            let row = measure(&ns, upstream_fr, &o, proxy, upstream, outstanding)
                 .with_context(|| format!("{} -> {}", proxy.name(), upstream.name()))?;
             eprintln!(
                 "round {round}: {:<32} -> {:<17} {:>4} out: {:>8.0} req/s, p50 {:.2} p99 {:.2} ms, lost {}, bad {}, proxy {:.1} us/req, upstream {:.1} us/req, generator {:.1} us/req, rcvbuf errors {}",
