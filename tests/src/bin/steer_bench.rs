@@ -34,6 +34,8 @@ const PACKETS: u64 = 1_000_000;
 const MAX_TIME: Duration = Duration::from_secs(15);
 const PAYLOAD: usize = 64;
 const SERVICE_PORT: u16 = 1812;
+/// The secret of the embedded configuration's client (127.0.0.0/8).
+const DEFAULT_CLIENT_SECRET: &str = "testing123";
 const FIRST_PORT: u16 = 20_000;
 
 struct Row {
@@ -118,8 +120,8 @@ fn main() -> anyhow::Result<()> {
     let mut table = render(&rows, nofile);
     let _ = writeln!(
         table,
-        "\nThe daemon itself (`radius-sidecar`, one flow task each, flows made by one datagram \
-         each):\n\n| flows | path | daemon RSS bytes/flow | kernel slab bytes/flow |\n| ---: | --- | ---: | ---: |"
+        "\nThe daemon itself (`radius-sidecar` on its embedded configuration, one worker; each \
+         flow made by one signed Access-Request, in flight upstream while measured):\n\n| flows | path | daemon RSS bytes/flow | kernel slab bytes/flow |\n| ---: | --- | ---: | ---: |"
     );
     for (n, path, user, slab) in &daemon_rows {
         let _ = writeln!(table, "| {n} | {} | {user:.0} | {slab:.0} |", path.as_str());
@@ -307,6 +309,22 @@ fn datagram(b: &mut [u8; 28 + PAYLOAD], sport: u16, flow: u32) {
     b[32..36].copy_from_slice(&flow.to_be_bytes());
 }
 
+/// An IPv4/UDP datagram from 127.0.0.1:`sport` to the service port carrying `payload`.
+fn udp_datagram(b: &mut [u8], sport: u16, payload: &[u8]) {
+    let total = (28 + payload.len()) as u16;
+    b[0] = 0x45;
+    b[2..4].copy_from_slice(&total.to_be_bytes());
+    b[8] = 64;
+    b[9] = 17;
+    b[12..16].copy_from_slice(&[127, 0, 0, 1]);
+    b[16..20].copy_from_slice(&[127, 0, 0, 1]);
+    b[20..22].copy_from_slice(&sport.to_be_bytes());
+    b[22..24].copy_from_slice(&SERVICE_PORT.to_be_bytes());
+    b[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    b[26..28].copy_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
+    b[28..28 + payload.len()].copy_from_slice(payload);
+}
+
 /// Reads every child through epoll; counts datagrams and those on the wrong child.
 fn receive(
     children: Vec<UdpSocket>,
@@ -402,13 +420,17 @@ fn daemon_memory(ns: &NetNs, n: usize, path: SteeringPath) -> anyhow::Result<(f6
     };
     std::thread::sleep(Duration::from_millis(300));
     let (rss0, slab0) = (rss(), meminfo_kb("Slab:") * 1024);
+    // A signed Access-Request (Message-Authenticator, the embedded default client's secret):
+    // it proves its source, so each makes a flow with its own socket (an unsigned one makes
+    // only a provisional flow, without one). The same bytes from every source port.
+    let (request, _) = tests::pap_request(7, "bench", "bench-pw", DEFAULT_CLIENT_SECRET, &[]);
     ns.run(move || {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         let dst = loopback();
-        let mut b = [0u8; 28 + PAYLOAD];
+        let mut b = vec![0u8; 28 + request.len()];
         for i in 0..n {
-            datagram(&mut b, FIRST_PORT + i as u16, i as u32);
+            udp_datagram(&mut b, FIRST_PORT + i as u16, &request);
             // SAFETY: valid buffer and address.
             unsafe {
                 libc::sendto(
