@@ -613,9 +613,15 @@ impl Config {
         };
         let f: File = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            // The message alone (toml's Display would quote the line, secret and all).
+            // The message alone (toml's Display would quote the line, secret and all); never
+            // empty (the fuzzer found `""=`, which toml refuses without a word).
             let key = key_at(text, span.start);
-            err(span, &key, e.message().to_owned())
+            let key = if key.is_empty() { "(top level)" } else { &key };
+            let message = match e.message().trim() {
+                "" => "not valid TOML here".to_owned(),
+                m => m.to_owned(),
+            };
+            err(span, key, message)
         })?;
         let server = f.server.unwrap_or_default();
         let mut daemon = DaemonConfig::default();
@@ -1124,6 +1130,14 @@ mod tests {
             (e.line, e.key.as_str()),
             (10, "client.certificate_fingerprints")
         );
+    }
+
+    #[test]
+    fn toml_that_says_nothing_of_its_error_is_still_named() {
+        // Found by the config fuzz target.
+        let e = Config::from_toml("\"\"=", "f.toml").err().unwrap();
+        assert_eq!((e.file.as_str(), e.line), ("f.toml", 1));
+        assert!(!e.message.is_empty() && !e.key.is_empty(), "{e}");
     }
 
     #[test]
