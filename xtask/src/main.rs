@@ -9,6 +9,9 @@
 //! - `demo`: the newcomer's tour (FreeRADIUS, the sidecar, NASes in namespaces).
 //! - `bench steer` / `bench codec` / `bench proxy`: benchmarks; their tables go into
 //!   BENCHMARKS.md.
+//! - `fuzz`: every cargo-fuzz target of `radius-userspace/fuzz` for a given time each; the
+//!   corpora stay in the repository (minimized after the run), and the executions per
+//!   target go into BENCHMARKS.md.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -85,6 +88,111 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         extra: Vec<String>,
     },
+    /// Run every fuzz target (cargo-fuzz, nightly) for `--seconds` each; fails on a crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only the targets whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        /// Leave BENCHMARKS.md alone.
+        #[arg(long)]
+        no_write: bool,
+    },
+}
+
+/// The fuzz targets, and the longest input each is given (a configuration or dictionary
+/// file need not be long to reach every branch, and short entries keep the corpus small).
+const FUZZ_TARGETS: &[(&str, usize)] = &[
+    ("parse", 4096),
+    ("edit_resign", 4096),
+    ("config", 1024),
+    ("dictionary", 1024),
+    ("engine", 1024),
+];
+
+/// Runs the fuzz targets; returns (target, executions, seconds).
+fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    setup(false)?;
+    if !output(Command::new("cargo").args(["fuzz", "--version"])).contains("cargo-fuzz") {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let dir = root().join("radius-userspace");
+    let mut counts = Vec::new();
+    for &(target, max_len) in FUZZ_TARGETS {
+        if only.is_some_and(|o| !target.contains(o)) {
+            continue;
+        }
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir)
+            .env("RADIUS_EBPF_STUB", "1")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-max_len={max_len}"))
+            .arg("-print_final_stats=1");
+        eprintln!("xtask: {cmd:?}");
+        let out = cmd
+            .output()
+            .with_context(|| format!("starting the {target} fuzzer"))?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            eprintln!("{text}");
+            bail!("fuzz target {target} failed (its input is in radius-userspace/fuzz/artifacts)");
+        }
+        let runs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .with_context(|| format!("no execution count from the {target} fuzzer"))?;
+        eprintln!("xtask: {target}: {runs} executions in {seconds} s, no failure");
+        counts.push((target.to_owned(), runs, seconds));
+        // Keep the corpus what covers the target, not everything it tried.
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            .env("RADIUS_EBPF_STUB", "1")
+            .args(["+nightly", "fuzz", "cmin", target]))?;
+    }
+    Ok(counts)
+}
+
+/// The fuzz table for BENCHMARKS.md, between its markers.
+fn write_fuzz_table(counts: &[(String, u64, u64)], seconds: u64) -> anyhow::Result<()> {
+    let total: u64 = counts.iter().map(|c| c.1).sum();
+    let mut t = format!(
+        "`cargo xtask fuzz --seconds {seconds}` (cargo-fuzz, libFuzzer; the corpora in \
+         `radius-userspace/fuzz/corpus`), no failure:\n\n\
+         | target | what it checks | executions | per second |\n| --- | --- | ---: | ---: |\n"
+    );
+    for (target, runs, secs) in counts {
+        let what = match target.as_str() {
+            "parse" => "the codec and its readers on any bytes: no panic, reads in bounds",
+            "edit_resign" => "the proxy's edit of any packet: parses, verifies, Proxy-State back",
+            "config" => "the configuration parser: no panic, errors name file and line",
+            "dictionary" => "the dictionary loader: no panic, what it takes is found",
+            "engine" => {
+                "the engine on a virtual clock: replies only to senders, nothing in flight for ever, counts consistent"
+            }
+            _ => "",
+        };
+        t.push_str(&format!(
+            "| {target} | {what} | {runs} | {:.0} |\n",
+            *runs as f64 / (*secs).max(1) as f64
+        ));
+    }
+    t.push_str(&format!("| all | | {total} | |\n"));
+    let path = root().join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).context("reading BENCHMARKS.md")?;
+    let (begin, end) = ("<!-- fuzz:begin -->", "<!-- fuzz:end -->");
+    let text = match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{begin}\n{t}{}", &text[..b], &text[e..])
+        }
+        _ => format!("{text}\n## fuzz (`cargo xtask fuzz`)\n\n{begin}\n{t}{end}\n"),
+    };
+    std::fs::write(&path, text).context("writing BENCHMARKS.md")?;
+    eprintln!("xtask: written to {}", path.display());
+    Ok(())
 }
 
 fn root() -> PathBuf {
@@ -389,5 +497,21 @@ fn main() -> anyhow::Result<()> {
             }
             other => bail!("unknown benchmark `{other}` (known: steer, codec, proxy)"),
         },
+        Cmd::Fuzz {
+            seconds,
+            only,
+            no_write,
+        } => {
+            let counts = fuzz(seconds, only.as_deref())?;
+            let total: u64 = counts.iter().map(|c| c.1).sum();
+            for (target, runs, _) in &counts {
+                println!("{target:<12} {runs:>12} executions");
+            }
+            println!("{:<12} {total:>12} executions, no failure", "all");
+            if !no_write {
+                write_fuzz_table(&counts, seconds)?;
+            }
+            Ok(())
+        }
     }
 }
