@@ -293,17 +293,7 @@ fn mmsg<const N: usize>(
 
 /// An IPv4 + UDP header and a payload naming the flow, from 127.0.0.1:`sport`.
 fn datagram(b: &mut [u8; 28 + PAYLOAD], sport: u16, flow: u32) {
-    let total = (28 + PAYLOAD) as u16;
-    b[0] = 0x45;
-    b[2..4].copy_from_slice(&total.to_be_bytes());
-    b[8] = 64;
-    b[9] = 17;
-    b[12..16].copy_from_slice(&[127, 0, 0, 1]);
-    b[16..20].copy_from_slice(&[127, 0, 0, 1]);
-    b[20..22].copy_from_slice(&sport.to_be_bytes());
-    b[22..24].copy_from_slice(&SERVICE_PORT.to_be_bytes());
-    b[24..26].copy_from_slice(&((8 + PAYLOAD) as u16).to_be_bytes());
-    b[26..28].copy_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
+    udp_header(b, sport, PAYLOAD);
     b[28] = 1;
     b[30..32].copy_from_slice(&(PAYLOAD as u16).to_be_bytes());
     b[32..36].copy_from_slice(&flow.to_be_bytes());
@@ -311,18 +301,23 @@ fn datagram(b: &mut [u8; 28 + PAYLOAD], sport: u16, flow: u32) {
 
 /// An IPv4/UDP datagram from 127.0.0.1:`sport` to the service port carrying `payload`.
 fn udp_datagram(b: &mut [u8], sport: u16, payload: &[u8]) {
-    let total = (28 + payload.len()) as u16;
+    udp_header(b, sport, payload.len());
+    b[28..28 + payload.len()].copy_from_slice(payload);
+}
+
+/// The IPv4 and UDP headers (`b[..28]`) of a datagram from 127.0.0.1:`sport` to the
+/// service port with `len` bytes of payload.
+fn udp_header(b: &mut [u8], sport: u16, len: usize) {
     b[0] = 0x45;
-    b[2..4].copy_from_slice(&total.to_be_bytes());
+    b[2..4].copy_from_slice(&((28 + len) as u16).to_be_bytes());
     b[8] = 64;
     b[9] = 17;
     b[12..16].copy_from_slice(&[127, 0, 0, 1]);
     b[16..20].copy_from_slice(&[127, 0, 0, 1]);
     b[20..22].copy_from_slice(&sport.to_be_bytes());
     b[22..24].copy_from_slice(&SERVICE_PORT.to_be_bytes());
-    b[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    b[24..26].copy_from_slice(&((8 + len) as u16).to_be_bytes());
     b[26..28].copy_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
-    b[28..28 + payload.len()].copy_from_slice(payload);
 }
 
 /// Reads every child through epoll; counts datagrams and those on the wrong child.
