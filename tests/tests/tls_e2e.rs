@@ -505,17 +505,11 @@ fn freeradius_as_a_radsec_client_is_answered() {
     drop(s.daemon);
 }
 
-/// FreeRADIUS with its `tls` site on 127.0.0.1:2084 in the sidecar's namespace, and the
-/// sidecar (UDP on 1812 for nas1, secret `RADCLIENT_SECRET`) with it as its TLS upstream;
-/// returns once the sidecar's start-up probe was answered over TLS.
-fn behind_freeradius_over_tls(
-    topo: &Topology,
-    pki: &std::path::Path,
-    tag: &str,
-) -> (FreeRadius, Daemon) {
-    write_test_pki(pki).unwrap();
-    let fr = FreeRadius::start_with(
-        &topo.sidecar,
+/// FreeRADIUS in `ns` with its `tls` site on 127.0.0.1:2084 (certificates of `pki`, the
+/// sidecar on 127.0.0.1 its one RadSec client).
+fn freeradius_tls_site(ns: &NetNs, pki: &std::path::Path) -> FreeRadius {
+    FreeRadius::start_with(
+        ns,
         &FreeRadiusSetup {
             clients: &[],
             users: USERS,
@@ -529,7 +523,19 @@ fn behind_freeradius_over_tls(
             }),
             ..Default::default()
         },
-    );
+    )
+}
+
+/// FreeRADIUS with its `tls` site on 127.0.0.1:2084 in the sidecar's namespace, and the
+/// sidecar (UDP on 1812 for nas1, secret `RADCLIENT_SECRET`) with it as its TLS upstream;
+/// returns once the sidecar's start-up probe was answered over TLS.
+fn behind_freeradius_over_tls(
+    topo: &Topology,
+    pki: &std::path::Path,
+    tag: &str,
+) -> (FreeRadius, Daemon) {
+    write_test_pki(pki).unwrap();
+    let fr = freeradius_tls_site(&topo.sidecar, pki);
     let mut daemon = sidecar_with_config(
         &topo.sidecar,
         &format!("tls-{tag}"),
@@ -836,22 +842,7 @@ fn an_upstream_that_must_speak_radius_1_1_is_refused_when_it_cannot() {
     let topo = Topology::new();
     let pki = std::env::temp_dir().join(format!("rs-tls-v11req-{}", std::process::id()));
     write_test_pki(&pki).unwrap();
-    let fr = FreeRadius::start_with(
-        &topo.sidecar,
-        &FreeRadiusSetup {
-            clients: &[],
-            users: USERS,
-            auth_port: 11812,
-            tls: Some(FreeRadiusTls {
-                port: 2084,
-                certificate: &pki.join("server.pem"),
-                key: &pki.join("server.key"),
-                ca: &pki.join("ca.pem"),
-                clients: &["127.0.0.1"],
-            }),
-            ..Default::default()
-        },
-    );
+    let fr = freeradius_tls_site(&topo.sidecar, &pki);
     let mut daemon = sidecar_with_config(
         &topo.sidecar,
         "tls-v11req",
