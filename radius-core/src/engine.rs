@@ -917,8 +917,10 @@ impl Engine {
                 let n = self.take_request(&p.nas_packet);
                 let r = p.reply_to;
                 info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
+                // Its timeout still counts from its first sending: between silent servers
+                // a fresh one at each move would keep it in flight for ever.
                 if self.flows.of(&r).is_some()
-                    && self.forward(now, now, r.slot as usize, &p.client, &to, n, io)
+                    && self.forward(now, p.sent_at, r.slot as usize, &p.client, &to, n, io)
                 {
                     self.count(Count::UpstreamRetransmit("failover"));
                 }

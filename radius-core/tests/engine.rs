@@ -588,6 +588,32 @@ fn a_quiet_server_fails_over_and_comes_back_through_status_server() {
 }
 
 #[test]
+fn a_request_moved_between_silent_servers_still_times_out_from_its_first_sending() {
+    // Found by the engine fuzz target: each move gave the request a fresh timeout, so with
+    // both servers silent it went back and forth and stayed in flight for ever.
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), upstream("aaa-2", 1912)],
+        ..Setup::default()
+    });
+    w.nas_sends(nas(40000), &access_request(4, "erin", None));
+    let mut moves = 0;
+    for _ in 0..19 {
+        w.advance(Duration::from_secs(1));
+        moves += w.take_upstream(1).len();
+    }
+    assert!(moves >= 1, "it failed over at least once");
+    assert_eq!(
+        w.engine.in_flight(),
+        1,
+        "19 s after it first went: still out"
+    );
+    w.advance(Duration::from_secs(2));
+    assert_eq!(w.engine.in_flight(), 0, "given up 20 s after it first went");
+    assert_eq!(w.count(Count::Dropped("upstream_timeout")), 1);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
+#[test]
 fn a_superseded_requests_late_reply_is_dropped() {
     let mut w = World::new(Setup::default());
     let old = access_request(5, "erin", None);

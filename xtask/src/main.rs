@@ -127,7 +127,15 @@ fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<Vec<(String, u64, u6
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&dir)
             .env("RADIUS_EBPF_STUB", "1")
-            .args(["+nightly", "fuzz", "run", target, "--"])
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(format!("fuzz/corpus/{target}"));
+        // Inputs a target once failed on are replayed first on every run; cmin never
+        // minimises them away, as it could in the corpus.
+        let regressions = format!("fuzz/regressions/{target}");
+        if dir.join(&regressions).is_dir() {
+            cmd.arg(regressions);
+        }
+        cmd.arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-max_len={max_len}"))
             .arg("-print_final_stats=1");

@@ -5,6 +5,7 @@
 //! Invariants checked: every datagram to a NAS goes to a source that sent one, from the
 //! address it sent to; nothing stays in flight past its timeout once time moves on; every
 //! request begun is ended; the in-flight count matches the table's.
+//! `ENGINE_TRACE=1` prints each event and the state after it (for one input at a time).
 #![no_main]
 
 use std::{
@@ -19,11 +20,7 @@ use radius_core::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable},
     coa::NasDirectory,
-    codec::{
-        Code, Packet, PacketMut, attr,
-        auth::Secret,
-        hide,
-    },
+    codec::{Code, Packet, PacketMut, attr, auth::Secret, hide},
     counters::{Count, Counters, Refusal},
     dedup::DedupTimers,
     engine::{Common, Engine, Io, Random},
@@ -181,7 +178,10 @@ fn answer(wire: &[u8], v11: bool, code: Code) -> Option<Vec<u8>> {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let ups = vec![upstream("udp-1", 1812, false), upstream("stream-1", 2083, true)];
+    let ups = vec![
+        upstream("udp-1", 1812, false),
+        upstream("stream-1", 2083, true),
+    ];
     let pool = Arc::new(Pool {
         name: "pool".into(),
         members: ups.clone(),
@@ -261,10 +261,15 @@ fuzz_target!(|data: &[u8]| {
         }
         engine.recycle(t);
     };
+    let trace = std::env::var_os("ENGINE_TRACE").is_some();
     let mut steps = 0;
     while !input.is_empty() && steps < 200 {
         steps += 1;
-        match input.byte() % 9 {
+        let ev = input.byte() % 9;
+        if trace {
+            eprintln!("event {ev} rest {:02x?}", &input.0[..input.0.len().min(12)]);
+        }
+        match ev {
             // A NAS sends a well-formed request (or its retransmission).
             0..=2 => {
                 let who = input.byte();
@@ -350,6 +355,17 @@ fuzz_target!(|data: &[u8]| {
             },
         }
         collect(&mut engine, &mut out, &senders);
+        if trace {
+            eprintln!(
+                "t={:?} in_flight={} out={:?} next={:?}",
+                now - start,
+                engine.in_flight(),
+                out.iter()
+                    .map(|(at, w)| (at.socket, w.first().copied(), w.get(1).copied()))
+                    .collect::<Vec<_>>(),
+                engine.poll_timeout().saturating_duration_since(start)
+            );
+        }
         assert_eq!(
             tally.get(Count::RequestBegun) - tally.get(Count::RequestEnded),
             engine.in_flight() as u64,
@@ -363,7 +379,14 @@ fuzz_target!(|data: &[u8]| {
         engine.handle_timeout(now, &mut io);
         collect(&mut engine, &mut out, &senders);
     }
-    assert_eq!(engine.in_flight(), 0, "requests in flight past their timeout");
+    if trace {
+        eprintln!("end t={:?} in_flight={}", now - start, engine.in_flight());
+    }
+    assert_eq!(
+        engine.in_flight(),
+        0,
+        "requests in flight past their timeout"
+    );
     assert_eq!(
         tally.get(Count::RequestBegun),
         tally.get(Count::RequestEnded),
