@@ -791,6 +791,7 @@ impl Engine {
             prepared,
             up_auth: [0; 16],
             sent_at: since,
+            sent_here: now,
             reply_to,
             wire: Vec::new(),
             retries: 0,
@@ -882,49 +883,91 @@ impl Engine {
         let Some(upstream) = self.common.upstreams.get(link_of(at.socket)).cloned() else {
             return;
         };
-        let Some(p) = self.requests.get_mut(at) else {
+        let Some(r) = self.requests.get(at).map(|p| p.reply_to) else {
             return;
         };
         let alive = upstream
             .health
             .on_unanswered(now, upstream.options.retry / 2);
-        let r = p.reply_to;
         let hash = self.flows.of(&r).map_or(0, |f| f.hash);
-        let Some(p) = self.requests.get_mut(at) else {
-            return;
+        let other = if alive {
+            None
+        } else {
+            self.other_server(at, hash, &upstream)
         };
-        let other = (!alive && !p.nas_packet.is_empty())
-            .then(|| p.client.pool.pick(hash, Some(&upstream.name)).cloned())
-            .flatten()
-            .filter(|o| {
-                o.health.state() != upstream::State::Dead
-                    || upstream.health.state() == upstream::State::Dead
-            });
         match other {
             // On a stream, what was sent arrives: never twice on one connection.
             None if upstream.stream => {}
             None => {
+                let Some(p) = self.requests.get_mut(at) else {
+                    return;
+                };
                 p.next_retry = now + (self.random.jitter)(upstream.options.retry);
                 self.out.send_upstream(at, &p.wire);
                 self.count(Count::UpstreamRetransmit(cause));
             }
-            Some(to) => {
-                // Ended here, begun anew there: if the new send cannot be made, nothing of
-                // the old one is left behind.
-                let Some(p) = self.end(at, End::Moved, now) else {
-                    return;
-                };
-                let n = self.take_request(&p.nas_packet);
-                let r = p.reply_to;
-                info!(from = %upstream.name, to = %to.name, "upstream quiet: request failed over");
-                // Its timeout still counts from its first sending: between silent servers
-                // a fresh one at each move would keep it in flight for ever.
-                if self.flows.of(&r).is_some()
-                    && self.forward(now, p.sent_at, r.slot as usize, &p.client, &to, n, io)
-                {
-                    self.count(Count::UpstreamRetransmit("failover"));
-                }
-            }
+            Some(to) => self.move_to(at, &upstream, &to, now, io),
+        }
+    }
+
+    /// The server of the request at `at`'s pool it may move to from `upstream`: another
+    /// usable one, not a dead one unless `upstream` is dead too. None for a request that
+    /// cannot be prepared again (a pool of one keeps no copy).
+    fn other_server(&self, at: At, hash: u64, upstream: &Upstream) -> Option<Arc<Upstream>> {
+        let p = self.requests.get(at)?;
+        if p.nas_packet.is_empty() {
+            return None;
+        }
+        p.client
+            .pool
+            .pick(hash, Some(&upstream.name))
+            .filter(|o| {
+                o.health.state() != upstream::State::Dead
+                    || upstream.health.state() == upstream::State::Dead
+            })
+            .cloned()
+    }
+
+    /// Moves the request at `at`, on a server that is not alive, to another of its pool
+    /// that is; otherwise it stays for its retries.
+    fn fail_over(&mut self, at: At, now: Instant, io: &mut dyn Io) {
+        let Some(upstream) = self.common.upstreams.get(link_of(at.socket)).cloned() else {
+            return;
+        };
+        let Some(r) = self.requests.get(at).map(|p| p.reply_to) else {
+            return;
+        };
+        let hash = self.flows.of(&r).map_or(0, |f| f.hash);
+        // Only to a server that answers: between quiet ones the retries decide.
+        if let Some(to) = self.other_server(at, hash, &upstream)
+            && to.health.state() == upstream::State::Alive
+        {
+            self.move_to(at, &upstream, &to, now, io);
+        }
+    }
+
+    /// Ends the request at `at` on `from` and begins it anew on `to`, prepared again from
+    /// the NAS's request: if the new send cannot be made, nothing of the old one is left.
+    fn move_to(
+        &mut self,
+        at: At,
+        from: &Upstream,
+        to: &Arc<Upstream>,
+        now: Instant,
+        io: &mut dyn Io,
+    ) {
+        let Some(p) = self.end(at, End::Moved, now) else {
+            return;
+        };
+        let n = self.take_request(&p.nas_packet);
+        let r = p.reply_to;
+        info!(from = %from.name, to = %to.name, "upstream quiet: request failed over");
+        // Its timeout still counts from its first sending: between silent servers a fresh
+        // one at each move would keep it in flight for ever.
+        if self.flows.of(&r).is_some()
+            && self.forward(now, p.sent_at, r.slot as usize, &p.client, to, n, io)
+        {
+            self.count(Count::UpstreamRetransmit("failover"));
         }
     }
 
@@ -1171,7 +1214,7 @@ impl Engine {
     fn on_tick(&mut self, now: Instant, io: &mut dyn Io) {
         let common = self.common.clone();
         self.ticks = self.ticks.wrapping_add(1);
-        let (mut due, mut expired) = (Vec::new(), Vec::new());
+        let (mut due, mut expired, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
         for (li, u) in common.upstreams.iter().enumerate() {
             // A stream delivers or closes; no retransmission on it (RFC 6613 2.6.1).
             let max_retries = if u.stream { 0 } else { u.options.max_retries };
@@ -1183,6 +1226,14 @@ impl Engine {
                     .sweep(port(li, acct), now, timeout, max_retries, || jitter(retry));
                 expired.extend(sweep.expired);
                 due.extend(sweep.resend);
+                let window = u.options.response_window;
+                if sweep
+                    .oldest
+                    .is_some_and(|t| now.saturating_duration_since(t) >= window)
+                    && !u.health.on_unanswered(now, window / 2)
+                {
+                    quiet.push(port(li, acct));
+                }
                 for socket in sweep.closed {
                     io.close_upstream(socket);
                     debug!(upstream = %u.name, socket, "idle extra upstream socket closed");
@@ -1196,6 +1247,15 @@ impl Engine {
                     u.health.on_unanswered(now, u.options.retry / 2);
                 }
                 debug!(remote = %p.reply_to.remote, client = %p.client.name, "request given up: no answer upstream");
+            }
+        }
+        // A server silent past its response window: what it has in flight moves now,
+        // rather than at each request's next retry (failover within about a second).
+        for port in quiet {
+            for socket in port * requests::MAX_SOCKETS..(port + 1) * requests::MAX_SOCKETS {
+                for at in self.requests.on_socket(socket) {
+                    self.fail_over(at, now, io);
+                }
             }
         }
         for at in due {

@@ -221,6 +221,9 @@ pub struct InFlight<T> {
     pub prepared: Prepared,
     pub up_auth: [u8; 16],
     pub sent_at: std::time::Instant,
+    /// When it went to the server it is on now (its first sending, or its move there):
+    /// what that server's `response_window` counts from.
+    pub sent_here: std::time::Instant,
     /// Where the finished reply goes (the flow).
     pub reply_to: T,
     /// The signed upstream copy, for retransmissions.
@@ -526,6 +529,7 @@ mod tests {
             prepared: prep,
             up_auth,
             sent_at: std::time::Instant::now(),
+            sent_here: std::time::Instant::now(),
             reply_to: (),
             wire: Vec::new(),
             retries: 0,
@@ -588,6 +592,7 @@ mod tests {
             prepared: prep,
             up_auth,
             sent_at: std::time::Instant::now(),
+            sent_here: std::time::Instant::now(),
             reply_to: (),
             wire: Vec::new(),
             retries: 0,

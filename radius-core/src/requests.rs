@@ -56,6 +56,8 @@ pub struct Sweep {
     pub resend: Vec<At>,
     /// Extra sockets given back: the driver closes them.
     pub closed: Vec<usize>,
+    /// When the oldest request still out went to this server (see `InFlight::sent_here`).
+    pub oldest: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -167,7 +169,10 @@ impl<F> Requests<F> {
             space.ids.for_each_mut(|id, r| {
                 if now.saturating_duration_since(r.sent_at) > timeout {
                     out.expired.push(At { socket, id });
-                } else if r.retries < max_retries && now >= r.next_retry && !r.wire.is_empty() {
+                    return;
+                }
+                out.oldest = Some(out.oldest.map_or(r.sent_here, |o| o.min(r.sent_here)));
+                if r.retries < max_retries && now >= r.next_retry && !r.wire.is_empty() {
                     r.retries += 1;
                     r.next_retry = now + next_delay();
                     out.resend.push(At { socket, id });
@@ -234,6 +239,7 @@ mod tests {
             },
             up_auth: [0; 16],
             sent_at: now,
+            sent_here: now,
             reply_to: n,
             wire: vec![1],
             retries: 0,

@@ -43,6 +43,10 @@ pub struct UpstreamOptions {
     /// Resends per request on our own timer (NAS retransmissions also cause one each, at
     /// most one a second).
     pub max_retries: u32,
+    /// A server with a request out for this long that has answered nothing for half of it
+    /// turns zombie, and its requests in flight move to another server of their pool at
+    /// once (FreeRADIUS's `response_window`).
+    pub response_window: Duration,
     pub require_message_authenticator: YesNoAuto,
     /// This upstream has sent an Access reply without EAP-Message that carried a valid
     /// Message-Authenticator (what `Auto` learns).
@@ -71,6 +75,7 @@ impl Default for UpstreamOptions {
         Self {
             retry: Duration::from_secs(2),
             max_retries: 2,
+            response_window: Duration::from_secs(1),
             require_message_authenticator: YesNoAuto::Auto,
             seen_message_authenticator: false.into(),
             check_interval: Duration::from_secs(1),

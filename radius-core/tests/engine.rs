@@ -557,9 +557,15 @@ fn a_quiet_server_fails_over_and_comes_back_through_status_server() {
         1,
         "fail-over: the first server first"
     );
-    // aaa-1 is silent: at our retry it turns zombie and the request moves to aaa-2.
-    w.advance(Duration::from_millis(2100));
-    assert!(w.take_upstream(0).is_empty());
+    // aaa-1 is silent: past its response window (1 s, before our first retry at 2 s) it
+    // turns zombie and the request moves to aaa-2 at once.
+    w.advance(Duration::from_millis(900));
+    assert!(
+        w.take_upstream(1).is_empty(),
+        "not before its response window"
+    );
+    w.advance(Duration::from_millis(200));
+    assert!(w.take_upstream(0).is_empty(), "not sent again to aaa-1");
     let moved = w.take_upstream(1);
     assert_eq!(moved.len(), 1, "failed over to the second server");
     assert_eq!(w.servers[0].upstream.health.state(), State::Zombie);
@@ -585,6 +591,38 @@ fn a_quiet_server_fails_over_and_comes_back_through_status_server() {
     assert_eq!(w.servers[0].upstream.health.state(), State::Alive);
     w.nas_sends(nas(40000), &access_request(6, "dave", None));
     assert_eq!(w.take_upstream(0).len(), 1, "back on the first server");
+}
+
+#[test]
+fn a_slow_server_that_keeps_answering_keeps_its_requests() {
+    // Each answer takes 300 ms, one request is never answered: the server is slow, not
+    // quiet, so nothing moves before that request's own retry.
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), upstream("aaa-2", 1912)],
+        ..Setup::default()
+    });
+    let mut waiting: Vec<(Instant, At, Vec<u8>)> = Vec::new();
+    for i in 0..18u8 {
+        w.nas_sends(nas(40000 + u16::from(i)), &access_request(i, "fay", None));
+        for (at, wire) in w.take_upstream(0) {
+            waiting.push((w.now, at, wire));
+        }
+        let now = w.now;
+        let (due, rest): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(t, _, wire)| {
+            now.duration_since(*t) >= Duration::from_millis(300) && wire[1] != 0
+        });
+        waiting = rest;
+        for (_, at, wire) in due {
+            let reply = w.servers[0].answer(&wire, Code::AccessAccept, None);
+            w.upstream_sends(at.socket, &reply);
+        }
+        w.advance(Duration::from_millis(100));
+    }
+    // 1.8 s: the first request has been out past the response window all along.
+    assert_eq!(w.servers[0].upstream.health.state(), State::Alive);
+    assert!(w.take_upstream(1).is_empty(), "nothing moved to aaa-2");
+    assert_eq!(w.count(Count::UpstreamRetransmit("failover")), 0);
+    assert_eq!(w.take_nas().len(), 14, "those 300 ms old answered");
 }
 
 #[test]

@@ -416,6 +416,11 @@ struct UpstreamSection {
     /// Resends per request on the sidecar's own timer.
     #[serde(default = "default_max_retries")]
     max_retries: u32,
+    /// Milliseconds a request may wait for an answer from a server that answers nothing
+    /// else before the server turns zombie and its requests move (FreeRADIUS's
+    /// `response_window`).
+    #[serde(default = "default_response_window_ms")]
+    response_window_ms: u64,
     /// BlastRADIUS: must Access replies carry a Message-Authenticator? "yes", "no", or
     /// "auto" (once this upstream has sent one).
     require_message_authenticator: Option<Spanned<Switch>>,
@@ -470,6 +475,11 @@ fn default_retry_ms() -> u64 {
 }
 fn default_max_retries() -> u32 {
     2
+}
+/// The sidecar runs next to its AAA server, whose answers take milliseconds: a second of
+/// silence with requests out is a server that stopped, and failover comes within it.
+fn default_response_window_ms() -> u64 {
+    1_000
 }
 
 /// RFC 6614's shared secret for RADIUS/TLS.
@@ -745,6 +755,7 @@ impl Config {
                 options: UpstreamOptions {
                     retry: Duration::from_millis(u.retry_ms.max(10)),
                     max_retries: u.max_retries,
+                    response_window: Duration::from_millis(u.response_window_ms.max(10)),
                     require_message_authenticator,
                     seen_message_authenticator: false.into(),
                     check_interval: Duration::from_millis(u.check_interval_ms.max(10)),
