@@ -1,6 +1,6 @@
 //! Dynamic clients as the workers see them, sans-IO: which prefixes are dynamic, the cache
-//! of definitions and refusals every worker shares (defined for `lifetime`, refused for
-//! `nak_lifetime`, at most `max_clients` live), and the bounds on packets kept meanwhile.
+//! of definitions and refusals every worker shares (each kept for its [`Lifetimes`], at
+//! most `max_clients` live), and the bounds on packets kept meanwhile.
 //! The directories that answer (file, HTTP, SQL) are the daemon's (`dynamic.rs` there);
 //! the packets kept are [`crate::pending`]'s.
 
@@ -36,12 +36,32 @@ pub enum Resolution {
     NotDynamic,
 }
 
+/// Why a source was not defined; each is remembered for its own time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotDefined {
+    /// The directory said no, or what it gave cannot be used.
+    Refused,
+    /// The directory did not answer: down, an error, or its timeout.
+    Unanswered,
+}
+
+/// How long the cache keeps each outcome of a definition.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub defined: Duration,
+    /// A refusal (also the XDP negative entry's life).
+    pub refused: Duration,
+    /// A directory that did not answer: short, so that a NAS that came during an outage is
+    /// served soon after it ends; long enough that the retransmissions of NASes do not
+    /// each ask a directory that is down.
+    pub unanswered: Duration,
+}
+
 /// Dynamic-client settings and the shared cache.
 #[derive(Debug)]
 pub struct Dynamic {
     pub prefixes: Vec<IpNet>,
-    pub lifetime: Duration,
-    pub nak_lifetime: Duration,
+    pub lifetimes: Lifetimes,
     pub max_clients: usize,
     /// Packets kept per flow, and in all, while sources are defined.
     pub max_pending_per_flow: usize,
@@ -56,15 +76,14 @@ impl Dynamic {
     /// `timeout` is the directory's: packets wait at most four of it plus 5 s.
     pub fn new(
         prefixes: Vec<IpNet>,
-        (lifetime, nak_lifetime): (Duration, Duration),
+        lifetimes: Lifetimes,
         max_clients: usize,
         timeout: Duration,
         (max_pending_per_flow, max_pending_packets): (usize, usize),
     ) -> Self {
         Self {
             prefixes,
-            lifetime,
-            nak_lifetime,
+            lifetimes,
             max_clients,
             max_pending_per_flow,
             max_pending_packets,
@@ -110,17 +129,107 @@ impl Dynamic {
         }
     }
 
-    /// Records how the definition of `ip` ended.
-    pub fn record<E>(&self, ip: IpAddr, outcome: &Result<Arc<Client>, E>, now: Instant) {
-        let entry = match outcome {
-            Ok(c) => Entry::Defined {
-                client: c.clone(),
-                until: now + self.lifetime,
-            },
-            Err(_) => Entry::Refused {
-                until: now + self.nak_lifetime,
-            },
+    /// Records how the definition of `ip` ended; returns how long it is remembered.
+    pub fn record(
+        &self,
+        ip: IpAddr,
+        outcome: Result<&Arc<Client>, NotDefined>,
+        now: Instant,
+    ) -> Duration {
+        let (entry, life) = match outcome {
+            Ok(c) => {
+                let life = self.lifetimes.defined;
+                let until = now + life;
+                (
+                    Entry::Defined {
+                        client: c.clone(),
+                        until,
+                    },
+                    life,
+                )
+            }
+            Err(why) => {
+                let life = match why {
+                    NotDefined::Refused => self.lifetimes.refused,
+                    NotDefined::Unanswered => self.lifetimes.unanswered,
+                };
+                (Entry::Refused { until: now + life }, life)
+            }
         };
         self.cache().insert(ip, entry);
+        life
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{blastradius::YesNoAuto, codec::auth::Secret, pool::Pool, upstream::Upstream};
+
+    fn dynamic() -> Dynamic {
+        Dynamic::new(
+            vec!["203.0.113.0/24".parse().unwrap()],
+            Lifetimes {
+                defined: Duration::from_secs(3600),
+                refused: Duration::from_secs(60),
+                unanswered: Duration::from_secs(5),
+            },
+            10,
+            Duration::from_secs(2),
+            (8, 100),
+        )
+    }
+
+    fn client() -> Arc<Client> {
+        Arc::new(Client {
+            name: "nas".into(),
+            prefix: "203.0.113.9/32".parse().unwrap(),
+            secret: Secret::new(b"s"),
+            pool: Arc::new(Pool::single(Arc::new(Upstream {
+                name: "up".into(),
+                auth: "127.0.0.1:1812".parse().unwrap(),
+                acct: None,
+                secret: Secret::new(b"u"),
+                timeout: Duration::from_secs(5),
+                options: Default::default(),
+                health: Default::default(),
+                stream: false,
+            }))),
+            require_message_authenticator: YesNoAuto::No,
+            limit_proxy_state: YesNoAuto::Auto,
+            learned: Default::default(),
+            nas_key: None,
+            certificate: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_directory_that_did_not_answer_is_asked_again_long_before_a_refusal_expires() {
+        let (d, t0) = (dynamic(), Instant::now());
+        let (down, no) = (
+            "203.0.113.1".parse().unwrap(),
+            "203.0.113.2".parse().unwrap(),
+        );
+        for ip in [down, no] {
+            assert!(matches!(
+                d.resolve(ip, t0),
+                Resolution::Defining { start: true }
+            ));
+        }
+        let life = d.record(down, Err(NotDefined::Unanswered), t0);
+        assert_eq!(life, Duration::from_secs(5));
+        assert_eq!(
+            d.record(no, Err(NotDefined::Refused), t0),
+            Duration::from_secs(60)
+        );
+        let later = t0 + Duration::from_secs(6);
+        assert!(
+            matches!(d.resolve(down, later), Resolution::Defining { start: true }),
+            "asked again once its 5 s are over"
+        );
+        assert!(matches!(d.resolve(no, later), Resolution::Refused));
+        let c = client();
+        d.record(down, Ok(&c), later);
+        assert!(matches!(d.resolve(down, later), Resolution::Client(_)));
     }
 }

@@ -25,7 +25,7 @@ use radius_core::{
     },
     counters::{Count, Counters, Refusal, Via},
     dedup::DedupTimers,
-    dynamic::Dynamic,
+    dynamic::{Dynamic, Lifetimes, NotDefined},
     engine::{self, Common, Engine, Io, Random},
     flows::{Flow, flow_key},
     pool::{Policy, Pool},
@@ -405,7 +405,11 @@ impl World {
             .dynamic
             .as_ref()
             .expect("dynamic clients configured");
-        dynamic.record(ip, &outcome, self.now);
+        dynamic.record(
+            ip,
+            outcome.as_ref().map_err(|_| NotDefined::Refused),
+            self.now,
+        );
         self.engine
             .handle_defined(self.now, ip, &outcome, &mut self.io);
         self.collect();
@@ -764,7 +768,11 @@ fn dynamic_setup() -> Setup {
     Setup {
         dynamic: Some(Dynamic::new(
             vec!["203.0.113.0/24".parse().unwrap()],
-            (Duration::from_secs(3600), Duration::from_secs(30)),
+            Lifetimes {
+                defined: Duration::from_secs(3600),
+                refused: Duration::from_secs(30),
+                unanswered: Duration::from_secs(5),
+            },
             100,
             Duration::from_secs(2),
             (8, 100),

@@ -17,7 +17,7 @@ use crate::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable, NasKey, SecretText},
     codec::auth::Secret,
-    dynamic::{Directory, DynamicClients, FileDirectory, SqlDirectory},
+    dynamic::{Directory, DynamicClients, FileDirectory, Lifetimes, SqlDirectory},
     pool::{Policy, Pool},
     upstream::{Health, HealthPolicy, Upstream, UpstreamOptions},
 };
@@ -279,6 +279,10 @@ struct DynamicSection {
     /// Seconds a refusal is kept (also the XDP negative entry).
     #[serde(default = "d_nak")]
     nak_lifetime: u64,
+    /// Seconds a directory that did not answer (down, an error, its timeout) is not asked
+    /// again about that source.
+    #[serde(default = "d_error_lifetime")]
+    error_lifetime: u64,
     #[serde(default = "d_max_clients")]
     max_clients: usize,
     #[serde(default = "d_concurrent")]
@@ -298,6 +302,9 @@ fn d_lifetime() -> u64 {
 }
 fn d_nak() -> u64 {
     60
+}
+fn d_error_lifetime() -> u64 {
+    5
 }
 fn d_max_clients() -> usize {
     10_000
@@ -970,8 +977,11 @@ impl Config {
                 Some(DynamicClients::new(
                     d.prefixes.into_iter().map(|p| p.trunc()).collect(),
                     directory,
-                    Duration::from_secs(d.lifetime.max(1)),
-                    Duration::from_secs(d.nak_lifetime.max(1)),
+                    Lifetimes {
+                        defined: Duration::from_secs(d.lifetime.max(1)),
+                        refused: Duration::from_secs(d.nak_lifetime.max(1)),
+                        unanswered: Duration::from_secs(d.error_lifetime.max(1)),
+                    },
                     d.max_clients,
                     d.max_concurrent,
                     Duration::from_millis(d.timeout_ms.max(1)),

@@ -1,7 +1,8 @@
 //! Dynamic clients: NASes in prefixes marked dynamic are defined at run time by a
 //! *directory*: a TOML file reloaded when it changes, an HTTP endpoint, or SQL (SQLite, or
 //! PostgreSQL shared between sidecars) reading FreeRADIUS's own `nas` table as it is. Definitions are
-//! cached for `lifetime`, refusals for `nak_lifetime`; at most `max_concurrent` run at once
+//! cached for `lifetime`, refusals for `nak_lifetime`, and a directory that did not answer
+//! (down, an error, its timeout) for `error_lifetime`; at most `max_concurrent` run at once
 //! and at most `max_clients` are kept. The cache itself, and the rule of which source may
 //! start a definition, are the core's (`radius_core::dynamic`); the engine keeps the packets
 //! of a source being defined and injects them, in arrival order, once it is
@@ -293,10 +294,19 @@ async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, Direct
     }
 }
 
-pub use radius_core::dynamic::{Dynamic, Entry, Resolution};
+pub use radius_core::dynamic::{Dynamic, Entry, Lifetimes, NotDefined, Resolution};
 
 /// Dynamic clients: the sans-IO settings and cache the workers share ([`Dynamic`], which
 /// this derefs to), and what answers: the directory, bounded in concurrency and time.
+/// Why a source was not defined, and how long that is remembered (the refusal cache's and
+/// the XDP negative entry's life).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: String,
+    pub why: NotDefined,
+    pub remembered: Duration,
+}
+
 #[derive(Debug)]
 pub struct DynamicClients {
     pub core: Arc<Dynamic>,
@@ -322,8 +332,7 @@ impl DynamicClients {
     pub fn new(
         prefixes: Vec<IpNet>,
         directory: Directory,
-        lifetime: Duration,
-        nak_lifetime: Duration,
+        lifetimes: Lifetimes,
         max_clients: usize,
         max_concurrent: usize,
         timeout: Duration,
@@ -334,7 +343,7 @@ impl DynamicClients {
         Self {
             core: Arc::new(Dynamic::new(
                 prefixes,
-                (lifetime, nak_lifetime),
+                lifetimes,
                 max_clients,
                 timeout,
                 (max_pending_per_flow, max_pending_packets),
@@ -347,20 +356,30 @@ impl DynamicClients {
     }
 
     /// Runs the directory for `ip` (bounded in concurrency and time) and records the
-    /// outcome: the client, or `None` for a refusal (with its reason).
-    pub async fn define(&self, ip: IpAddr) -> Result<Arc<Client>, String> {
+    /// outcome: the client, or why not and for how long that is remembered.
+    pub async fn define(&self, ip: IpAddr) -> Result<Arc<Client>, Refusal> {
         let _permit = self.concurrency.acquire().await;
         let answer = match tokio::time::timeout(self.timeout, self.directory.define(ip)).await {
             Ok(r) => r,
             Err(_) => Err(DirectoryError::Timeout(self.timeout)),
         };
         let outcome = match answer {
-            Ok(Some(d)) => self.client_of(ip, d),
-            Ok(None) => Err("refused by the directory".to_owned()),
-            Err(e) => Err(e.to_string()),
+            Ok(Some(d)) => self
+                .client_of(ip, d)
+                .map_err(|reason| (reason, NotDefined::Refused)),
+            Ok(None) => Err(("refused by the directory".to_owned(), NotDefined::Refused)),
+            Err(e) => Err((e.to_string(), NotDefined::Unanswered)),
         };
-        self.core.record(ip, &outcome, Instant::now());
-        outcome
+        let remembered = self.core.record(
+            ip,
+            outcome.as_ref().map_err(|(_, why)| *why),
+            Instant::now(),
+        );
+        outcome.map_err(|(reason, why)| Refusal {
+            reason,
+            why,
+            remembered,
+        })
     }
 
     fn client_of(&self, ip: IpAddr, d: Definition) -> Result<Arc<Client>, String> {
@@ -413,8 +432,11 @@ mod tests {
         DynamicClients::new(
             vec!["203.0.113.0/24".parse().unwrap()],
             Directory::File(FileDirectory::new(path)),
-            Duration::from_secs(60),
-            Duration::from_secs(5),
+            Lifetimes {
+                defined: Duration::from_secs(60),
+                refused: Duration::from_secs(5),
+                unanswered: Duration::from_secs(1),
+            },
             max_clients,
             4,
             Duration::from_secs(1),

@@ -112,6 +112,9 @@ pub struct Metrics {
     pub upstream_retransmits: Family<ReasonLabel, Counter>,
     /// CoA and Disconnect requests, by what became of them.
     pub coa: Family<ReasonLabel, Counter>,
+    /// Dynamic-client definitions, by outcome: defined, refused, unanswered (the
+    /// directory was down, failed or timed out).
+    pub definitions: Family<ReasonLabel, Counter>,
     /// 0 alive, 1 zombie, 2 dead (see crate::upstream).
     pub upstream_state: Family<UpstreamLabel, Gauge>,
     /// BlastRADIUS: 1 when a peer's Access packets must carry a Message-Authenticator
@@ -221,6 +224,12 @@ impl Metrics {
             "CoA and Disconnect requests from upstreams, by outcome",
             coa.clone(),
         );
+        let definitions = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dynamic_definitions",
+            "Dynamic-client definitions, by outcome (defined, refused, unanswered)",
+            definitions.clone(),
+        );
         let upstream_state = Family::<UpstreamLabel, Gauge>::default();
         registry.register(
             "upstream_state",
@@ -316,6 +325,7 @@ impl Metrics {
             local_answers,
             upstream_retransmits,
             coa,
+            definitions,
             upstream_state,
             message_authenticator_required,
             connections_open,
@@ -357,6 +367,12 @@ impl Metrics {
 
     pub fn coa(&self, reason: &'static str) {
         self.coa.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn definition(&self, outcome: &'static str) {
+        self.definitions
+            .get_or_create(&ReasonLabel { reason: outcome })
+            .inc();
     }
 
     pub fn set_upstream_state(&self, upstream: &str, state: i64) {

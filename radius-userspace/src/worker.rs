@@ -22,6 +22,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    dynamic::NotDefined,
     engine::{self, Engine, Io, Transmits},
     flows::Flow,
     metrics::{Refusal, UpstreamEventLabel},
@@ -650,6 +651,7 @@ fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: I
         let outcome = dynamic.define(ip).await;
         match &outcome {
             Ok(c) => {
+                shared.metrics.definition("defined");
                 info!(%ip, client = %c.name, "dynamic client defined");
                 shared.metrics.set_message_authenticator_required(
                     "client",
@@ -657,15 +659,26 @@ fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: I
                     c.requires_message_authenticator(),
                 );
             }
-            Err(reason) => {
-                warn!(%ip, %reason, "dynamic client refused");
+            Err(r) => {
+                let (reason, seconds) = (&r.reason, r.remembered.as_secs());
+                match r.why {
+                    NotDefined::Refused => {
+                        shared.metrics.definition("refused");
+                        warn!(%ip, %reason, seconds, "dynamic client refused");
+                    }
+                    NotDefined::Unanswered => {
+                        shared.metrics.definition("unanswered");
+                        warn!(%ip, %reason, seconds, "dynamic client not defined: the directory did not answer");
+                    }
+                }
                 if let Some(fp) = &shared.fastpath
-                    && let Err(e) = lock(fp).add_negative(ip, dynamic.nak_lifetime)
+                    && let Err(e) = lock(fp).add_negative(ip, r.remembered)
                 {
                     debug!(%ip, error = %e, "no negative entry");
                 }
             }
         }
+        let outcome = outcome.map_err(|r| r.reason);
         for inbox in &shared.defined {
             inbox.send(ToWorker::Defined(Defined {
                 ip,
