@@ -961,7 +961,7 @@ impl Engine {
         };
         let n = self.take_request(&p.nas_packet);
         let r = p.reply_to;
-        info!(from = %from.name, to = %to.name, "upstream quiet: request failed over");
+        debug!(from = %from.name, to = %to.name, "upstream quiet: request failed over");
         // Its timeout still counts from its first sending: between silent servers a fresh
         // one at each move would keep it in flight for ever.
         if self.flows.of(&r).is_some()

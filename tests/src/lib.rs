@@ -186,7 +186,9 @@ impl Default for Topology {
     }
 }
 
-fn wait_link(from: &str, to: &str) {
+/// Waits until `from` reaches `to` over a link that may still be coming up (call inside
+/// [`NetNs::run`]).
+pub fn wait_link(from: &str, to: &str) {
     let s = UdpSocket::bind((from, 0)).expect("bind probe");
     let deadline = Instant::now() + Duration::from_secs(5);
     // A UDP send to a port nobody listens on fails only once the neighbour resolves;
@@ -452,6 +454,13 @@ pub struct FreeRadiusSetup<'a> {
     pub proxy_conf: Option<&'a str>,
     /// A RadSec listener (its `tls` site) beside the UDP ones.
     pub tls: Option<FreeRadiusTls<'a>>,
+    /// The IPv4 address its UDP listeners bind (default 127.0.0.1).
+    pub address: Option<&'a str>,
+    /// Unlang put first in the default site's `authorize` section (e.g. to answer slowly).
+    pub authorize: Option<&'a str>,
+    /// Files written into its configuration directory: (relative path, content), e.g. a
+    /// module in `mods-enabled/`.
+    pub files: &'a [(&'a str, &'a str)],
 }
 
 /// FreeRADIUS as a RADIUS/TLS server (RFC 6614): a `proto = tcp` listener with a `tls`
@@ -504,6 +513,9 @@ impl FreeRadius {
             auth_port,
             proxy_conf,
             tls,
+            address,
+            authorize,
+            files,
         } = *setup;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("rs-freeradius-{}-{n}", std::process::id()));
@@ -541,7 +553,11 @@ impl FreeRadius {
         let text = text
             .lines()
             .map(|l| match l.trim() {
-                "ipaddr = *" => "\tipaddr = 127.0.0.1\n\trecv_buff = 8388608".to_owned(),
+                "ipaddr = *" => format!(
+                    "\tipaddr = {}\n\trecv_buff = 8388608",
+                    address.unwrap_or("127.0.0.1")
+                ),
+                "authorize {" => format!("authorize {{\n{}", authorize.unwrap_or_default()),
                 t if t.starts_with("ipv6addr = ::") => {
                     "\tipv6addr = ::1\n\trecv_buff = 8388608".to_owned()
                 }
@@ -571,6 +587,9 @@ impl FreeRadius {
         }
         if let Some(t) = tls {
             std::fs::write(dir.join("sites-enabled/tls"), tls_site(&t)).expect("tls site");
+        }
+        for (path, content) in files {
+            std::fs::write(dir.join(path), content).expect("a configuration file");
         }
         let log = File::create(dir.join("stdout.log")).expect("log file");
         let child = ns
@@ -827,4 +846,129 @@ pub fn tls_connect(
 )]
 fn ring_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
+}
+
+/// A private PostgreSQL in a namespace, from Debian's package, with FreeRADIUS's schema and
+/// the `nas` rows given; it can be stopped and started again (the fault tests); stopped on
+/// drop.
+pub struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    ns: String,
+}
+
+impl Postgres {
+    pub const PORT: u16 = 15432;
+
+    /// `rows`: SQL that fills the `nas` table.
+    pub fn start(ns: &NetNs, rows: &str) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL (package postgresql)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!(
+            "rs-pg-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("PostgreSQL's directory");
+        sh(&["chown", "postgres:postgres", dir.to_str().expect("utf-8")]);
+        let pg = Self {
+            dir,
+            bin,
+            ns: ns.name.clone(),
+        };
+        let data = pg.dir.join("data");
+        pg.run(&[
+            pg.bin.join("initdb").to_str().expect("utf-8"),
+            "-D",
+            data.to_str().expect("utf-8"),
+            "--auth=trust",
+            "-U",
+            "postgres",
+        ]);
+        pg.resume();
+        // FreeRADIUS's own schema, copied where the postgres user may read it.
+        let schema = pg.dir.join("schema.sql");
+        std::fs::copy(
+            "/etc/freeradius/3.0/mods-config/sql/main/postgresql/schema.sql",
+            &schema,
+        )
+        .expect("FreeRADIUS's PostgreSQL schema (package freeradius)");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&schema, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod schema");
+        let port = Self::PORT.to_string();
+        let psql = [
+            "psql",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+        ];
+        pg.run(&[&psql[..], &["-f", schema.to_str().expect("utf-8")]].concat());
+        pg.run(&[&psql[..], &["-c", rows]].concat());
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", Self::PORT)
+    }
+
+    fn run(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "runuser", "-u", "postgres", "--"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("runuser");
+        assert!(st.success(), "{args:?}");
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let ctl = self.bin.join("pg_ctl");
+        let base = [
+            ctl.to_str().expect("utf-8"),
+            "-D",
+            data.to_str().expect("utf-8"),
+            "-w",
+        ];
+        self.run(&[&base[..], args].concat());
+    }
+
+    /// Stops the server (fast shutdown: connections are closed).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "stop"]);
+    }
+
+    /// Starts it (again), and waits until it accepts connections.
+    pub fn resume(&self) {
+        let log = self.dir.join("log");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            Self::PORT,
+            self.dir.display()
+        );
+        self.pg_ctl(&["-l", log.to_str().expect("utf-8"), "-o", &opts, "start"]);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "runuser", "-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

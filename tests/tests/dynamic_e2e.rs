@@ -314,134 +314,14 @@ fn sqlite_directory_reads_freeradius_nas_table() {
     let _ = std::fs::remove_file(&db);
 }
 
-/// A private PostgreSQL in the sidecar's namespace, from Debian's package; stopped on drop.
-struct Postgres {
-    dir: std::path::PathBuf,
-    ns: String,
-}
-
-impl Postgres {
-    const PORT: u16 = 15432;
-
-    fn start(ns: &NetNs) -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL (package postgresql)")
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .find(|p| p.join("initdb").exists())
-            .expect("initdb");
-        let dir = std::env::temp_dir().join(format!("rs-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = |args: &[&str]| {
-            let st = ns
-                .command("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(st.success(), "{args:?}");
-        };
-        assert!(
-            std::process::Command::new("chown")
-                .args(["postgres:postgres", dir.to_str().unwrap()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let data = dir.join("data");
-        run(&[
-            bin.join("initdb").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "--auth=trust",
-            "-U",
-            "postgres",
-        ]);
-        run(&[
-            bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-w",
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-o",
-            &format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1",
-                Self::PORT,
-                dir.display()
-            ),
-            "start",
-        ]);
-        let pg = Self {
-            dir,
-            ns: ns.name.clone(),
-        };
-        // FreeRADIUS's own schema, copied where the postgres user may read it.
-        let schema = pg.dir.join("schema.sql");
-        std::fs::copy(
-            "/etc/freeradius/3.0/mods-config/sql/main/postgresql/schema.sql",
-            &schema,
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&schema, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let port = Self::PORT.to_string();
-        run(&[
-            "psql",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-f",
-            schema.to_str().unwrap(),
-        ]);
-        run(&[
-            "psql",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-c",
-            NAS_ROWS,
-        ]);
-        pg
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args([
-                "netns", "exec", &self.ns, "runuser", "-u", "postgres", "--", "sh", "-c",
-            ])
-            .arg(format!(
-                "$(ls -d /usr/lib/postgresql/*/bin | head -1)/pg_ctl -D {} -m immediate stop",
-                self.dir.join("data").display()
-            ))
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn postgresql_directory_reads_freeradius_nas_table() {
     if !require_root("postgresql directory") {
         return;
     }
     let topo = Topology::new();
-    let _pg = Postgres::start(&topo.sidecar);
-    sql_directory(
-        format!("postgres://postgres@127.0.0.1:{}/postgres", Postgres::PORT),
-        &topo,
-    );
+    let pg = Postgres::start(&topo.sidecar, NAS_ROWS);
+    sql_directory(pg.url(), &topo);
 }
 
 /// While a new NAS's definition takes 300 ms, a known NAS at steady load never waits for it:
