@@ -110,23 +110,30 @@ impl Dynamic {
             Some(Entry::Refused { until }) if *until > now => Resolution::Refused,
             Some(Entry::Defining) => Resolution::Defining { start: false },
             _ => {
+                // Expired entries go once the map holds `max_clients` entries of any kind,
+                // so that it stays bounded however many sources come and go.
+                if cache.len() >= self.max_clients {
+                    cache.retain(|_, e| match e {
+                        Entry::Defined { until, .. } | Entry::Refused { until } => *until > now,
+                        Entry::Defining => true,
+                    });
+                }
                 let live = cache
                     .values()
                     .filter(|e| matches!(e, Entry::Defined { until, .. } if *until > now))
                     .count();
                 if live >= self.max_clients {
-                    cache.retain(|_, e| match e {
-                        Entry::Defined { until, .. } | Entry::Refused { until } => *until > now,
-                        Entry::Defining => true,
-                    });
-                    if live >= self.max_clients {
-                        return Resolution::Refused;
-                    }
+                    return Resolution::Refused;
                 }
                 cache.insert(ip, Entry::Defining);
                 Resolution::Defining { start: true }
             }
         }
+    }
+
+    /// Sources in the cache (defined, refused or being defined, expired or not yet swept).
+    pub fn cached(&self) -> usize {
+        self.cache().len()
     }
 
     /// Records how the definition of `ip` ended; returns how long it is remembered.
@@ -231,5 +238,28 @@ mod tests {
         let c = client();
         d.record(down, Ok(&c), later);
         assert!(matches!(d.resolve(down, later), Resolution::Client(_)));
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_while_sources_come_and_go() {
+        let (d, t0) = (dynamic(), Instant::now());
+        let c = client();
+        // A new source every 100 ms, each defined for 500 ms: few live at once, but the
+        // cache kept every expired one until 10 were alive at the same time.
+        let d = Dynamic {
+            lifetimes: Lifetimes {
+                defined: Duration::from_millis(500),
+                ..d.lifetimes
+            },
+            ..d
+        };
+        for i in 0..200u32 {
+            let now = t0 + Duration::from_millis(100 * u64::from(i));
+            let ip = IpAddr::from([203, 0, 113, (i % 250) as u8]);
+            if matches!(d.resolve(ip, now), Resolution::Defining { start: true }) {
+                d.record(ip, Ok(&c), now);
+            }
+            assert!(d.cached() <= 11, "{} cached after {i}", d.cached());
+        }
     }
 }
