@@ -4,7 +4,8 @@
 //! to check the reply), so that on two cores it leaves the CPU to what it measures.
 //!
 //! Closed loop: every slot (a socket and an Identifier) holds one request; its reply sends
-//! the next one. A slot whose reply does not come within `timeout` counts as lost and sends
+//! the next one. With a `rate`, a free slot waits for its turn: requests go at that rate
+//! (as long as the slots suffice), the way a soak holds a share of the maximum. A slot whose reply does not come within `timeout` counts as lost and sends
 //! a fresh request (a new authenticator, never a retransmission). Every reply is verified
 //! against its request's authenticator with the NAS secret; a reply that does not verify,
 //! or is not an Access-Accept, counts as bad.
@@ -36,6 +37,8 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// Put a Message-Authenticator in every request, as NASes do since BlastRADIUS.
     pub message_authenticator: bool,
+    /// Requests per second at most (None: as fast as the replies come).
+    pub rate: Option<f64>,
 }
 
 /// What a run gave.
@@ -54,6 +57,8 @@ pub struct LoadResult {
     pub own_cpu: Duration,
     /// Replies answered in each second of the run.
     pub per_second: Vec<u64>,
+    /// The p50 and p99 latency (microseconds) of the replies of each second.
+    pub per_second_latency: Vec<(u32, u32)>,
 }
 
 impl LoadResult {
@@ -132,9 +137,15 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
     let mut in_bufs = vec![[0u8; 4096]; BATCH];
     let mut in_lens = [0usize; BATCH];
 
-    // First volley: every slot sends.
-    for f in flows.iter_mut() {
+    // Free slots waiting for their turn (with a rate): (flow, slot).
+    let mut idle: std::collections::VecDeque<(usize, usize)> = std::collections::VecDeque::new();
+    // First volley: every slot sends (with a rate, every slot waits for its turn).
+    for (fi, f) in flows.iter_mut().enumerate() {
         let n = f.slots.len();
+        if spec.rate.is_some() {
+            idle.extend((0..n).map(|s| (fi, s)));
+            continue;
+        }
         let mut k = 0;
         for s in 0..n {
             out_lens[k] = nas.request(&mut f.slots[s], &mut out_bufs[k]);
@@ -145,6 +156,8 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
             }
         }
     }
+    // This second's latencies, summarised at each new second.
+    let mut second: (usize, Vec<u32>) = (0, Vec::new());
     let mut pfds: Vec<libc::pollfd> = flows
         .iter()
         .map(|f| libc::pollfd {
@@ -172,8 +185,24 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
             res.lost += outstanding as u64;
             break;
         }
+        if let Some(rate) = spec.rate.filter(|_| sending) {
+            // The requests due by now, sent from free slots.
+            let due = (now.duration_since(start).as_secs_f64() * rate) as u64;
+            while res.sent < due {
+                let Some((fi, si)) = idle.pop_front() else {
+                    break;
+                };
+                let f = &mut flows[fi];
+                out_lens[0] = nas.request(&mut f.slots[si], &mut out_bufs[0]);
+                // Counted as sent even if the kernel refused it: the slot's timeout then
+                // makes it a loss, and the pace does not speed up to make up for it.
+                send_batch(&f.sock, &out_bufs, &out_lens[..1]);
+                res.sent += 1;
+            }
+        }
+        let wait = if spec.rate.is_some() { 1 } else { 10 };
         // SAFETY: pfds is a valid array of pollfd for its length.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10) };
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -218,13 +247,19 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
                         res.per_second.resize(sec + 1, 0);
                     }
                     res.per_second[sec] += 1;
-                    lat.push(
-                        now.duration_since(sent_at)
-                            .as_micros()
-                            .min(u32::MAX as u128) as u32,
-                    );
+                    let us = now
+                        .duration_since(sent_at)
+                        .as_micros()
+                        .min(u32::MAX as u128) as u32;
+                    lat.push(us);
+                    if sec != second.0 {
+                        summarise(&mut res.per_second_latency, &mut second, sec);
+                    }
+                    second.1.push(us);
                     slot.sent_at = None;
-                    if sending {
+                    if sending && spec.rate.is_some() {
+                        idle.push_back((fi, si));
+                    } else if sending {
                         out_lens[k] = nas.request(slot, &mut out_bufs[k]);
                         k += 1;
                     }
@@ -239,16 +274,18 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
         }
         if now.duration_since(last_sweep) >= Duration::from_millis(50) {
             last_sweep = now;
-            for f in flows.iter_mut() {
+            for (fi, f) in flows.iter_mut().enumerate() {
                 let mut k = 0;
-                for slot in f.slots.iter_mut() {
+                for (si, slot) in f.slots.iter_mut().enumerate() {
                     if slot
                         .sent_at
                         .is_some_and(|t| now.duration_since(t) > spec.timeout)
                     {
                         res.lost += 1;
                         slot.sent_at = None;
-                        if sending && k < BATCH {
+                        if sending && spec.rate.is_some() {
+                            idle.push_back((fi, si));
+                        } else if sending && k < BATCH {
                             out_lens[k] = nas.request(slot, &mut out_bufs[k]);
                             k += 1;
                         }
@@ -261,9 +298,29 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
         }
     }
     res.own_cpu = thread_cpu().saturating_sub(cpu0);
+    let last = second.0 + 1;
+    summarise(&mut res.per_second_latency, &mut second, last);
     lat.sort_unstable();
     res.latencies_us = lat;
     Ok(res)
+}
+
+/// Closes second `second.0`: its p50 and p99 go into `out` (zeros for seconds without a
+/// reply), and `second` starts over at `next`.
+fn summarise(out: &mut Vec<(u32, u32)>, second: &mut (usize, Vec<u32>), next: usize) {
+    let v = &mut second.1;
+    v.sort_unstable();
+    let q = |q: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    if out.len() <= second.0 {
+        out.resize(second.0 + 1, (0, 0));
+    }
+    out[second.0] = (q(0.5), q(0.99));
+    v.clear();
+    second.0 = next;
 }
 
 struct Generator {

@@ -171,6 +171,7 @@ fn load(seconds: u64, outstanding: usize, patience: Duration) -> LoadSpec {
         password: "alice-pw".into(),
         timeout: patience,
         message_authenticator: true,
+        rate: None,
     }
 }
 

@@ -440,6 +440,7 @@ fn two_thousand_requests_in_flight_to_one_freeradius(fast: bool) {
         password: "alice-pw".into(),
         timeout: Duration::from_secs(8),
         message_authenticator: true,
+        rate: None,
     };
     let res = ns.run(move || loadgen::run(&spec)).unwrap();
     let why: String = metrics_text(&ns, METRICS)
@@ -509,6 +510,7 @@ fn failover_and_back(fast: bool) {
         password: "alice-pw".into(),
         timeout: Duration::from_secs(4),
         message_authenticator: true,
+        rate: None,
     };
     // The first upstream stops in the middle of the run.
     let res = std::thread::scope(|sc| {

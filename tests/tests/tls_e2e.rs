@@ -606,6 +606,7 @@ fn requests_on_a_killed_upstream_tls_connection_are_sent_again_none_lost() {
         // No NAS retransmission: a request not answered in time is lost.
         timeout: Duration::from_secs(3),
         message_authenticator: true,
+        rate: None,
     };
     let load = topo.nas1.spawn(move || tests::loadgen::run(&spec).unwrap());
     let mut killed = 0;

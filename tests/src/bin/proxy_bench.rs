@@ -610,6 +610,7 @@ fn measure(
         password: "bench-pw".into(),
         timeout: Duration::from_secs(2),
         message_authenticator: std::env::var_os("BENCH_NO_MA").is_none(),
+        rate: None,
     };
     // Warm-up: flows created, clients known, caches hot.
     let warm = spec.clone();
@@ -838,6 +839,7 @@ upstream = "ab"
         // A NAS's usual patience (3 tries, 3 s apart, folded into one wait).
         timeout: Duration::from_secs(9),
         message_authenticator: true,
+        rate: None,
     };
     let res = std::thread::scope(|sc| {
         let load = sc.spawn(|| ns.run(move || loadgen::run(&spec)));
