@@ -79,6 +79,10 @@ pub enum Count {
     RequestBegun,
     /// A request in flight ended: answered, given up or moved.
     RequestEnded,
+    /// The requests this worker's dedup caches remember (in flight, or answered and kept
+    /// for NAS retransmissions, RFC 5080) changed by this many since its last report (once
+    /// a second).
+    DedupEntries(i64),
 }
 
 /// Where the engine's counts go; shared by every worker.

@@ -223,6 +223,8 @@ pub struct Engine {
     buf: Vec<u8>,
     out: Transmits,
     ticks: u64,
+    /// The dedup entries last reported (`Count::DedupEntries`).
+    dedup_reported: usize,
     next_tick: Instant,
     drain_until: Option<Instant>,
     random: Random,
@@ -251,6 +253,7 @@ impl Engine {
             buf: vec![0u8; codec::MAX_PACKET_LEN],
             out: Transmits::default(),
             ticks: 0,
+            dedup_reported: 0,
             next_tick: now + TICK,
             drain_until: None,
             random: Random::default(),
@@ -1272,14 +1275,21 @@ impl Engine {
                     }
                 }
             }
+            let mut remembered = 0;
             for f in self.flows.iter_mut() {
                 f.dedup.expire(now);
+                remembered += f.dedup.len();
                 let before = f.coa.len();
                 f.coa
                     .retain(|_, c| now.duration_since(c.sent_at) < COA_TIMEOUT);
                 for _ in f.coa.len()..before {
                     common.counters.count(Count::Coa("nas_timeout"));
                 }
+            }
+            if remembered != self.dedup_reported {
+                let delta = remembered as i64 - self.dedup_reported as i64;
+                common.counters.count(Count::DedupEntries(delta));
+                self.dedup_reported = remembered;
             }
         }
         let (idle, provisional_idle) = (common.idle_timeout, common.provisional_idle);

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub relayed: Counter,
     /// Requests sent upstream and not yet answered, given up or moved.
     pub requests_in_flight: Gauge,
+    /// Requests the dedup caches remember: in flight, or answered and kept for NAS
+    /// retransmissions (all workers; updated once a second).
+    pub dedup_entries: Gauge,
     /// Requests or replies not relayed, by reason (ProxyError::reason and the upstream's).
     pub proxy_drops: Family<ReasonLabel, Counter>,
     /// Requests the sidecar answered itself (Status-Server, retransmissions from the cache).
@@ -194,6 +197,12 @@ impl Metrics {
         );
         let relayed = Counter::default();
         registry.register("relayed", "Replies relayed to a NAS", relayed.clone());
+        let dedup_entries = Gauge::default();
+        registry.register(
+            "dedup_entries",
+            "Requests the dedup caches remember (in flight, or answered and kept for NAS retransmissions), updated once a second",
+            dedup_entries.clone(),
+        );
         let requests_in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
@@ -321,6 +330,7 @@ impl Metrics {
             forwarded,
             relayed,
             requests_in_flight,
+            dedup_entries,
             proxy_drops,
             local_answers,
             upstream_retransmits,
@@ -460,6 +470,9 @@ impl Counters for Metrics {
             }
             Count::RequestEnded => {
                 self.requests_in_flight.dec();
+            }
+            Count::DedupEntries(delta) => {
+                self.dedup_entries.inc_by(delta);
             }
         }
     }
