@@ -69,8 +69,18 @@ pub struct Dynamic {
     /// How long packets wait for a definition that never ends (a directory answers or
     /// times out within its timeout; a queue for the concurrency limit may add more).
     pub max_wait: Duration,
-    cache: Mutex<HashMap<IpAddr, Entry>>,
+    cache: Mutex<Cache>,
 }
+
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<IpAddr, Entry>,
+    /// Expired entries are swept at most once a second (and whenever the map is full).
+    next_sweep: Option<Instant>,
+}
+
+/// How often expired entries are swept, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Dynamic {
     /// `timeout` is the directory's: packets wait at most four of it plus 5 s.
@@ -88,11 +98,11 @@ impl Dynamic {
             max_pending_per_flow,
             max_pending_packets,
             max_wait: timeout * 4 + Duration::from_secs(5),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -102,7 +112,11 @@ impl Dynamic {
         if !self.prefixes.iter().any(|p| p.contains(&ip)) {
             return Resolution::NotDynamic;
         }
-        let mut cache = self.cache();
+        let mut guard = self.cache();
+        let Cache {
+            map: cache,
+            next_sweep,
+        } = &mut *guard;
         match cache.get(&ip) {
             Some(Entry::Defined { client, until }) if *until > now => {
                 Resolution::Client(client.clone())
@@ -110,13 +124,15 @@ impl Dynamic {
             Some(Entry::Refused { until }) if *until > now => Resolution::Refused,
             Some(Entry::Defining) => Resolution::Defining { start: false },
             _ => {
-                // Expired entries go once the map holds `max_clients` entries of any kind,
-                // so that it stays bounded however many sources come and go.
-                if cache.len() >= self.max_clients {
+                // Expired entries go once a second, and whenever the map holds
+                // `max_clients` entries of any kind: it stays the size of what is alive,
+                // however many sources come and go.
+                if cache.len() >= self.max_clients || next_sweep.is_none_or(|t| now >= t) {
                     cache.retain(|_, e| match e {
                         Entry::Defined { until, .. } | Entry::Refused { until } => *until > now,
                         Entry::Defining => true,
                     });
+                    *next_sweep = Some(now + SWEEP_EVERY);
                 }
                 let live = cache
                     .values()
@@ -133,7 +149,7 @@ impl Dynamic {
 
     /// Sources in the cache (defined, refused or being defined, expired or not yet swept).
     pub fn cached(&self) -> usize {
-        self.cache().len()
+        self.cache().map.len()
     }
 
     /// Records how the definition of `ip` ended; returns how long it is remembered.
@@ -163,7 +179,7 @@ impl Dynamic {
                 (Entry::Refused { until: now + life }, life)
             }
         };
-        self.cache().insert(ip, entry);
+        self.cache().map.insert(ip, entry);
         life
     }
 }
@@ -244,13 +260,14 @@ mod tests {
     fn the_cache_stays_bounded_while_sources_come_and_go() {
         let (d, t0) = (dynamic(), Instant::now());
         let c = client();
-        // A new source every 100 ms, each defined for 500 ms: few live at once, but the
-        // cache kept every expired one until 10 were alive at the same time.
+        // A new source every 100 ms, each defined for 500 ms: 5 live at once, but the cache
+        // kept every expired one until max_clients (1 000) were alive at the same time.
         let d = Dynamic {
             lifetimes: Lifetimes {
                 defined: Duration::from_millis(500),
                 ..d.lifetimes
             },
+            max_clients: 1_000,
             ..d
         };
         for i in 0..200u32 {
@@ -259,7 +276,8 @@ mod tests {
             if matches!(d.resolve(ip, now), Resolution::Defining { start: true }) {
                 d.record(ip, Ok(&c), now);
             }
-            assert!(d.cached() <= 11, "{} cached after {i}", d.cached());
+            // Those alive, and those that expired since the last sweep (a second ago).
+            assert!(d.cached() <= 16, "{} cached after {i}", d.cached());
         }
     }
 }
