@@ -51,6 +51,7 @@ pub fn sh(args: &[&str]) {
 
 pub mod loadgen;
 pub mod responder;
+pub mod soak;
 pub mod spray;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -9,6 +9,8 @@
 //! - `demo`: the newcomer's tour (FreeRADIUS, the sidecar, NASes in namespaces).
 //! - `bench steer` / `bench codec` / `bench proxy`: benchmarks; their tables go into
 //!   BENCHMARKS.md.
+//! - `soak`: the soak (`tests::soak`) for `--minutes`; its plot and summary go into
+//!   BENCHMARKS.md.
 //! - `fuzz`: every cargo-fuzz target of `radius-userspace/fuzz` for a given time each; the
 //!   corpora stay in the repository (minimized after the run), and the executions per
 //!   target go into BENCHMARKS.md.
@@ -39,6 +41,8 @@ const TEST_PACKAGES: &[&str] = &[
     // A RadSec peer, and a TLS client with bad certificates (the TLS tests).
     "radsecproxy",
     "openssl",
+    // The soak's plot draws its text with DejaVu Sans.
+    "fonts-dejavu-core",
 ];
 /// What `bench proxy` adds: the peer proxy it compares with, and `ss` (iproute2).
 const BENCH_PACKAGES: &[&str] = &["radsecproxy"];
@@ -87,6 +91,19 @@ enum Cmd {
         /// --baseline-rev REV, which builds that git revision's daemon to compare with).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         extra: Vec<String>,
+    },
+    /// Soak the sidecar behind FreeRADIUS at a share of its maximum, with churn; fails when
+    /// something was lost or grew (root).
+    Soak {
+        /// Length of the run.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Share of the measured maximum to hold.
+        #[arg(long, default_value_t = 0.8)]
+        share: f64,
+        /// Leave BENCHMARKS.md alone.
+        #[arg(long)]
+        no_write: bool,
     },
     /// Run every fuzz target (cargo-fuzz, nightly) for `--seconds` each; fails on a crash.
     Fuzz {
@@ -505,6 +522,31 @@ fn main() -> anyhow::Result<()> {
             }
             other => bail!("unknown benchmark `{other}` (known: steer, codec, proxy)"),
         },
+        Cmd::Soak {
+            minutes,
+            share,
+            no_write,
+        } => {
+            setup(true)?;
+            build()?;
+            let mut cmd = Command::new(root().join("target/release/soak"));
+            cmd.current_dir(root())
+                .args([
+                    "--minutes",
+                    &minutes.to_string(),
+                    "--share",
+                    &share.to_string(),
+                ])
+                .env(
+                    "RADIUS_SIDECAR_BIN",
+                    root().join("target/release/radius-sidecar"),
+                )
+                .env("RADIUS_SIDECAR_LOG", "0");
+            if !no_write {
+                cmd.arg("--write").arg(root().join("BENCHMARKS.md"));
+            }
+            run(&mut cmd)
+        }
         Cmd::Fuzz {
             seconds,
             only,
