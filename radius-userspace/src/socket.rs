@@ -286,6 +286,81 @@ pub fn recv_from_to(
     })
 }
 
+/// Datagrams read by one `recvmmsg` from a socket: up to [`RecvBatch::DATAGRAMS`] of up
+/// to [`RecvBatch::SIZE`] bytes each, and their sources. A worker keeps one and reuses it:
+/// one call takes what a socket holds, and a short batch says the socket is empty without
+/// the extra call that would fail with EAGAIN.
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    lens: Vec<usize>,
+    names: Vec<libc::sockaddr_storage>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        let n = Self::DATAGRAMS;
+        Self {
+            bufs: vec![0u8; n * Self::SIZE],
+            lens: vec![0; n],
+            // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr.
+            names: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
+            iov: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
+            msgs: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
+        }
+    }
+}
+
+impl RecvBatch {
+    pub const DATAGRAMS: usize = 32;
+    /// RFC 2865's largest packet is 4 096 bytes.
+    pub const SIZE: usize = 4096;
+
+    /// Reads what `sock` holds (non-blocking), up to a batch; returns how many.
+    pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
+        let n = Self::DATAGRAMS;
+        // The headers point into this batch's own vectors, set again at each call.
+        for i in 0..n {
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i * Self::SIZE..].as_mut_ptr().cast(),
+                iov_len: Self::SIZE,
+            };
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+        }
+        // SAFETY: every header points at live buffers of this batch, of the sizes given.
+        let rc = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                n as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let got = rc as usize;
+        for i in 0..got {
+            self.lens[i] = self.msgs[i].msg_len as usize;
+        }
+        Ok(got)
+    }
+
+    /// Datagram `i` of the last `recv`, and its source.
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        let data = &self.bufs[i * Self::SIZE..i * Self::SIZE + self.lens[i].min(Self::SIZE)];
+        (data, sockaddr_to_std(&self.names[i]))
+    }
+}
+
 fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match i32::from(ss.ss_family) {
         libc::AF_INET => {

@@ -236,8 +236,11 @@ struct Worker {
     index: usize,
     engine: Engine,
     io: Sockets,
-    /// The receive buffer of every socket (a datagram is handed to the engine from it).
+    /// The receive buffer of the wildcard and of connections (a datagram is handed to the
+    /// engine from it).
     buf: Vec<u8>,
+    /// Datagrams read at once from a child or an upstream socket.
+    batch: socket::RecvBatch,
 }
 
 /// Runs one worker on the calling (dedicated) thread until the daemon is cancelled and its
@@ -273,6 +276,7 @@ pub(crate) fn run(
             upstreams: Vec::new(),
         },
         buf: vec![0u8; 65_536],
+        batch: socket::RecvBatch::default(),
     };
     w.engine.start(now, &mut w.io)?;
     let mut ready = Vec::with_capacity(256);
@@ -373,17 +377,25 @@ impl Worker {
         let Some(child) = children.get(slot).and_then(Option::as_ref) else {
             return;
         };
-        let Ok((n, from)) = child.recv_from(&mut self.buf) else {
+        // What the child holds, in one call (the engine may end the flow on the way).
+        let Ok(got) = self.batch.recv(child) else {
             return;
         };
-        let data = &self.buf[..n];
-        if socket::is_own_datagram(remote, from) {
-            self.engine.handle_child(now, slot, data, &mut self.io);
-        } else {
-            // A child's datagram from another peer (see socket::is_own_datagram).
-            self.io.shared.metrics.misdelivered.inc();
-            self.engine
-                .handle_wildcard(now, from, local, data, &mut self.io);
+        for i in 0..got {
+            let (data, from) = self.batch.get(i);
+            let Some(from) = from else { continue };
+            if i > 0 && self.engine.flow_addresses(slot) != Some((remote, local)) {
+                // The flow ended on the way: the rest is anyone's, as at the wildcard.
+                self.engine
+                    .handle_wildcard(now, from, local, data, &mut self.io);
+            } else if socket::is_own_datagram(remote, from) {
+                self.engine.handle_child(now, slot, data, &mut self.io);
+            } else {
+                // A child's datagram from another peer (see socket::is_own_datagram).
+                self.io.shared.metrics.misdelivered.inc();
+                self.engine
+                    .handle_wildcard(now, from, local, data, &mut self.io);
+            }
         }
     }
 
@@ -494,14 +506,20 @@ impl Worker {
             }
             None => return,
         }
-        for _ in 0..READ_BUDGET {
+        for _ in 0..READ_BUDGET / socket::RecvBatch::DATAGRAMS {
             let Some(Some(UpstreamSocket::Udp(sock))) = self.io.upstreams.get(index) else {
                 return;
             };
-            let Ok(n) = sock.recv(&mut self.buf) else {
+            let Ok(got) = self.batch.recv(sock) else {
                 return;
             };
-            self.engine.handle_upstream(now, index, &self.buf[..n]);
+            for i in 0..got {
+                self.engine.handle_upstream(now, index, self.batch.get(i).0);
+            }
+            // A short batch: the socket is empty (no call that would fail with EAGAIN).
+            if got < socket::RecvBatch::DATAGRAMS {
+                return;
+            }
         }
     }
 
