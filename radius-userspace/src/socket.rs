@@ -638,29 +638,49 @@ pub struct Outgoing<'a> {
     pub data: &'a [u8],
 }
 
+/// 64 bytes of control data: room for one in6_pktinfo header and payload.
+const CMSG_WORDS: usize = 8;
+
+/// The arrays `sendmmsg` needs, kept by a worker and refilled at each [`send_batch`], so
+/// that a round's sends allocate nothing. Their pointers are only valid during a call.
+#[derive(Default)]
+pub struct SendArrays {
+    names: Vec<Option<SockAddr>>,
+    iov: Vec<libc::iovec>,
+    cbufs: Vec<[u64; CMSG_WORDS]>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
 /// `sendmmsg`: sends `batch`; a datagram the kernel refuses is passed to `failed` (with its
 /// index) and the rest still go. Returns how many were sent.
 pub fn send_batch(
     sock: &impl AsRawFd,
     batch: &[Outgoing<'_>],
+    arrays: &mut SendArrays,
     mut failed: impl FnMut(usize, io::Error),
 ) -> usize {
-    const CMSG_WORDS: usize = 8; // 64 bytes: room for one in6_pktinfo header and payload
     let n = batch.len();
     if n == 0 {
         return 0;
     }
-    let names: Vec<Option<SockAddr>> = batch.iter().map(|o| o.to.map(SockAddr::from)).collect();
-    let mut iov: Vec<libc::iovec> = batch
-        .iter()
-        .map(|o| libc::iovec {
-            iov_base: o.data.as_ptr() as *mut libc::c_void,
-            iov_len: o.data.len(),
-        })
-        .collect();
-    let mut cbufs = vec![[0u64; CMSG_WORDS]; n];
+    let SendArrays {
+        names,
+        iov,
+        cbufs,
+        msgs,
+    } = arrays;
+    names.clear();
+    names.extend(batch.iter().map(|o| o.to.map(SockAddr::from)));
+    iov.clear();
+    iov.extend(batch.iter().map(|o| libc::iovec {
+        iov_base: o.data.as_ptr() as *mut libc::c_void,
+        iov_len: o.data.len(),
+    }));
+    cbufs.clear();
+    cbufs.resize(n, [0u64; CMSG_WORDS]);
+    msgs.clear();
     // SAFETY: zeroed mmsghdr is valid (no name, no control).
-    let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { mem::zeroed() }).collect();
+    msgs.extend((0..n).map(|_| unsafe { mem::zeroed::<libc::mmsghdr>() }));
     for i in 0..n {
         let h = &mut msgs[i].msg_hdr;
         h.msg_iov = &mut iov[i];

@@ -90,6 +90,8 @@ struct Sockets {
     front: Front,
     /// Sockets to upstreams, by the engine's request-table socket index.
     upstreams: Vec<Option<UpstreamSocket>>,
+    /// What each `sendmmsg` needs, reused from round to round.
+    send_arrays: socket::SendArrays,
 }
 
 /// A worker's way to an upstream: a UDP socket, or a TCP/TLS connection.
@@ -274,6 +276,7 @@ pub(crate) fn run(
             bound,
             front,
             upstreams: Vec::new(),
+            send_arrays: socket::SendArrays::default(),
         },
         buf: vec![0u8; 65_536],
         batch: socket::RecvBatch::default(),
@@ -609,7 +612,7 @@ impl Worker {
                     data: t.data(off, len),
                 })
                 .collect();
-            let sent = socket::send_batch(&*sock, &batch, |i, e| {
+            let sent = socket::send_batch(&*sock, &batch, &mut self.io.send_arrays, |i, e| {
                 debug!(error = %e, "request not sent upstream");
                 failed.push(group[i].0);
             });
@@ -650,7 +653,7 @@ impl Sockets {
                 data: t.data(off, len),
             })
             .collect();
-        let sent = socket::send_batch(&*wildcard, &batch, |i, e| {
+        let sent = socket::send_batch(&*wildcard, &batch, &mut self.send_arrays, |i, e| {
             metrics.proxy_drop("send_to_nas");
             debug!(remote = %t.nas[i].0, error = %e, "reply not sent");
         });
