@@ -689,7 +689,7 @@ fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: I
                     }
                     NotDefined::Unanswered => {
                         shared.metrics.definition("unanswered");
-                        warn!(%ip, %reason, seconds, "dynamic client not defined: the directory did not answer");
+                        warn!(%ip, %reason, seconds, "dynamic client not defined: the directory failed or did not answer");
                     }
                 }
                 if let Some(fp) = &shared.fastpath

@@ -259,7 +259,7 @@ file = "{}"
         "dyn-3"
     ));
     assert!(
-        d.wait_for_log("dynamic client refused", Duration::from_secs(5)),
+        d.wait_for_log("the directory failed", Duration::from_secs(5)),
         "the broken file is reported"
     );
 
