@@ -105,7 +105,8 @@ enum Cmd {
         #[arg(long)]
         no_write: bool,
     },
-    /// Run every fuzz target (cargo-fuzz, nightly) for `--seconds` each; fails on a crash.
+    /// Run every fuzz target (cargo-fuzz, nightly) for `--seconds` each, `--jobs` at a time;
+    /// fails on a crash.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -113,6 +114,9 @@ enum Cmd {
         /// Only the targets whose name contains this.
         #[arg(long)]
         only: Option<String>,
+        /// Targets fuzzed at once (default: one per core).
+        #[arg(long)]
+        jobs: Option<usize>,
         /// Leave BENCHMARKS.md alone.
         #[arg(long)]
         no_write: bool,
@@ -129,48 +133,47 @@ const FUZZ_TARGETS: &[(&str, usize)] = &[
     ("engine", 1024),
 ];
 
-/// Runs the fuzz targets; returns (target, executions, seconds).
-fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<Vec<(String, u64, u64)>> {
+/// Runs the fuzz targets, `jobs` at a time (each libFuzzer process is one thread); returns
+/// (target, executions, seconds) in the targets' order.
+fn fuzz(seconds: u64, only: Option<&str>, jobs: usize) -> anyhow::Result<Vec<(String, u64, u64)>> {
     setup(false)?;
     if !output(Command::new("cargo").args(["fuzz", "--version"])).contains("cargo-fuzz") {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let dir = root().join("radius-userspace");
+    let targets: Vec<(&str, usize)> = FUZZ_TARGETS
+        .iter()
+        .copied()
+        .filter(|(t, _)| only.is_none_or(|o| t.contains(o)))
+        .collect();
+    // Built once, before the runs, so that they do not build side by side.
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .env("RADIUS_EBPF_STUB", "1")
+        .args(["+nightly", "fuzz", "build"]))?;
+    let next = std::sync::Mutex::new(targets.iter());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let Some(&(target, max_len)) = next.lock().ok().and_then(|mut i| i.next())
+                    else {
+                        return;
+                    };
+                    let r = fuzz_one(&dir, target, max_len, seconds);
+                    if let Ok(mut v) = results.lock() {
+                        v.push((target, r));
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_default();
+    results.sort_by_key(|(t, _)| targets.iter().position(|(n, _)| n == t));
     let mut counts = Vec::new();
-    for &(target, max_len) in FUZZ_TARGETS {
-        if only.is_some_and(|o| !target.contains(o)) {
-            continue;
-        }
-        let mut cmd = Command::new("cargo");
-        cmd.current_dir(&dir)
-            .env("RADIUS_EBPF_STUB", "1")
-            .args(["+nightly", "fuzz", "run", target])
-            .arg(format!("fuzz/corpus/{target}"));
-        // Inputs a target once failed on are replayed first on every run; cmin never
-        // minimises them away, as it could in the corpus.
-        let regressions = format!("fuzz/regressions/{target}");
-        if dir.join(&regressions).is_dir() {
-            cmd.arg(regressions);
-        }
-        cmd.arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg(format!("-max_len={max_len}"))
-            .arg("-print_final_stats=1");
-        eprintln!("xtask: {cmd:?}");
-        let out = cmd
-            .output()
-            .with_context(|| format!("starting the {target} fuzzer"))?;
-        let text = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            eprintln!("{text}");
-            bail!("fuzz target {target} failed (its input is in radius-userspace/fuzz/artifacts)");
-        }
-        let runs = text
-            .lines()
-            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .with_context(|| format!("no execution count from the {target} fuzzer"))?;
-        eprintln!("xtask: {target}: {runs} executions in {seconds} s, no failure");
+    for (target, r) in results {
+        let runs = r?;
         counts.push((target.to_owned(), runs, seconds));
         // Keep the corpus what covers the target, not everything it tried.
         run(Command::new("cargo")
@@ -181,11 +184,51 @@ fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<Vec<(String, u64, u6
     Ok(counts)
 }
 
+/// One target for `seconds`: its executions, or why it failed.
+fn fuzz_one(dir: &Path, target: &str, max_len: usize, seconds: u64) -> anyhow::Result<u64> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(dir)
+        .env("RADIUS_EBPF_STUB", "1")
+        .args(["+nightly", "fuzz", "run", target])
+        .arg(format!("fuzz/corpus/{target}"));
+    // Inputs a target once failed on are replayed first on every run; cmin never
+    // minimises them away, as it could in the corpus.
+    let regressions = format!("fuzz/regressions/{target}");
+    if dir.join(&regressions).is_dir() {
+        cmd.arg(regressions);
+    }
+    cmd.arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-max_len={max_len}"))
+        .arg("-print_final_stats=1");
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting the {target} fuzzer"))?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        eprintln!("{text}");
+        bail!("fuzz target {target} failed (its input is in radius-userspace/fuzz/artifacts)");
+    }
+    let runs = text
+        .lines()
+        .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .with_context(|| format!("no execution count from the {target} fuzzer"))?;
+    eprintln!("xtask: {target}: {runs} executions in {seconds} s, no failure");
+    Ok(runs)
+}
+
 /// The fuzz table for BENCHMARKS.md, between its markers.
-fn write_fuzz_table(counts: &[(String, u64, u64)], seconds: u64) -> anyhow::Result<()> {
+fn write_fuzz_table(
+    counts: &[(String, u64, u64)],
+    seconds: u64,
+    jobs: usize,
+) -> anyhow::Result<()> {
     let total: u64 = counts.iter().map(|c| c.1).sum();
     let mut t = format!(
-        "`cargo xtask fuzz --seconds {seconds}` (cargo-fuzz, libFuzzer; the corpora in \
+        "`cargo xtask fuzz --seconds {seconds} --jobs {jobs}` (cargo-fuzz, libFuzzer, {jobs} \
+         target(s) at a time; the corpora in \
          `radius-userspace/fuzz/corpus`), no failure:\n\n\
          | target | what it checks | executions | per second |\n| --- | --- | ---: | ---: |\n"
     );
@@ -550,16 +593,20 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fuzz {
             seconds,
             only,
+            jobs,
             no_write,
         } => {
-            let counts = fuzz(seconds, only.as_deref())?;
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            let counts = fuzz(seconds, only.as_deref(), jobs)?;
             let total: u64 = counts.iter().map(|c| c.1).sum();
             for (target, runs, _) in &counts {
                 println!("{target:<12} {runs:>12} executions");
             }
             println!("{:<12} {total:>12} executions, no failure", "all");
             if !no_write {
-                write_fuzz_table(&counts, seconds)?;
+                write_fuzz_table(&counts, seconds, jobs)?;
             }
             Ok(())
         }
