@@ -134,22 +134,12 @@ upstream = "{target}"
     /// One NAS asks `n` times, one request at a time; how many got an Access-Accept.
     fn accepted(&self, n: u8) -> usize {
         self.sc.run(move || {
-            let s = UdpSocket::bind("127.0.2.200:0").expect("a NAS socket");
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-            let mut ok = 0;
-            for id in 0..n {
-                let (req, a) = pap_request(id, "alice", "alice-pw", NAS_SECRET, &[]);
-                s.send_to(&req, "127.0.0.1:1812").expect("send");
-                let mut b = [0u8; 4096];
-                let Ok(len) = s.recv(&mut b) else { continue };
-                if let Ok(p) = Packet::parse(&b[..len])
-                    && p.code() == Code::AccessAccept
-                    && auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).is_ok()
-                {
-                    ok += 1;
-                }
-            }
-            ok
+            ask(
+                ("127.0.2.200", 0),
+                ("127.0.0.1", 1812),
+                n,
+                Duration::from_secs(2),
+            )
         })
     }
 }
@@ -411,24 +401,29 @@ const NAS_ROWS: &str = "INSERT INTO nas (nasname, shortname, type, secret, serve
 
 /// How many of `n` requests from `ip` (on NAS1's link) got a verified Access-Accept.
 fn accepted_from(topo: &Topology, ip: &'static str, n: u8) -> usize {
-    topo.nas1.run(move || {
-        let s = UdpSocket::bind((ip, 0)).expect("a NAS socket");
-        s.set_read_timeout(Some(Duration::from_millis(800))).ok();
-        let mut ok = 0;
-        for id in 0..n {
-            let (req, a) = pap_request(id, "alice", "alice-pw", NAS_SECRET, &[]);
-            s.send_to(&req, (SIDECAR1_V4, 1812)).expect("send");
-            let mut b = [0u8; 4096];
-            let Ok(len) = s.recv(&mut b) else { continue };
-            if let Ok(p) = Packet::parse(&b[..len])
-                && p.code() == Code::AccessAccept
-                && auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).is_ok()
-            {
-                ok += 1;
-            }
+    topo.nas1
+        .run(move || ask((ip, 0), (SIDECAR1_V4, 1812), n, Duration::from_millis(800)))
+}
+
+/// A NAS bound to `from` asks `to` `n` times, one request at a time, waiting `patience`
+/// for each answer; how many got an Access-Accept signed with the NAS secret.
+fn ask(from: (&str, u16), to: (&str, u16), n: u8, patience: Duration) -> usize {
+    let s = UdpSocket::bind(from).expect("a NAS socket");
+    s.set_read_timeout(Some(patience)).ok();
+    let mut ok = 0;
+    for id in 0..n {
+        let (req, a) = pap_request(id, "alice", "alice-pw", NAS_SECRET, &[]);
+        s.send_to(&req, to).expect("send");
+        let mut b = [0u8; 4096];
+        let Ok(len) = s.recv(&mut b) else { continue };
+        if let Ok(p) = Packet::parse(&b[..len])
+            && p.code() == Code::AccessAccept
+            && auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).is_ok()
+        {
+            ok += 1;
         }
-        ok
-    })
+    }
+    ok
 }
 
 #[test]
