@@ -292,23 +292,38 @@ pub fn recv_from_to(
 /// the extra call that would fail with EAGAIN.
 pub struct RecvBatch {
     bufs: Vec<u8>,
-    lens: Vec<usize>,
     names: Vec<libc::sockaddr_storage>,
     iov: Vec<libc::iovec>,
+    /// Headers pointing into the vectors above, once: their heap buffers never move (the
+    /// vectors are never resized), whatever moves the batch itself.
     msgs: Vec<libc::mmsghdr>,
+    /// Headers the last `recv` filled.
+    used: usize,
 }
 
 impl Default for RecvBatch {
     fn default() -> Self {
         let n = Self::DATAGRAMS;
-        Self {
+        // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr.
+        let mut b = Self {
             bufs: vec![0u8; n * Self::SIZE],
-            lens: vec![0; n],
-            // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr.
             names: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
             iov: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
             msgs: (0..n).map(|_| unsafe { mem::zeroed() }).collect(),
+            used: 0,
+        };
+        for i in 0..n {
+            b.iov[i] = libc::iovec {
+                iov_base: b.bufs[i * Self::SIZE..].as_mut_ptr().cast(),
+                iov_len: Self::SIZE,
+            };
+            let h = &mut b.msgs[i].msg_hdr;
+            h.msg_iov = &mut b.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut b.names[i] as *mut libc::sockaddr_storage).cast();
         }
+        b.rearm(n);
+        b
     }
 }
 
@@ -319,45 +334,42 @@ impl RecvBatch {
 
     /// Reads what `sock` holds (non-blocking), up to a batch; returns how many.
     pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
-        let n = Self::DATAGRAMS;
-        // The headers point into this batch's own vectors, set again at each call.
-        for i in 0..n {
-            self.iov[i] = libc::iovec {
-                iov_base: self.bufs[i * Self::SIZE..].as_mut_ptr().cast(),
-                iov_len: Self::SIZE,
-            };
-            let h = &mut self.msgs[i].msg_hdr;
-            h.msg_iov = &mut self.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-        }
+        self.rearm(self.used);
         // SAFETY: every header points at live buffers of this batch, of the sizes given.
         let rc = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
                 self.msgs.as_mut_ptr(),
-                n as u32,
+                Self::DATAGRAMS as u32,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
         if rc < 0 {
+            self.used = 0;
             return Err(io::Error::last_os_error());
         }
-        let got = rc as usize;
-        for i in 0..got {
-            self.lens[i] = self.msgs[i].msg_len as usize;
-        }
-        Ok(got)
+        self.used = rc as usize;
+        Ok(self.used)
     }
 
-    /// Datagram `i` of the last `recv`, and its source.
-    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
-        let data = &self.bufs[i * Self::SIZE..i * Self::SIZE + self.lens[i].min(Self::SIZE)];
-        (data, sockaddr_to_std(&self.names[i]))
+    /// Makes room again for a full address in the headers the last `recv` used (the kernel
+    /// shortens each name's length to the address it wrote).
+    fn rearm(&mut self, used: usize) {
+        for m in &mut self.msgs[..used] {
+            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        }
+    }
+
+    /// Datagram `i` of the last `recv`.
+    pub fn data(&self, i: usize) -> &[u8] {
+        let len = (self.msgs[i].msg_len as usize).min(Self::SIZE);
+        &self.bufs[i * Self::SIZE..i * Self::SIZE + len]
+    }
+
+    /// The source of datagram `i` of the last `recv`.
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        sockaddr_to_std(&self.names[i])
     }
 }
 
@@ -646,6 +658,7 @@ const CMSG_WORDS: usize = 8;
 #[derive(Default)]
 pub struct SendArrays {
     names: Vec<Option<SockAddr>>,
+    froms: Vec<Option<IpAddr>>,
     iov: Vec<libc::iovec>,
     cbufs: Vec<[u64; CMSG_WORDS]>,
     msgs: Vec<libc::mmsghdr>,
@@ -653,29 +666,35 @@ pub struct SendArrays {
 
 /// `sendmmsg`: sends `batch`; a datagram the kernel refuses is passed to `failed` (with its
 /// index) and the rest still go. Returns how many were sent.
-pub fn send_batch(
+pub fn send_batch<'a>(
     sock: &impl AsRawFd,
-    batch: &[Outgoing<'_>],
+    batch: impl IntoIterator<Item = Outgoing<'a>>,
     arrays: &mut SendArrays,
     mut failed: impl FnMut(usize, io::Error),
 ) -> usize {
-    let n = batch.len();
-    if n == 0 {
-        return 0;
-    }
     let SendArrays {
         names,
+        froms,
         iov,
         cbufs,
         msgs,
     } = arrays;
     names.clear();
-    names.extend(batch.iter().map(|o| o.to.map(SockAddr::from)));
+    froms.clear();
     iov.clear();
-    iov.extend(batch.iter().map(|o| libc::iovec {
-        iov_base: o.data.as_ptr() as *mut libc::c_void,
-        iov_len: o.data.len(),
-    }));
+    for o in batch {
+        names.push(o.to.map(SockAddr::from));
+        froms.push(o.from);
+        // The bytes outlive the call ('a); the kernel only reads them.
+        iov.push(libc::iovec {
+            iov_base: o.data.as_ptr() as *mut libc::c_void,
+            iov_len: o.data.len(),
+        });
+    }
+    let n = iov.len();
+    if n == 0 {
+        return 0;
+    }
     cbufs.clear();
     cbufs.resize(n, [0u64; CMSG_WORDS]);
     msgs.clear();
@@ -689,7 +708,7 @@ pub fn send_batch(
             h.msg_name = name.as_ptr() as *mut libc::c_void;
             h.msg_namelen = name.len();
         }
-        if let Some(from) = batch[i].from {
+        if let Some(from) = froms[i] {
             h.msg_control = cbufs[i].as_mut_ptr().cast();
             h.msg_controllen = mem::size_of_val(&cbufs[i]);
             // SAFETY: the control buffer is large and aligned enough for one pktinfo.

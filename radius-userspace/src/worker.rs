@@ -385,8 +385,9 @@ impl Worker {
             return;
         };
         for i in 0..got {
-            let (data, from) = self.batch.get(i);
-            let Some(from) = from else { continue };
+            let (data, Some(from)) = (self.batch.data(i), self.batch.source(i)) else {
+                continue;
+            };
             if i > 0 && self.engine.flow_addresses(slot) != Some((remote, local)) {
                 // The flow ended on the way: the rest is anyone's, as at the wildcard.
                 self.engine
@@ -517,7 +518,7 @@ impl Worker {
                 return;
             };
             for i in 0..got {
-                self.engine.handle_upstream(now, index, self.batch.get(i).0);
+                self.engine.handle_upstream(now, index, self.batch.data(i));
             }
             // A short batch: the socket is empty (no call that would fail with EAGAIN).
             if got < socket::RecvBatch::DATAGRAMS {
@@ -604,15 +605,12 @@ impl Worker {
                     continue;
                 }
             };
-            let batch: Vec<socket::Outgoing<'_>> = group
-                .iter()
-                .map(|&(_, off, len)| socket::Outgoing {
-                    to: None,
-                    from: None,
-                    data: t.data(off, len),
-                })
-                .collect();
-            let sent = socket::send_batch(&*sock, &batch, &mut self.io.send_arrays, |i, e| {
+            let batch = group.iter().map(|&(_, off, len)| socket::Outgoing {
+                to: None,
+                from: None,
+                data: t.data(off, len),
+            });
+            let sent = socket::send_batch(&*sock, batch, &mut self.io.send_arrays, |i, e| {
                 debug!(error = %e, "request not sent upstream");
                 failed.push(group[i].0);
             });
@@ -644,16 +642,15 @@ impl Sockets {
             }
         };
         let any = self.bound.ip().is_unspecified();
-        let batch: Vec<socket::Outgoing<'_>> = t
+        let batch = t
             .nas
             .iter()
             .map(|&(remote, local, off, len)| socket::Outgoing {
                 to: Some(remote),
                 from: any.then_some(local.ip()),
                 data: t.data(off, len),
-            })
-            .collect();
-        let sent = socket::send_batch(&*wildcard, &batch, &mut self.send_arrays, |i, e| {
+            });
+        let sent = socket::send_batch(&*wildcard, batch, &mut self.send_arrays, |i, e| {
             metrics.proxy_drop("send_to_nas");
             debug!(remote = %t.nas[i].0, error = %e, "reply not sent");
         });
