@@ -346,12 +346,14 @@ impl ClientTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::upstream::Upstream;
     use std::time::Duration;
 
-    fn client(prefix: &str, secret: &str) -> Client {
+    /// A client of `prefix` with `secret`, behind a pool of one upstream (other modules'
+    /// tests use it too).
+    pub(crate) fn client(prefix: &str, secret: &str) -> Client {
         Client {
             name: prefix.into(),
             prefix: prefix.parse().unwrap(),

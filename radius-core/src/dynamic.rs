@@ -159,25 +159,18 @@ impl Dynamic {
         outcome: Result<&Arc<Client>, NotDefined>,
         now: Instant,
     ) -> Duration {
-        let (entry, life) = match outcome {
-            Ok(c) => {
-                let life = self.lifetimes.defined;
-                let until = now + life;
-                (
-                    Entry::Defined {
-                        client: c.clone(),
-                        until,
-                    },
-                    life,
-                )
-            }
-            Err(why) => {
-                let life = match why {
-                    NotDefined::Refused => self.lifetimes.refused,
-                    NotDefined::Unanswered => self.lifetimes.unanswered,
-                };
-                (Entry::Refused { until: now + life }, life)
-            }
+        let life = match outcome {
+            Ok(_) => self.lifetimes.defined,
+            Err(NotDefined::Refused) => self.lifetimes.refused,
+            Err(NotDefined::Unanswered) => self.lifetimes.unanswered,
+        };
+        let until = now + life;
+        let entry = match outcome {
+            Ok(c) => Entry::Defined {
+                client: c.clone(),
+                until,
+            },
+            Err(_) => Entry::Refused { until },
         };
         self.cache().map.insert(ip, entry);
         life
@@ -187,7 +180,6 @@ impl Dynamic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{blastradius::YesNoAuto, codec::auth::Secret, pool::Pool, upstream::Upstream};
 
     fn dynamic() -> Dynamic {
         Dynamic::new(
@@ -204,26 +196,7 @@ mod tests {
     }
 
     fn client() -> Arc<Client> {
-        Arc::new(Client {
-            name: "nas".into(),
-            prefix: "203.0.113.9/32".parse().unwrap(),
-            secret: Secret::new(b"s"),
-            pool: Arc::new(Pool::single(Arc::new(Upstream {
-                name: "up".into(),
-                auth: "127.0.0.1:1812".parse().unwrap(),
-                acct: None,
-                secret: Secret::new(b"u"),
-                timeout: Duration::from_secs(5),
-                options: Default::default(),
-                health: Default::default(),
-                stream: false,
-            }))),
-            require_message_authenticator: YesNoAuto::No,
-            limit_proxy_state: YesNoAuto::Auto,
-            learned: Default::default(),
-            nas_key: None,
-            certificate: Default::default(),
-        })
+        Arc::new(crate::client::tests::client("203.0.113.9/32", "s"))
     }
 
     #[test]

@@ -296,8 +296,6 @@ async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, Direct
 
 pub use radius_core::dynamic::{Dynamic, Entry, Lifetimes, NotDefined, Resolution};
 
-/// Dynamic clients: the sans-IO settings and cache the workers share ([`Dynamic`], which
-/// this derefs to), and what answers: the directory, bounded in concurrency and time.
 /// Why a source was not defined, and how long that is remembered (the refusal cache's and
 /// the XDP negative entry's life).
 #[derive(Debug, Clone)]
@@ -307,6 +305,8 @@ pub struct Refusal {
     pub remembered: Duration,
 }
 
+/// Dynamic clients: the sans-IO settings and cache the workers share ([`Dynamic`], which
+/// this derefs to), and what answers: the directory, bounded in concurrency and time.
 #[derive(Debug)]
 pub struct DynamicClients {
     pub core: Arc<Dynamic>,
