@@ -57,30 +57,93 @@ const UNSUPPORTED_SERVICE: u32 = 405;
 const RESOURCES_UNAVAILABLE: u32 = 506;
 
 /// What every worker's engine shares: read-mostly (per packet, only counters are touched).
+/// A reload makes a new one ([`Common::reloaded`]) and hands it to every engine
+/// ([`Engine::handle_reload`]); what must outlive a reload (the tables and the bounds'
+/// counts) is behind an `Arc` the new one shares.
 pub struct Common {
     pub clients: ClientTable,
     pub dynamic: Option<Arc<Dynamic>>,
     /// Which flow carries which NAS (for CoA).
-    pub nas_directory: NasDirectory<FlowHandle>,
+    pub nas_directory: Arc<NasDirectory<FlowHandle>>,
     /// Which server an EAP conversation is on (load-balancing pools).
-    pub eap_states: EapStates,
+    pub eap_states: Arc<EapStates>,
     /// Packets kept, in all workers, while their sources are being defined.
-    pub pending_packets: AtomicUsize,
-    /// The configured upstreams; each worker has its own sockets to each.
+    pub pending_packets: Arc<AtomicUsize>,
+    /// Every upstream this process has known, by link (an index every worker's sockets to
+    /// it are named by). Links are never reused: a reload that changes an upstream's
+    /// address or secret gives it a new link, and the old one lives on for the requests
+    /// it has in flight.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// The link of each configured upstream, by name (the links missing here are retired).
     pub upstream_index: HashMap<String, usize>,
     /// The Proxy-State this sidecar adds (random per start, RFC 2865 5.33).
     pub proxy_state: [u8; 8],
     /// Flows with a child socket (proved ones), in all workers, and their bound.
-    pub active: AtomicUsize,
+    pub active: Arc<AtomicUsize>,
     pub max_flows: usize,
     /// Flows that have not proved themselves, in all workers, and their bound.
-    pub provisional_flows: AtomicUsize,
+    pub provisional_flows: Arc<AtomicUsize>,
     pub max_provisional: usize,
     pub idle_timeout: Duration,
     pub provisional_idle: Duration,
     pub dedup: DedupTimers,
     pub counters: Arc<dyn Counters>,
+}
+
+/// What a reload replaces: the configuration's clients, directory, upstreams and timers.
+pub struct Settings {
+    pub clients: ClientTable,
+    pub dynamic: Option<Arc<Dynamic>>,
+    /// In the configuration's order; an upstream whose settings did not change is the
+    /// running one's `Arc` (the configuration reuses it), which keeps its link and health.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub idle_timeout: Duration,
+    pub provisional_idle: Duration,
+    pub dedup: DedupTimers,
+}
+
+impl Common {
+    /// What every engine shares after a reload to `s`: the new settings, and this one's
+    /// tables, counts, bounds and links (new upstreams get new links).
+    pub fn reloaded(&self, s: Settings) -> Common {
+        let mut upstreams = self.upstreams.clone();
+        let mut upstream_index = HashMap::new();
+        for u in s.upstreams {
+            let link = match upstreams.iter().position(|l| Arc::ptr_eq(l, &u)) {
+                Some(link) => link,
+                None => {
+                    upstreams.push(u.clone());
+                    upstreams.len() - 1
+                }
+            };
+            upstream_index.insert(u.name.clone(), link);
+        }
+        Common {
+            clients: s.clients,
+            dynamic: s.dynamic,
+            nas_directory: self.nas_directory.clone(),
+            eap_states: self.eap_states.clone(),
+            pending_packets: self.pending_packets.clone(),
+            upstreams,
+            upstream_index,
+            proxy_state: self.proxy_state,
+            active: self.active.clone(),
+            max_flows: self.max_flows,
+            provisional_flows: self.provisional_flows.clone(),
+            max_provisional: self.max_provisional,
+            idle_timeout: s.idle_timeout,
+            provisional_idle: s.provisional_idle,
+            dedup: s.dedup,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Whether link `link` is an upstream of the configuration (not retired by a reload).
+    pub fn is_configured(&self, link: usize) -> bool {
+        self.upstreams
+            .get(link)
+            .is_some_and(|u| self.upstream_index.get(&u.name) == Some(&link))
+    }
 }
 
 /// What the engine needs from its driver at once.
@@ -232,6 +295,8 @@ pub struct Engine {
     /// each handshake), and the Token counter of requests to such upstreams.
     upstream_v11: Vec<bool>,
     next_token: u32,
+    /// Links (see [`Common::upstreams`]) this engine has opened sockets to.
+    links_open: usize,
 }
 
 impl Engine {
@@ -259,6 +324,7 @@ impl Engine {
             random: Random::default(),
             upstream_v11: Vec::new(),
             next_token: 0,
+            links_open: 0,
         }
     }
 
@@ -309,15 +375,63 @@ impl Engine {
 
     /// Opens the first socket to each upstream port (more come when 256 are in flight).
     pub fn start(&mut self, now: Instant, io: &mut dyn Io) -> std::io::Result<()> {
-        for (li, u) in self.common.upstreams.iter().enumerate() {
+        self.open_links(now, io)
+    }
+
+    /// Opens the first sockets of the links this engine has none to yet.
+    fn open_links(&mut self, now: Instant, io: &mut dyn Io) -> std::io::Result<()> {
+        let common = self.common.clone();
+        for (li, u) in common.upstreams.iter().enumerate().skip(self.links_open) {
             for (acct, to) in [(false, Some(u.auth)), (true, u.acct)] {
                 let Some(to) = to else { continue };
                 let socket = port(li, acct) * requests::MAX_SOCKETS;
                 io.open_upstream(socket, to)?;
                 self.requests.add_socket(socket, u.stream, now);
             }
+            self.links_open = li + 1;
         }
         Ok(())
+    }
+
+    /// A reload: from now on `common`'s clients, directory, upstreams and timers. A flow
+    /// whose client is still configured (by name, for the flow's address) goes on with the
+    /// new entry; one whose client left ends, once its requests in flight are answered.
+    /// Flows of dynamic clients keep their definition until they end. New upstreams get
+    /// their sockets; retired ones keep theirs for the requests they have in flight.
+    pub fn handle_reload(&mut self, now: Instant, common: Arc<Common>, io: &mut dyn Io) {
+        let old = std::mem::replace(&mut self.common, common);
+        if let Err(e) = self.open_links(now, io) {
+            warn!(error = %e, "reload: cannot open a socket to a new upstream");
+        }
+        let mut ending = Vec::new();
+        let slots: Vec<usize> = self.flows.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            let Some(flow) = self.flows.get_mut(slot) else {
+                continue;
+            };
+            if !old.clients.iter().any(|c| Arc::ptr_eq(c, &flow.client)) {
+                continue; // a dynamic client's definition
+            }
+            let same = |c: &&Arc<Client>| c.name == flow.client.name;
+            let now_configured = match self.common.clients.binding(flow.remote.ip()) {
+                Some(Binding::One(c)) => Some(c).filter(|c| same(&c)),
+                Some(Binding::Nat(list)) => list.iter().find(same).cloned(),
+                None => None,
+            };
+            match now_configured {
+                Some(c) => flow.client = c,
+                None => {
+                    flow.retiring = true;
+                    if flow.in_flight == 0 {
+                        ending.push(slot);
+                    }
+                }
+            }
+        }
+        for slot in ending {
+            self.end_flow(slot, io);
+        }
+        self.handle_requeued(now, io);
     }
 
     fn count(&self, c: Count) {
@@ -680,6 +794,10 @@ impl Engine {
             flow.named = true;
         }
         match flow.dedup.check(id, &nas_auth, now, &common.dedup) {
+            Verdict::New if flow.retiring => {
+                common.counters.count(Count::Dropped("client_removed"));
+                return;
+            }
             Verdict::New => {}
             Verdict::Cached(reply) => {
                 common
@@ -734,7 +852,14 @@ impl Engine {
         io: &mut dyn Io,
     ) -> bool {
         let common = &*self.common;
-        let Some(&li) = common.upstream_index.get(&upstream.name) else {
+        // The server of that name in the configuration now (a client defined before a
+        // reload may hold an older one): its secret signs, its link carries.
+        let Some((li, upstream)) = common
+            .upstream_index
+            .get(&upstream.name)
+            .and_then(|&li| Some((li, common.upstreams.get(li)?)))
+        else {
+            common.counters.count(Count::Dropped("upstream_removed"));
             return false;
         };
         let Some(reply_to) = self.flows.reference(slot) else {
@@ -1298,7 +1423,8 @@ impl Engine {
             .iter()
             .filter_map(|(i, f)| {
                 let idle = if f.proved { idle } else { provisional_idle };
-                (f.in_flight == 0 && now.duration_since(f.last_seen) >= idle).then_some(i)
+                (f.in_flight == 0 && (f.retiring || now.duration_since(f.last_seen) >= idle))
+                    .then_some(i)
             })
             .collect();
         for slot in ended {

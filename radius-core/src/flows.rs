@@ -74,6 +74,9 @@ pub struct Flow {
     pub coa_next_id: u8,
     /// A connection that negotiated RADIUS/1.1 (RFC 9765): Tokens, no signatures.
     pub v11: bool,
+    /// Its client left the configuration at a reload: no new request is taken, and the
+    /// flow ends once its requests in flight are answered.
+    pub retiring: bool,
 }
 
 impl Flow {
@@ -101,6 +104,7 @@ impl Flow {
             coa: HashMap::new(),
             coa_next_id: 0,
             v11: false,
+            retiring: false,
         }
     }
 }

@@ -10,14 +10,14 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use radius_core::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable},
-    coa::{CoaJob, NasDirectory},
+    coa::CoaJob,
     codec::{
         Code, Packet, PacketMut, attr,
         auth::{self, Secret},
@@ -26,7 +26,7 @@ use radius_core::{
     counters::{Count, Counters, Refusal, Via},
     dedup::DedupTimers,
     dynamic::{Dynamic, Lifetimes, NotDefined},
-    engine::{self, Common, Engine, Io, Random},
+    engine::{self, Common, Engine, Io, Random, Settings},
     flows::{Flow, flow_key},
     pool::{Policy, Pool},
     requests::{self, At},
@@ -275,9 +275,9 @@ impl World {
         let common = Arc::new(Common {
             clients,
             dynamic: setup.dynamic.map(Arc::new),
-            nas_directory: NasDirectory::default(),
+            nas_directory: Default::default(),
             eap_states: Default::default(),
-            pending_packets: AtomicUsize::new(0),
+            pending_packets: Default::default(),
             upstreams: setup.upstreams.clone(),
             upstream_index: setup
                 .upstreams
@@ -286,9 +286,9 @@ impl World {
                 .map(|(i, u)| (u.name.clone(), i))
                 .collect(),
             proxy_state: *b"sidecar!",
-            active: AtomicUsize::new(0),
+            active: Default::default(),
             max_flows: 1000,
-            provisional_flows: AtomicUsize::new(0),
+            provisional_flows: Default::default(),
             max_provisional: 1000,
             idle_timeout: Duration::from_secs(60),
             provisional_idle: Duration::from_secs(10),
@@ -1334,5 +1334,176 @@ fn requests_prepared_before_the_handshake_said_1_1_are_prepared_again() {
     assert_eq!(p.identifier(), 0);
     assert_eq!(p.get(attr::USER_PASSWORD).unwrap().value, b"secret-pw");
     assert_eq!(w.count(Count::UpstreamRetransmit("protocol_changed")), 1);
+    assert_eq!(w.engine.in_flight(), 1);
+}
+
+// ---------------------------------------------------------------- reload
+
+/// `upstream(name, port)` with another secret.
+fn upstream_with_secret(name: &str, port: u16, secret: &str) -> Arc<Upstream> {
+    let u = upstream(name, port);
+    Arc::new(Upstream {
+        name: u.name.clone(),
+        auth: u.auth,
+        acct: None,
+        secret: Secret::new(secret.as_bytes()),
+        timeout: u.timeout,
+        options: UpstreamOptions {
+            retry: u.options.retry,
+            max_retries: u.options.max_retries,
+            require_message_authenticator: YesNoAuto::No,
+            ..Default::default()
+        },
+        health: Default::default(),
+        stream: false,
+    })
+}
+
+impl World {
+    /// A reload to `clients` and `upstreams`, handed to the engine as the daemon does;
+    /// `secrets` are the servers' secrets, by name, for new links.
+    fn reload(
+        &mut self,
+        clients: ClientTable,
+        upstreams: Vec<Arc<Upstream>>,
+        secrets: &[(&str, &str)],
+    ) {
+        let common = Arc::new(self.common.reloaded(Settings {
+            clients,
+            dynamic: self.common.dynamic.clone(),
+            upstreams,
+            idle_timeout: self.common.idle_timeout,
+            provisional_idle: self.common.provisional_idle,
+            dedup: DedupTimers::default(),
+        }));
+        for u in &common.upstreams[self.servers.len()..] {
+            let secret = secrets
+                .iter()
+                .find(|(n, _)| *n == u.name)
+                .map_or(format!("{}-secret", u.name), |(_, s)| (*s).to_owned());
+            self.servers.push(FakeUpstream {
+                upstream: u.clone(),
+                secret: secret.into_bytes(),
+            });
+        }
+        self.common = common.clone();
+        self.engine.handle_reload(self.now, common, &mut self.io);
+        self.collect();
+    }
+}
+
+fn table(clients: Vec<Client>) -> ClientTable {
+    let mut t = ClientTable::default();
+    for c in clients {
+        assert!(t.insert(c));
+    }
+    t
+}
+
+#[test]
+fn a_reload_moves_a_flow_to_its_clients_new_pool_and_answers_what_was_in_flight() {
+    let mut w = World::new(Setup::default());
+    let first = access_request(1, "alice", None);
+    w.nas_sends(nas(40000), &first);
+    assert_eq!(
+        w.take_upstream(0).len(),
+        1,
+        "in flight on aaa-1 at the reload"
+    );
+    let aaa2 = upstream("aaa-2", 1912);
+    let pool = Arc::new(Pool::single(aaa2.clone()));
+    let mut ups = w.common.upstreams.clone();
+    ups.push(aaa2);
+    w.reload(
+        table(vec![client("nases", "198.51.100.0/24", pool)]),
+        ups,
+        &[],
+    );
+    assert_eq!(
+        w.common.upstreams.len(),
+        2,
+        "aaa-1 kept its link, aaa-2 got a new one"
+    );
+    assert!(w.common.is_configured(0) && w.common.is_configured(1));
+    // The same flow's next request goes to the new pool.
+    let second = access_request(2, "alice", None);
+    w.nas_sends(nas(40000), &second);
+    let to_new = w.take_upstream(1);
+    assert_eq!(to_new.len(), 1, "the flow follows its client's new pool");
+    assert_eq!(w.io.children.len(), 1, "the same flow, not a new one");
+    let reply = w.servers[1].answer(&to_new[0].1, Code::AccessAccept, None);
+    w.upstream_sends(to_new[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(reply_message(&nas_reads(&out[0].2, &second)), "aaa-2");
+    assert_eq!(
+        w.engine.in_flight(),
+        1,
+        "the first request is still in flight on aaa-1"
+    );
+}
+
+#[test]
+fn a_reload_that_removes_a_client_ends_its_flows_once_their_answers_are_relayed() {
+    let mut w = World::new(Setup::default());
+    let first = access_request(1, "alice", None);
+    w.nas_sends(nas(40000), &first);
+    let sent = w.take_upstream(0);
+    let ups = w.common.upstreams.clone();
+    let pool = Arc::new(Pool::single(ups[0].clone()));
+    w.reload(
+        table(vec![client("others", "203.0.113.0/24", pool)]),
+        ups,
+        &[],
+    );
+    // A new request from the removed client's flow is not taken...
+    let second = access_request(2, "alice", None);
+    w.nas_sends(nas(40000), &second);
+    assert!(w.take_upstream(0).is_empty());
+    assert_eq!(w.count(Count::Dropped("client_removed")), 1);
+    // ...but what it had in flight is answered.
+    let reply = w.servers[0].answer(&sent[0].1, Code::AccessAccept, None);
+    w.upstream_sends(sent[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(nas_reads(&out[0].2, &first).code(), Code::AccessAccept);
+    // Then the flow ends at the next tick, and the NAS is an unknown source.
+    w.advance(engine::TICK * 2);
+    assert!(w.io.children.is_empty());
+    assert_eq!(w.io.closed_children, 1);
+    w.nas_sends(nas(40000), &access_request(3, "alice", None));
+    assert!(w.take_upstream(0).is_empty());
+    assert_eq!(w.count(Count::Refused(Refusal::UnknownClient)), 1);
+}
+
+#[test]
+fn an_upstream_whose_secret_changes_gets_a_new_link_and_old_requests_keep_the_old_one() {
+    let mut w = World::new(Setup::default());
+    let first = access_request(1, "alice", None);
+    w.nas_sends(nas(40000), &first);
+    let old = w.take_upstream(0);
+    let rotated = upstream_with_secret("aaa-1", 1812, "rotated");
+    let pool = Arc::new(Pool::single(rotated.clone()));
+    w.reload(
+        table(vec![client("nases", "198.51.100.0/24", pool)]),
+        vec![rotated],
+        &[("aaa-1", "rotated")],
+    );
+    assert!(!w.common.is_configured(0), "the old link is retired");
+    assert_eq!(w.common.upstream_index["aaa-1"], 1);
+    // The request sent before is answered with the secret it was sent with.
+    let reply = w.servers[0].answer(&old[0].1, Code::AccessAccept, None);
+    w.upstream_sends(old[0].0.socket, &reply);
+    assert_eq!(
+        nas_reads(&w.take_nas()[0].2, &first).code(),
+        Code::AccessAccept
+    );
+    // New requests are signed with the new secret (the fake server verifies it).
+    let second = access_request(2, "alice", None);
+    w.nas_sends(nas(40000), &second);
+    let new = w.take_upstream(1);
+    assert_eq!(new.len(), 1);
+    let (_, pw) = w.servers[1].read(&new[0].1);
+    assert_eq!(pw, b"secret-pw", "the password hidden with the new secret");
     assert_eq!(w.engine.in_flight(), 1);
 }

@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -117,13 +117,13 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         dynamic: dynamic.as_ref().map(|d| d.core.clone()),
         nas_directory: Default::default(),
         eap_states: Default::default(),
-        pending_packets: AtomicUsize::new(0),
+        pending_packets: Default::default(),
         upstreams: upstreams.clone(),
         upstream_index,
         proxy_state,
-        active: AtomicUsize::new(0),
+        active: Default::default(),
         max_flows,
-        provisional_flows: AtomicUsize::new(0),
+        provisional_flows: Default::default(),
         max_provisional,
         idle_timeout: config.idle_timeout,
         // A flow outlives its cached replies (RFC 5080 retransmissions hit the cache).

@@ -207,9 +207,9 @@ fuzz_target!(|data: &[u8]| {
     let common = Arc::new(Common {
         clients,
         dynamic: None,
-        nas_directory: NasDirectory::default(),
+        nas_directory: Default::default(),
         eap_states: Default::default(),
-        pending_packets: AtomicUsize::new(0),
+        pending_packets: Default::default(),
         upstreams: ups.clone(),
         upstream_index: ups
             .iter()
@@ -217,9 +217,9 @@ fuzz_target!(|data: &[u8]| {
             .map(|(i, u)| (u.name.clone(), i))
             .collect(),
         proxy_state: *b"sidecar!",
-        active: AtomicUsize::new(0),
+        active: Default::default(),
         max_flows: 8,
-        provisional_flows: AtomicUsize::new(0),
+        provisional_flows: Default::default(),
         max_provisional: 4,
         idle_timeout: Duration::from_secs(60),
         provisional_idle: Duration::from_secs(10),
