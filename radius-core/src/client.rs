@@ -66,6 +66,14 @@ impl CertificateMatch {
 #[derive(Debug, Default)]
 pub struct Learned(std::sync::atomic::AtomicU8);
 
+impl Learned {
+    /// Takes what `old` has learnt (a client's entry made again by a reload).
+    pub fn adopt(&self, old: &Learned) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.fetch_or(old.0.load(Relaxed), Relaxed);
+    }
+}
+
 const SEEN_MA: u8 = 1;
 const DECIDED: u8 = 2;
 const FIRST_PS_WITHOUT_MA: u8 = 4;

@@ -106,6 +106,16 @@ impl Common {
     /// What every engine shares after a reload to `s`: the new settings, and this one's
     /// tables, counts, bounds and links (new upstreams get new links).
     pub fn reloaded(&self, s: Settings) -> Common {
+        // A client written again keeps what its `auto` switches learnt (BlastRADIUS).
+        for c in s.clients.iter() {
+            if let Some(old) = self
+                .clients
+                .iter()
+                .find(|o| o.name == c.name && o.prefix == c.prefix)
+            {
+                c.learned.adopt(&old.learned);
+            }
+        }
         let mut upstreams = self.upstreams.clone();
         let mut upstream_index = HashMap::new();
         for u in s.upstreams {

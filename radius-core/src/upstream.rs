@@ -111,7 +111,7 @@ impl State {
 }
 
 /// The health settings of a server.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
     /// Milliseconds a zombie may go without answering a probe before it is dead.
     pub zombie_period_ms: u64,

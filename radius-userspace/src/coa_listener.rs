@@ -74,7 +74,7 @@ fn on_request(
         return None;
     }
     let names = NasName::of(&p);
-    let Some(at) = shared.nas_directory.find(&names) else {
+    let Some(at) = shared.current.load().common.nas_directory.find(&names) else {
         m.coa("nas_not_found");
         info!(upstream = %upstream.name, "CoA for a NAS with no flow: NAK");
         return nak(&p, &upstream, SESSION_CONTEXT_NOT_FOUND);
@@ -100,9 +100,12 @@ fn on_request(
 
 /// The upstream a CoA comes from: the one whose address it is.
 fn origin(shared: &Shared, ip: IpAddr) -> Option<Arc<Upstream>> {
-    shared
-        .upstreams
-        .iter()
+    let current = shared.current.load();
+    let c = &current.common;
+    // The configured upstreams (a retired link's server is no longer trusted).
+    c.upstream_index
+        .values()
+        .filter_map(|&link| c.upstreams.get(link))
         .find(|u| u.auth.ip() == ip || u.acct.is_some_and(|a| a.ip() == ip))
         .cloned()
 }

@@ -25,6 +25,10 @@ use crate::{
 /// The configuration `cargo xtask run` uses when no file is given.
 pub const DEFAULT: &str = include_str!("../config/default.toml");
 
+/// Where the control socket is unless the configuration says otherwise (the unit's
+/// RuntimeDirectory).
+pub const DEFAULT_CONTROL: &str = "/run/radius-sidecar/control.sock";
+
 /// A value that "none" switches off: a NIC, an address. Read from the file and from flags
 /// by one parser.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +168,8 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where upstreams send CoA and Disconnect requests (RFC 5176); none: no listener.
     pub coa_listen: Option<SocketAddr>,
+    /// The control socket (`radius-sidecar reload`), a Unix socket only its owner may use.
+    pub control: Option<PathBuf>,
     /// RADIUS/TCP services (RFC 6613), with their roles; one worker thread each.
     pub listen_tcp: Vec<Listener>,
     /// RADIUS/TLS services (RFC 6614), with their roles; one worker thread each.
@@ -198,6 +204,7 @@ impl Default for DaemonConfig {
             new_source_burst: 4_000,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9812))),
             coa_listen: None,
+            control: Some(PathBuf::from(DEFAULT_CONTROL)),
             listen_tcp: Vec::new(),
             listen_tls: Vec::new(),
             tls: None,
@@ -259,7 +266,7 @@ enum DirectoryKind {
 }
 
 /// `[dynamic]`: prefixes whose NASes are defined at run time by a directory.
-#[derive(Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DynamicSection {
     prefixes: Vec<IpNet>,
@@ -351,6 +358,7 @@ struct Server {
     metrics: OrNone<SocketAddr>,
     /// Where upstreams send CoA and Disconnect requests (RFC 5176), or "none".
     coa_listen: OrNone<SocketAddr>,
+    control: OrNone<PathBuf>,
     /// RADIUS/TCP addresses to serve (RFC 6613), written as `listen`'s.
     listen_tcp: Vec<Spanned<String>>,
     /// RADIUS/TLS addresses to serve (RFC 6614, port 2083), written as `listen`'s; their
@@ -382,6 +390,7 @@ impl Default for Server {
             new_source_burst: d.new_source_burst,
             metrics: OrNone(d.metrics_listen),
             coa_listen: OrNone(d.coa_listen),
+            control: OrNone(d.control),
             listen_tcp: Vec::new(),
             listen_tls: Vec::new(),
             tcp_timeout: d.tcp_timeout.as_secs(),
@@ -453,7 +462,7 @@ enum UpstreamTransport {
 }
 
 /// `[[pool]]`: upstreams a client may name together (FreeRADIUS's home_server_pool).
-#[derive(Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PoolSection {
     name: String,
@@ -569,6 +578,39 @@ pub struct Config {
     pub upstream_tls: std::collections::HashMap<String, crate::tls::UpstreamTlsFiles>,
     pub clients: ClientTable,
     pub dynamic: Option<DynamicClients>,
+    /// What the dynamic clients' definitions depend on: equal across a reload, the
+    /// directory and its cache are kept.
+    pub directory_key: DirectoryKey,
+}
+
+/// The `[dynamic]` section and the pools, as written (see [`Config::directory_key`]).
+#[derive(Clone, PartialEq)]
+pub struct DirectoryKey(Option<DynamicSection>, Vec<PoolSection>);
+
+/// The upstreams of a running configuration, for a reload: an upstream written the same
+/// way again is the running one (same `Arc`, so it keeps its link and its health).
+#[derive(Default)]
+pub struct Running<'a> {
+    pub upstreams: &'a [Arc<Upstream>],
+    pub upstream_tls: Option<&'a std::collections::HashMap<String, crate::tls::UpstreamTlsFiles>>,
+}
+
+/// Whether `a` and `b` are the same server, reached and treated the same way.
+fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
+    use crate::codec::auth::SharedSecret as _;
+    let (o, p) = (&a.options, &b.options);
+    a.name == b.name
+        && a.auth == b.auth
+        && a.acct == b.acct
+        && a.secret.bytes() == b.secret.bytes()
+        && a.timeout == b.timeout
+        && a.stream == b.stream
+        && o.retry == p.retry
+        && o.max_retries == p.max_retries
+        && o.response_window == p.response_window
+        && o.require_message_authenticator == p.require_message_authenticator
+        && o.check_interval == p.check_interval
+        && o.health == p.health
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -600,13 +642,18 @@ fn key_at(text: &str, offset: usize) -> String {
 impl Config {
     /// Reads the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_over(path, &Running::default())
+    }
+
+    /// Reads the file at `path` for a reload of `running` (see [`Running`]).
+    pub fn load_over(path: &Path, running: &Running<'_>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
             line: 0,
             key: "-".into(),
             message: format!("cannot read: {e}"),
         })?;
-        let mut c = Self::from_toml(&text, &path.display().to_string())?;
+        let mut c = Self::from_toml_over(&text, &path.display().to_string(), running)?;
         // A relative directory file is relative to the configuration file.
         if let Some(DynamicClients {
             directory: Directory::File(f),
@@ -622,6 +669,15 @@ impl Config {
 
     /// Parses `text` as if read from `file`.
     pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_over(text, file, &Running::default())
+    }
+
+    /// [`Config::from_toml`], for a reload of `running`.
+    pub fn from_toml_over(
+        text: &str,
+        file: &str,
+        running: &Running<'_>,
+    ) -> Result<Config, ConfigError> {
         let err = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError {
             file: file.to_owned(),
             line: line_of(text, span.start),
@@ -707,6 +763,7 @@ impl Config {
         daemon.new_source_burst = server.new_source_burst;
         daemon.metrics_listen = server.metrics.0;
         daemon.coa_listen = server.coa_listen.0;
+        daemon.control = server.control.0.map(|p| folder.join(p));
 
         let mut upstreams = Vec::new();
         let mut upstream_tls = std::collections::HashMap::new();
@@ -753,7 +810,7 @@ impl Config {
                 "upstream.require_message_authenticator",
                 &err,
             )?;
-            upstreams.push(Arc::new(Upstream {
+            let upstream = Upstream {
                 name: u.name,
                 auth: u.auth,
                 acct: u.acct,
@@ -773,9 +830,25 @@ impl Config {
                 },
                 health: Health::default(),
                 stream: u.transport != UpstreamTransport::Udp,
-            }));
+            };
+            let tls_of = |m: Option<&std::collections::HashMap<_, _>>| {
+                m.and_then(|m| m.get(&upstream.name)).cloned()
+            };
+            let reused = running
+                .upstreams
+                .iter()
+                .find(|r| {
+                    same_upstream(r, &upstream)
+                        && tls_of(running.upstream_tls) == tls_of(Some(&upstream_tls))
+                })
+                .cloned();
+            upstreams.push(reused.unwrap_or_else(|| Arc::new(upstream)));
         }
 
+        let directory_key = DirectoryKey(
+            f.dynamic.as_ref().map(|d| d.get_ref().clone()),
+            f.pools.iter().map(|p| p.get_ref().clone()).collect(),
+        );
         // Every upstream is a pool of one, under its own name; [[pool]]s add groups.
         let mut pools: Vec<Arc<Pool>> = upstreams
             .iter()
@@ -997,6 +1070,7 @@ impl Config {
             upstream_tls,
             clients,
             dynamic,
+            directory_key,
         })
     }
 }
@@ -1282,5 +1356,39 @@ listen_tcp = [\"0.0.0.0:1812\", \"[::]:1813/acct\"]\ntcp_timeout = 3\n",
         .err()
         .unwrap();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_running_upstream_written_the_same_way_and_only_that() {
+        let text = |secret: &str| {
+            format!(
+                "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1812\"\nsecret = \"{secret}\"\n\
+                 [[upstream]]\nname = \"b\"\nauth = \"127.0.0.1:1912\"\nsecret = \"s\"\n\
+                 [[client]]\nprefix = \"10.0.0.0/8\"\nsecret = \"c\"\nupstream = \"b\"\n"
+            )
+        };
+        let running = Config::from_toml(&text("one"), "f.toml").unwrap();
+        let again = Config::from_toml_over(
+            &text("two"),
+            "f.toml",
+            &Running {
+                upstreams: &running.upstreams,
+                upstream_tls: Some(&running.upstream_tls),
+            },
+        )
+        .unwrap();
+        assert!(
+            !Arc::ptr_eq(&running.upstreams[0], &again.upstreams[0]),
+            "a changed secret makes a new upstream"
+        );
+        assert!(
+            Arc::ptr_eq(&running.upstreams[1], &again.upstreams[1]),
+            "an unchanged one is the running one"
+        );
+        let client = again.clients.iter().next().unwrap();
+        assert!(
+            Arc::ptr_eq(&client.pool.members[0], &running.upstreams[1]),
+            "pools hold the running upstream too"
+        );
     }
 }

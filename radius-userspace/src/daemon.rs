@@ -34,23 +34,24 @@ use crate::{
 const FD_RESERVE: u64 = 128;
 
 /// Sets up the fast path (or says why not), serves until `cancel`, then drains and detaches.
-pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+/// `loader` reads the configuration again at each reload (SIGHUP, `radius-sidecar reload`).
+pub async fn run(
+    full: Config,
+    loader: crate::reload::Loader,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let Config {
         daemon: config,
         upstreams,
         upstream_tls,
         clients,
         dynamic,
+        directory_key,
     } = full;
-    let mut upstream_transports = Vec::new();
-    for u in &upstreams {
-        use crate::upstream_conn::Transport;
-        upstream_transports.push(match upstream_tls.get(&u.name) {
-            Some(files) => Transport::Tls(crate::tls::client_config(files)?),
-            None if u.stream => Transport::Tcp,
-            None => Transport::Udp,
-        });
-    }
+    let upstream_transports = upstreams
+        .iter()
+        .map(|u| crate::reload::transport(u, &upstream_tls))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let metrics = Metrics::new();
     let nofile = socket::raise_nofile_limit().context("reading RLIMIT_NOFILE")?;
     let fd_bound = nofile.saturating_sub(FD_RESERVE) as usize;
@@ -126,36 +127,35 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
         provisional_flows: Default::default(),
         max_provisional,
         idle_timeout: config.idle_timeout,
-        // A flow outlives its cached replies (RFC 5080 retransmissions hit the cache).
-        provisional_idle: config.provisional_idle_timeout.max(config.cleanup_delay),
-        dedup: crate::dedup::DedupTimers {
-            cleanup_delay: config.cleanup_delay,
-            ..Default::default()
-        },
+        provisional_idle: crate::reload::provisional_idle(&config),
+        dedup: crate::reload::dedup_timers(&config),
         counters: metrics.clone(),
     });
     let shared = Arc::new(Shared {
-        common,
+        current: arc_swap::ArcSwap::from_pointee(shared::Current {
+            common,
+            dynamic: dynamic.map(Arc::new),
+            upstream_transports,
+            upstream_tls,
+            directory_key,
+            daemon: config.clone(),
+        }),
         path,
-        dynamic,
         defined: defined_txs,
         fastpath: fastpath.map(Mutex::new),
-        upstream_transports,
         metrics: metrics.clone(),
         cancel: cancel.clone(),
     });
 
     let mut tasks = JoinSet::new();
-    for (u, transport) in upstreams.iter().zip(&shared.upstream_transports) {
-        tokio::spawn(probe_upstream(u.clone(), transport.clone()));
-        metrics.set_upstream_state(&u.name, 0);
-        tasks.spawn(watch_upstream(
-            u.clone(),
-            transport.clone(),
-            metrics.clone(),
-            cancel.clone(),
-        ));
-    }
+    let mut watchers = UpstreamWatchers::default();
+    watchers.follow(&shared.current.load(), &metrics, &cancel);
+    let (m, c) = (metrics.clone(), cancel.clone());
+    tasks.spawn(crate::reload::serve(
+        shared.clone(),
+        loader,
+        Box::new(move |current| watchers.follow(current, &m, &c)),
+    ));
     for &Listener { addr, role } in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
             .with_context(|| format!("binding the wildcard sockets of {addr}"))?;
@@ -270,6 +270,52 @@ pub async fn run(full: Config, cancel: CancellationToken) -> anyhow::Result<()> 
     }
     info!(flows = metrics.flows_created.get(), "stopped");
     Ok(())
+}
+
+/// The health watcher (and first probe) of each configured upstream link; a link retired by
+/// a reload loses its watcher.
+#[derive(Default)]
+struct UpstreamWatchers {
+    by_link: HashMap<usize, CancellationToken>,
+}
+
+impl UpstreamWatchers {
+    fn follow(
+        &mut self,
+        current: &shared::Current,
+        metrics: &Arc<Metrics>,
+        cancel: &CancellationToken,
+    ) {
+        let common = &current.common;
+        self.by_link.retain(|&link, token| {
+            let keep = common.is_configured(link);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for &link in common.upstream_index.values() {
+            if self.by_link.contains_key(&link) {
+                continue;
+            }
+            let (Some(u), Some(transport)) = (
+                common.upstreams.get(link),
+                current.upstream_transports.get(link),
+            ) else {
+                continue;
+            };
+            let token = cancel.child_token();
+            tokio::spawn(probe_upstream(u.clone(), transport.clone()));
+            metrics.set_upstream_state(&u.name, 0);
+            tokio::spawn(watch_upstream(
+                u.clone(),
+                transport.clone(),
+                metrics.clone(),
+                token.clone(),
+            ));
+            self.by_link.insert(link, token);
+        }
+    }
 }
 
 fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Option<FastPath>> {

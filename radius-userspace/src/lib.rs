@@ -16,6 +16,8 @@
 //! - [`daemon`]: start-up, the steering path, listeners and shutdown (the thin tokio driver).
 //! - [`worker`]: UDP's driver of one engine: a wildcard, its flows' children and upstream
 //!   sockets in one epoll set.
+//! - [`reload`]: the configuration read again while traffic flows (SIGHUP, the control
+//!   socket of `radius-sidecar reload`).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
 //!   the NAS's flow.
@@ -32,6 +34,7 @@ pub mod daemon;
 pub mod dynamic;
 pub mod fastpath;
 pub mod metrics;
+pub mod reload;
 pub mod shared;
 pub mod socket;
 pub mod tcp;

@@ -1,13 +1,14 @@
 //! `radius-sidecar`: the daemon's command line. A TOML file (`--config`, or the embedded
 //! default) gives the configuration; flags given on the command line override it.
 //! `radius-sidecar check-config` checks a file and names file, line and key on error.
+//! `radius-sidecar reload` (or SIGHUP) makes the running daemon read its file again.
 //! SIGINT and SIGTERM drain and detach the eBPF programs before exit.
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radius_sidecar::{
-    config::{self, Config, EbpfMode, Listener, OrNone},
+    config::{self, Config, EbpfMode, Listener, OrNone, Running},
     daemon,
 };
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,10 @@ struct Cli {
     /// Configuration file (TOML). Default: the embedded one (loopback, see config/default.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// `reload`: the daemon's control socket (default: `server.control` of the
+    /// configuration).
+    #[arg(long, global = true, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// UDP address to serve (repeat for several); replaces `server.listen`. A suffix gives
     /// its role for Status-Server: `/auth`, `/acct` (default: by port, 1813 and 1646 acct).
     #[arg(long = "listen", value_name = "ADDR:PORT[/ROLE]")]
@@ -65,12 +70,16 @@ struct Cli {
 enum Cmd {
     /// Check the configuration and exit (non-zero with file:line: key: problem on error).
     CheckConfig,
+    /// Make the running daemon read its configuration again (as SIGHUP does), and say
+    /// what changed; a file that does not check changes nothing, and the error names file,
+    /// line and key. Talks to the control socket of the configuration (`server.control`).
+    Reload,
 }
 
-fn load(cli: &Cli) -> anyhow::Result<Config> {
+fn load(cli: &Cli, running: &Running<'_>) -> anyhow::Result<Config> {
     let mut c = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::from_toml(config::DEFAULT, "<embedded default>")?,
+        Some(path) => Config::load_over(path, running)?,
+        None => Config::from_toml_over(config::DEFAULT, "<embedded default>", running)?,
     };
     let d = &mut c.daemon;
     if !cli.listen.is_empty() {
@@ -118,7 +127,24 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let config = load(&cli)?;
+    if let Some(Cmd::Reload) = cli.cmd {
+        // The daemon reads the file itself and answers; without --control the file must
+        // check here first, to say where the socket is.
+        let path = match &cli.control {
+            Some(p) => p.clone(),
+            None => load(&cli, &Running::default())
+                .context("the configuration does not check (the daemon was not asked)")?
+                .daemon
+                .control
+                .context(
+                    "the configuration has no control socket (server.control = \"none\"): \
+                     send SIGHUP",
+                )?,
+        };
+        println!("{}", radius_sidecar::reload::ask(&path, "reload")?);
+        return Ok(());
+    }
+    let config = load(&cli, &Running::default())?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
         // Every certificate and key: readable, parsed, within its dates, the key the
         // certificate's.
@@ -161,6 +187,8 @@ fn main() -> anyhow::Result<()> {
             }
             signals.cancel();
         });
-        daemon::run(config, cancel).await
+        let loader: radius_sidecar::reload::Loader =
+            std::sync::Arc::new(move |running| load(&cli, running));
+        daemon::run(config, loader, cancel).await
     })
 }

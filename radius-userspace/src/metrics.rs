@@ -31,6 +31,11 @@ pub struct RefusalLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -118,6 +123,8 @@ pub struct Metrics {
     /// Dynamic-client definitions, by outcome: defined, refused, unanswered (the
     /// directory was down, failed or timed out).
     pub definitions: Family<ReasonLabel, Counter>,
+    /// Reloads of the configuration, by result: ok, failed (the running one stayed).
+    pub reloads: Family<ResultLabel, Counter>,
     /// 0 alive, 1 zombie, 2 dead (see crate::upstream).
     pub upstream_state: Family<UpstreamLabel, Gauge>,
     /// BlastRADIUS: 1 when a peer's Access packets must carry a Message-Authenticator
@@ -239,6 +246,12 @@ impl Metrics {
             "Dynamic-client definitions, by outcome (defined, refused, unanswered)",
             definitions.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reloads",
+            "Reloads of the configuration, by result (ok; failed: the running one stayed)",
+            reloads.clone(),
+        );
         let upstream_state = Family::<UpstreamLabel, Gauge>::default();
         registry.register(
             "upstream_state",
@@ -336,6 +349,7 @@ impl Metrics {
             upstream_retransmits,
             coa,
             definitions,
+            reloads,
             upstream_state,
             message_authenticator_required,
             connections_open,
@@ -383,6 +397,10 @@ impl Metrics {
         self.definitions
             .get_or_create(&ReasonLabel { reason: outcome })
             .inc();
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn set_upstream_state(&self, upstream: &str, state: i64) {

@@ -1,14 +1,16 @@
-//! What the daemon's threads share: [`Shared`] (the engines' [`Common`] state, which it
-//! derefs to, and what only the IO side needs: the steering path, the directory, the
-//! fast path, metrics, cancellation), the [`Inbox`] through which the tokio side reaches a
-//! worker (definitions, CoA jobs), and the handles those carry. Below the worker, the CoA
-//! listener and the daemon, which all use it; it imports none of them.
+//! What the daemon's threads share: [`Shared`] (the configuration in force, [`Current`],
+//! which a reload swaps; and what only the IO side needs: the steering path, the fast
+//! path, metrics, cancellation), the [`Inbox`] through which the tokio side reaches a
+//! worker (definitions, CoA jobs, reloads), and the handles those carry. Below the worker,
+//! the CoA listener and the daemon, which all use it; it imports none of them.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
 
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 pub use radius_core::coa::{CoaJob, FlowHandle};
@@ -16,32 +18,42 @@ pub use radius_core::engine::Common;
 
 use crate::{
     client::Client,
+    config::{DaemonConfig, DirectoryKey},
+    dynamic::DynamicClients,
     fastpath::FastPath,
     metrics::Metrics,
     socket::{SteeringPath, Wake},
+    tls::UpstreamTlsFiles,
+    upstream_conn::Transport,
 };
+
+/// The configuration in force: what the engines share, the directory, and how each
+/// upstream link is reached. A reload builds a new one; each worker gets it in its inbox,
+/// the tokio side reads it from [`Shared::current`].
+pub(crate) struct Current {
+    pub common: Arc<Common>,
+    /// The directory that defines dynamic clients (its cache is `common.dynamic`).
+    pub dynamic: Option<Arc<DynamicClients>>,
+    /// How each upstream (by its link in `common.upstreams`) is reached.
+    pub upstream_transports: Vec<Transport>,
+    /// What a reload compares with: the TLS files of upstreams, the directory as written,
+    /// the daemon section (its listeners and data path need a restart).
+    pub upstream_tls: HashMap<String, UpstreamTlsFiles>,
+    pub directory_key: DirectoryKey,
+    pub daemon: DaemonConfig,
+}
 
 /// What a running daemon shares between its workers (read-mostly: per packet, only
 /// counters are touched).
 pub(crate) struct Shared {
-    pub common: Arc<Common>,
+    pub current: ArcSwap<Current>,
     pub path: SteeringPath,
-    /// The directory that defines dynamic clients (its cache is `common.dynamic`).
-    pub dynamic: Option<crate::dynamic::DynamicClients>,
-    /// One inbox per worker, for the outcome of dynamic definitions and CoA requests.
+    /// One inbox per worker, for the outcome of dynamic definitions, CoA requests and
+    /// reloads.
     pub defined: Vec<Inbox>,
     pub fastpath: Option<Mutex<FastPath>>,
-    /// How each upstream (by its index in `common.upstreams`) is reached.
-    pub upstream_transports: Vec<crate::upstream_conn::Transport>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
-}
-
-impl std::ops::Deref for Shared {
-    type Target = Common;
-    fn deref(&self) -> &Common {
-        &self.common
-    }
 }
 
 pub(crate) fn lock(fp: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
@@ -67,6 +79,8 @@ pub(crate) struct Inbox {
 pub(crate) enum ToWorker {
     Defined(Defined),
     Coa(CoaJob),
+    /// A reload: the configuration in force from now on.
+    Reload(Arc<Current>),
 }
 
 impl Inbox {

@@ -27,7 +27,7 @@ use crate::{
     flows::Flow,
     metrics::{Refusal, UpstreamEventLabel},
     requests::At,
-    shared::{Defined, InboxRx, Shared, ToWorker, lock},
+    shared::{Current, Defined, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
     tcp::TcpFront,
     upstream_conn::{Transport, UpstreamConn},
@@ -83,6 +83,8 @@ impl Front {
 /// The worker's sockets: what the engine asks for through [`Io`].
 struct Sockets {
     shared: Arc<Shared>,
+    /// The configuration this worker's engine runs on (the last reload it was handed).
+    current: Arc<Current>,
     runtime: tokio::runtime::Handle,
     poller: Poller,
     /// The listener's own address (children of the user-space path bind to it).
@@ -175,7 +177,7 @@ impl Io for Sockets {
 
     fn open_upstream(&mut self, index: usize, to: SocketAddr) -> std::io::Result<()> {
         let link = crate::engine::link_of(index);
-        let tls = match self.shared.upstream_transports.get(link) {
+        let tls = match self.current.upstream_transports.get(link) {
             Some(Transport::Tcp) => None,
             Some(Transport::Tls(t)) => Some(t.clone()),
             Some(Transport::Udp) | None => {
@@ -198,7 +200,7 @@ impl Io for Sockets {
         // The watchdog's Status-Server is signed with the upstream's secret, and lets a
         // busy connection be silent for its `retry`.
         let watchdog = self
-            .shared
+            .current
             .common
             .upstreams
             .get(link)
@@ -223,7 +225,7 @@ impl Io for Sockets {
     }
 
     fn define(&mut self, ip: IpAddr) {
-        spawn_definition(&self.runtime, self.shared.clone(), ip);
+        spawn_definition(&self.runtime, self.shared.clone(), self.current.clone(), ip);
     }
 
     fn speaks_v11(&self, remote: SocketAddr, local: SocketAddr) -> bool {
@@ -266,11 +268,13 @@ pub(crate) fn run(
     }
     poller.add(&*inbox.wake, token(WAKE, 0))?;
     let now = Instant::now();
+    let current = shared.current.load_full();
     let mut w = Worker {
         index,
-        engine: Engine::new(shared.common.clone(), me, accounting, now),
+        engine: Engine::new(current.common.clone(), me, accounting, now),
         io: Sockets {
             shared: shared.clone(),
+            current,
             runtime,
             poller,
             bound,
@@ -298,7 +302,8 @@ pub(crate) fn run(
                 t.sweep(now);
             }
         }
-        if shared
+        if w.io
+            .current
             .upstream_transports
             .iter()
             .any(|t| !matches!(t, Transport::Udp))
@@ -320,6 +325,11 @@ pub(crate) fn run(
                                 w.engine.handle_defined(now, ip, &outcome, &mut w.io)
                             }
                             ToWorker::Coa(job) => w.engine.handle_coa(now, job),
+                            ToWorker::Reload(current) => {
+                                w.io.current = current.clone();
+                                w.engine
+                                    .handle_reload(now, current.common.clone(), &mut w.io);
+                            }
                         }
                     }
                 }
@@ -346,7 +356,7 @@ pub(crate) fn run(
 impl Worker {
     fn read_wildcard(&mut self, now: Instant) {
         if let Front::Tcp(t) = &mut self.io.front {
-            let (common, metrics) = (&self.io.shared.common, &self.io.shared.metrics);
+            let (common, metrics) = (&self.io.current.common, &self.io.shared.metrics);
             let token = |i| token(CONNECTION, i);
             t.accept(now, common, metrics, &self.io.poller, token, ACCEPT_BUDGET);
             return;
@@ -414,7 +424,7 @@ impl Worker {
             i,
             &mut self.buf,
             now,
-            &self.io.shared.common,
+            &self.io.current.common,
             &self.io.poller,
             &self.io.shared.metrics,
         );
@@ -460,16 +470,17 @@ impl Worker {
             Some(UpstreamSocket::Stream(c)) => {
                 let ready = c.on_ready(&mut self.buf, &self.io.poller, now);
                 let closed_why = c.closed_why();
-                let shared = &self.io.shared;
+                let current = &self.io.current;
                 let upstream = || {
-                    shared
+                    current
                         .common
                         .upstreams
                         .get(engine::link_of(index))
                         .map_or_else(String::new, |u| u.name.clone())
                 };
                 if let Some(event) = ready.opened {
-                    shared
+                    self.io
+                        .shared
                         .metrics
                         .upstream_connections
                         .get_or_create(&UpstreamEventLabel {
@@ -479,7 +490,8 @@ impl Worker {
                         .inc();
                 }
                 if ready.closed {
-                    shared
+                    self.io
+                        .shared
                         .metrics
                         .upstream_connections
                         .get_or_create(&UpstreamEventLabel {
@@ -542,7 +554,7 @@ impl Worker {
         for index in silent {
             let upstream = self
                 .io
-                .shared
+                .current
                 .common
                 .upstreams
                 .get(engine::link_of(index))
@@ -659,11 +671,16 @@ impl Sockets {
 }
 
 /// Asks the directory about `ip` and tells every worker the outcome.
-fn spawn_definition(runtime: &tokio::runtime::Handle, shared: Arc<Shared>, ip: IpAddr) {
+fn spawn_definition(
+    runtime: &tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    current: Arc<Current>,
+    ip: IpAddr,
+) {
     info!(%ip, "defining a dynamic client");
     // Not in a JoinSet: a definition outlives no shutdown wait.
     runtime.spawn(async move {
-        let Some(dynamic) = &shared.dynamic else {
+        let Some(dynamic) = &current.dynamic else {
             return;
         };
         let outcome = dynamic.define(ip).await;
