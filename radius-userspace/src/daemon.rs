@@ -145,6 +145,8 @@ pub async fn run(
         fastpath: fastpath.map(Mutex::new),
         metrics: metrics.clone(),
         cancel: cancel.clone(),
+        heartbeats: (0..n_workers).map(|_| Default::default()).collect(),
+        epoch: std::time::Instant::now(),
     });
 
     let mut tasks = JoinSet::new();
@@ -155,6 +157,7 @@ pub async fn run(
         shared.clone(),
         loader,
         Box::new(move |current| watchers.follow(current, &m, &c)),
+        crate::reload::control_socket(&shared),
     ));
     for &Listener { addr, role } in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
@@ -256,7 +259,29 @@ pub async fn run(
         }
     }
 
+    // Type=notify: ready once every listener is bound, its worker running and the fast
+    // path (if any) attached; a watchdog, if asked for, pings while the workers turn.
+    let status = format!(
+        "serving {} listener(s) on the {} path",
+        n_workers,
+        shared.path.as_str()
+    );
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    );
+    let mut watchdog_usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+        let period = Duration::from_micros(watchdog_usec);
+        info!(?period, "systemd watchdog on");
+        tasks.spawn(watchdog(shared.clone(), period));
+    }
+
     cancel.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down: draining flows");
     while tasks.join_next().await.is_some() {}
     let shared = Arc::into_inner(shared).context("a task still holds the daemon state")?;
@@ -270,6 +295,28 @@ pub async fn run(
     }
     info!(flows = metrics.flows_created.get(), "stopped");
     Ok(())
+}
+
+/// Pings systemd's watchdog at a third of its period while every worker has turned its
+/// loop within the period (a worker stuck in a packet stops the pings, and systemd restarts
+/// the service).
+async fn watchdog(shared: Arc<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 3);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.cancel.cancelled() => return,
+        }
+        match shared.stalled_worker(period) {
+            None => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+            Some(worker) => warn!(
+                worker,
+                "a worker has not turned for the watchdog period: no ping"
+            ),
+        }
+    }
 }
 
 /// The health watcher (and first probe) of each configured upstream link; a link retired by

@@ -219,35 +219,50 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
 /// What asks for a reload: SIGHUP (answer logged) or the control socket (answer sent back).
 type Request = oneshot::Sender<Result<String, String>>;
 
-/// Serves reloads until the daemon is cancelled: SIGHUP, and the control socket of the
-/// configuration (if any).
-pub(crate) async fn serve(shared: Arc<Shared>, loader: Loader, mut on_reloaded: OnReloaded) {
+/// The control socket of the configuration, bound (before the daemon says it is ready);
+/// None, said why, when there is none.
+pub(crate) fn control_socket(shared: &Shared) -> Option<(UnixListener, PathBuf)> {
+    let path = shared.current.load().daemon.control.clone()?;
+    match bind_control(&path) {
+        Ok(listener) => {
+            info!(path = %path.display(), "control socket listening");
+            Some((listener, path))
+        }
+        Err(e) => {
+            warn!(path = %path.display(), "no control socket ({e:#}): reload with SIGHUP");
+            None
+        }
+    }
+}
+
+/// Serves reloads until the daemon is cancelled: SIGHUP, and `control` (see
+/// [`control_socket`]).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    loader: Loader,
+    mut on_reloaded: OnReloaded,
+    control: Option<(UnixListener, PathBuf)>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
+    let (tx, mut rx) = mpsc::channel::<Request>(4);
+    if let Some((listener, path)) = control {
+        tokio::spawn(control_loop(listener, path, tx, shared.cancel.clone()));
+    }
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler: reload only over the control socket");
         return;
     };
-    let (tx, mut rx) = mpsc::channel::<Request>(4);
-    let control = shared.current.load().daemon.control.clone();
-    if let Some(path) = control {
-        match bind_control(&path) {
-            Ok(listener) => {
-                info!(path = %path.display(), "control socket listening");
-                tokio::spawn(control_loop(listener, path, tx, shared.cancel.clone()));
-            }
-            Err(e) => warn!(
-                path = %path.display(),
-                "no control socket ({e:#}): reload with SIGHUP"
-            ),
-        }
-    }
     loop {
         let reply = tokio::select! {
             _ = hup.recv() => None,
             Some(reply) = rx.recv() => Some(reply),
             () = shared.cancel.cancelled() => return,
         };
+        let mut notify = vec![sd_notify::NotifyState::Reloading];
+        notify.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+        let _ = sd_notify::notify(false, &notify);
         let outcome = reload(&shared, &loader);
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let result = match &outcome {
             Ok(answer) => {
                 info!("{answer}");

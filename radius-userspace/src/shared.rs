@@ -54,6 +54,29 @@ pub(crate) struct Shared {
     pub fastpath: Option<Mutex<FastPath>>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    /// When each worker (by its inbox) last turned its loop, in ms since `epoch`, written
+    /// at most once a second (the systemd watchdog reads them).
+    pub heartbeats: Vec<std::sync::atomic::AtomicU64>,
+    pub epoch: std::time::Instant,
+}
+
+impl Shared {
+    /// Worker `me` is turning its loop at `now`.
+    pub fn heartbeat(&self, me: usize, now: std::time::Instant) {
+        if let Some(h) = self.heartbeats.get(me) {
+            let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+            h.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A worker that has not turned its loop for `period`, if any.
+    pub fn stalled_worker(&self, period: std::time::Duration) -> Option<usize> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.heartbeats.iter().position(|h| {
+            now.saturating_sub(h.load(std::sync::atomic::Ordering::Relaxed))
+                > period.as_millis() as u64
+        })
+    }
 }
 
 pub(crate) fn lock(fp: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {

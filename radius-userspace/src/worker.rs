@@ -298,6 +298,7 @@ pub(crate) fn run(
         w.engine.handle_timeout(now, &mut w.io);
         if now >= next_sweep {
             next_sweep = now + std::time::Duration::from_secs(1);
+            shared.heartbeat(me, now);
             if let Front::Tcp(t) = &mut w.io.front {
                 t.sweep(now);
             }

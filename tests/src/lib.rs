@@ -334,9 +334,14 @@ impl Daemon {
                 c
             }
         };
-        cmd.args(args)
-            .env("RUST_LOG", filter)
-            .env("NO_COLOR", "1")
+        cmd.args(args).env("RUST_LOG", filter);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (the daemon, or a wrapper that execs it: `setpriv`, `sh -c`), its log
+    /// captured.
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -43,6 +43,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     // The soak's plot draws its text with DejaVu Sans.
     "fonts-dejavu-core",
+    // `systemd-analyze verify` of the unit (tests/tests/service.rs).
+    "systemd",
 ];
 /// What `bench proxy` adds: the peer proxy it compares with, and `ss` (iproute2).
 const BENCH_PACKAGES: &[&str] = &["radsecproxy"];
