@@ -25,6 +25,10 @@ struct Cli {
     /// Configuration file (TOML). Default: the embedded one (loopback, see config/default.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log lines as text (for people) or as one JSON object each (for log shippers: fields
+    /// such as the flow and client stay fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// `reload`: the daemon's control socket (default: `server.control` of the
     /// configuration).
     #[arg(long, global = true, value_name = "PATH")]
@@ -64,6 +68,12 @@ struct Cli {
     /// Address of the Prometheus endpoint ("none" to disable).
     #[arg(long, value_name = "ADDR:PORT|none")]
     metrics: Option<OrNone<std::net::SocketAddr>>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,15 +128,19 @@ fn load(cli: &Cli, running: &Running<'_>) -> anyhow::Result<Config> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     if let Some(Cmd::Reload) = cli.cmd {
         // The daemon reads the file itself and answers; without --control the file must
         // check here first, to say where the socket is.

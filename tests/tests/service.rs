@@ -217,3 +217,56 @@ secret = "{NAS_SECRET}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_their_fields() {
+    let dir = std::env::temp_dir().join(format!("rs-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a folder");
+    let config = dir.join("sidecar.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nebpf = \"off\"\nmetrics = \"none\"\n\
+         control = \"none\"\n\n[[upstream]]\nname = \"aaa\"\nauth = \"127.0.0.1:11812\"\n\
+         secret = \"json-upstream-secret\"\n\n[[client]]\nprefix = \"127.0.0.0/8\"\n\
+         secret = \"json-nas-secret\"\n",
+    )
+    .expect("write the configuration");
+    let mut child = std::process::Command::new(sidecar_bin())
+        .args(["--log-format", "json", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut lines = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20)
+        && !lines.iter().any(|l: &String| l.contains("listening"))
+    {
+        let mut l = String::new();
+        if std::io::BufRead::read_line(&mut err, &mut l).unwrap_or(0) == 0 {
+            break;
+        }
+        lines.push(l);
+    }
+    // SAFETY: a child of ours.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lines.iter().any(|l| l.contains("listening")), "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+        assert!(!l.contains("json-upstream-secret") && !l.contains("json-nas-secret"));
+    }
+    let loaded = lines
+        .iter()
+        .find(|l| l.contains("configuration loaded"))
+        .expect("the configuration line");
+    let v: serde_json::Value = serde_json::from_str(loaded).expect("json");
+    assert_eq!(v["fields"]["clients"], 1, "fields stay fields: {loaded}");
+}
