@@ -84,6 +84,44 @@ enum Cmd {
     /// what changed; a file that does not check changes nothing, and the error names file,
     /// line and key. Talks to the control socket of the configuration (`server.control`).
     Reload,
+    /// Write the man page (radius-sidecar.8) and shell completions (bash, zsh, fish) into
+    /// DIR, from this command line (the package ships them).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+}
+
+/// The man page and completions, generated from the clap definition so they never drift.
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut page)
+        .context("rendering the man page")?;
+    std::fs::write(dir.join("radius-sidecar.8"), page).context("writing the man page")?;
+    // The pages the main one points to (SEE ALSO): one per command.
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("radius-sidecar-{}", sub.get_name());
+        let mut page = Vec::new();
+        let sub = sub
+            .clone()
+            .display_name(name.clone())
+            .bin_name(name.clone());
+        clap_mangen::Man::new(sub)
+            .section("8")
+            .render(&mut page)
+            .with_context(|| format!("rendering {name}(8)"))?;
+        std::fs::write(dir.join(format!("{name}.8")), page)
+            .with_context(|| format!("writing {name}(8)"))?;
+    }
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "radius-sidecar", dir)
+            .with_context(|| format!("writing the {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn load(cli: &Cli, running: &Running<'_>) -> anyhow::Result<Config> {
@@ -129,6 +167,9 @@ fn load(cli: &Cli, running: &Running<'_>) -> anyhow::Result<Config> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::GenerateAssets { dir }) = &cli.cmd {
+        return generate_assets(dir);
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -66,6 +66,9 @@ enum Cmd {
     },
     /// Build the eBPF object and the daemon (release).
     Build,
+    /// Build the Debian package (cargo-deb): the daemon, its unit, the default configuration
+    /// as a conffile, the man page and shell completions; prints its path.
+    Deb,
     /// Build and run the daemon; flags after `--` go to radius-sidecar.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -409,6 +412,44 @@ fn test_with_summary(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the .deb from the release build (run `build` first); returns its path.
+fn deb() -> anyhow::Result<PathBuf> {
+    let has_deb = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_deb {
+        run(Command::new("cargo").args(["install", "cargo-deb", "--locked"]))?;
+    }
+    let assets = root().join("target/assets");
+    run(Command::new(root().join("target/release/radius-sidecar"))
+        .arg("generate-assets")
+        .arg(&assets))?;
+    for page in std::fs::read_dir(&assets)? {
+        let page = page?.path();
+        if page.extension().is_some_and(|e| e == "8") {
+            run(Command::new("gzip").arg("-9nf").arg(page))?;
+        }
+    }
+    let mut cmd = cargo();
+    cmd.args(["deb", "-p", "radius-userspace", "--no-build", "--output"])
+        .arg(root().join("target/debian"));
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd.output().context("starting cargo deb")?;
+    if !out.status.success() {
+        bail!("cargo deb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .map(PathBuf::from)
+        .context("cargo deb printed no package path")?;
+    eprintln!("xtask: package {}", path.display());
+    Ok(path)
+}
+
 fn build() -> anyhow::Result<()> {
     // --workspace everywhere: one feature resolution, so the eBPF object is built once.
     run(cargo().args([
@@ -458,6 +499,12 @@ fn main() -> anyhow::Result<()> {
             setup(false)?;
             build()
         }
+        Cmd::Deb => {
+            setup(false)?;
+            build()?;
+            println!("{}", deb()?.display());
+            Ok(())
+        }
         Cmd::Run { args } => {
             setup(false)?;
             build()?;
@@ -490,6 +537,7 @@ fn main() -> anyhow::Result<()> {
                 ]))?;
             }
             build()?;
+            let package = deb()?;
             let bin = root().join("target/release/radius-sidecar");
             // One thread: privileged tests look at the kernel's global list of programs.
             test_with_summary(
@@ -504,7 +552,8 @@ fn main() -> anyhow::Result<()> {
                     ])
                     .arg("--test-threads=1")
                     .args(args)
-                    .env("RADIUS_SIDECAR_BIN", bin),
+                    .env("RADIUS_SIDECAR_BIN", bin)
+                    .env("RADIUS_SIDECAR_DEB", package),
             )
         }
         Cmd::Demo => {
