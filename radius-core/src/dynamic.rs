@@ -79,6 +79,18 @@ struct Cache {
     next_sweep: Option<Instant>,
 }
 
+/// What the cache holds about one source (`radius-sidecar status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedSource {
+    pub ip: IpAddr,
+    /// "defined", "refused" (refused, or the directory did not answer) or "defining".
+    pub state: &'static str,
+    /// The client's name, when defined.
+    pub client: Option<String>,
+    /// How long the entry has left (zero while defining).
+    pub left: Duration,
+}
+
 /// How often expired entries are swept, at most.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -104,6 +116,40 @@ impl Dynamic {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live entries, at most `limit` of them (by address), and how many there are.
+    pub fn snapshot(&self, now: Instant, limit: usize) -> (Vec<CachedSource>, usize) {
+        let cache = self.cache();
+        let mut live: Vec<CachedSource> = cache
+            .map
+            .iter()
+            .filter_map(|(&ip, e)| match e {
+                Entry::Defined { client, until } if *until > now => Some(CachedSource {
+                    ip,
+                    state: "defined",
+                    client: Some(client.name.clone()),
+                    left: *until - now,
+                }),
+                Entry::Refused { until } if *until > now => Some(CachedSource {
+                    ip,
+                    state: "refused",
+                    client: None,
+                    left: *until - now,
+                }),
+                Entry::Defining => Some(CachedSource {
+                    ip,
+                    state: "defining",
+                    client: None,
+                    left: Duration::ZERO,
+                }),
+                _ => None,
+            })
+            .collect();
+        let total = live.len();
+        live.sort_by_key(|c| c.ip);
+        live.truncate(limit);
+        (live, total)
     }
 
     /// Looks `ip` up and, when nobody is defining it yet, marks it as being defined.

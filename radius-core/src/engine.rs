@@ -156,6 +156,26 @@ impl Common {
     }
 }
 
+/// One worker's part of `radius-sidecar status`.
+#[derive(Clone, Debug, Default)]
+pub struct EngineStatus {
+    /// Flows by client name.
+    pub flows: std::collections::BTreeMap<String, FlowCount>,
+    /// Requests in flight upstream, by link (see [`Common::upstreams`]).
+    pub in_flight_by_link: Vec<usize>,
+    /// Flows whose packets wait for their source's definition.
+    pub pending_flows: usize,
+}
+
+/// A client's flows in one worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    pub proved: usize,
+    pub provisional: usize,
+    /// Their requests in flight upstream.
+    pub in_flight: usize,
+}
+
 /// What the engine needs from its driver at once.
 pub trait Io {
     /// Gives flow `slot` its own socket (bound to the flow's addresses, registered with
@@ -376,6 +396,29 @@ impl Engine {
         );
         self.send_anew(now, socket, "protocol_changed", io);
         true
+    }
+
+    /// What this engine holds now, for `radius-sidecar status`.
+    pub fn status(&mut self) -> EngineStatus {
+        let mut st = EngineStatus::default();
+        for (_, f) in self.flows.iter() {
+            let c = st.flows.entry(f.client.name.clone()).or_default();
+            if f.proved {
+                c.proved += 1;
+            } else {
+                c.provisional += 1;
+            }
+            c.in_flight += f.in_flight as usize;
+        }
+        for link in 0..self.links_open {
+            let first = port(link, false) * requests::MAX_SOCKETS;
+            let n = (first..first + 2 * requests::MAX_SOCKETS)
+                .map(|s| self.requests.on_socket(s).len())
+                .sum();
+            st.in_flight_by_link.push(n);
+        }
+        st.pending_flows = self.pending.len();
+        st
     }
 
     /// Replaces the engine's randomness (tests fix it).

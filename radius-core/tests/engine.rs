@@ -1507,3 +1507,19 @@ fn an_upstream_whose_secret_changes_gets_a_new_link_and_old_requests_keep_the_ol
     assert_eq!(pw, b"secret-pw", "the password hidden with the new secret");
     assert_eq!(w.engine.in_flight(), 1);
 }
+
+#[test]
+fn status_counts_flows_by_client_and_requests_in_flight_by_link() {
+    let mut w = World::new(Setup::default());
+    w.nas_sends(nas(40000), &access_request(1, "alice", None));
+    w.nas_sends(nas(40001), &access_request(1, "bob", None));
+    w.answer_all(0, Code::AccessAccept);
+    w.nas_sends(nas(40000), &access_request(2, "alice", None));
+    let st = w.engine.status();
+    let nases = st.flows["nases"];
+    assert_eq!(
+        (nases.proved, nases.provisional, nases.in_flight),
+        (2, 0, 1)
+    );
+    assert_eq!(st.in_flight_by_link, vec![1]);
+}

@@ -153,12 +153,16 @@ pub async fn run(
     let mut watchers = UpstreamWatchers::default();
     watchers.follow(&shared.current.load(), &metrics, &cancel);
     let (m, c) = (metrics.clone(), cancel.clone());
+    let (reloads_tx, reloads) = tokio::sync::mpsc::channel(4);
     tasks.spawn(crate::reload::serve(
         shared.clone(),
         loader,
         Box::new(move |current| watchers.follow(current, &m, &c)),
-        crate::reload::control_socket(&shared),
+        reloads,
     ));
+    if let Some(control) = crate::control::bind(&shared) {
+        tasks.spawn(crate::control::serve(shared.clone(), control, reloads_tx));
+    }
     for &Listener { addr, role } in &config.listen {
         let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
             .with_context(|| format!("binding the wildcard sockets of {addr}"))?;

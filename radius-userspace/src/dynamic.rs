@@ -315,6 +315,8 @@ pub struct DynamicClients {
     /// Pools (and single upstreams) a definition may name; the first is the default.
     pub pools: Vec<Arc<crate::pool::Pool>>,
     pub concurrency: tokio::sync::Semaphore,
+    /// The concurrency's bound (the semaphore's permits when none is taken).
+    max_concurrent: usize,
 }
 
 impl std::ops::Deref for DynamicClients {
@@ -352,7 +354,18 @@ impl DynamicClients {
             timeout,
             pools,
             concurrency: tokio::sync::Semaphore::new(max_concurrent.max(1)),
+            max_concurrent: max_concurrent.max(1),
         }
+    }
+
+    /// Definitions asking the directory now.
+    pub fn running(&self) -> usize {
+        self.max_concurrent
+            .saturating_sub(self.concurrency.available_permits())
+    }
+
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
     }
 
     /// Runs the directory for `ip` (bounded in concurrency and time) and records the

@@ -18,6 +18,8 @@
 //!   sockets in one epoll set.
 //! - [`reload`]: the configuration read again while traffic flows (SIGHUP, the control
 //!   socket of `radius-sidecar reload`).
+//! - [`control`]: the control socket: `reload`, and `status` (flows, dynamic clients,
+//!   upstreams, the fast path).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
 //!   the NAS's flow.
@@ -30,6 +32,7 @@ pub use radius_core::{
 };
 pub mod coa_listener;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dynamic;
 pub mod fastpath;

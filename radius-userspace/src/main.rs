@@ -84,6 +84,13 @@ enum Cmd {
     /// what changed; a file that does not check changes nothing, and the error names file,
     /// line and key. Talks to the control socket of the configuration (`server.control`).
     Reload,
+    /// Show what the running daemon holds now: flows by client, upstreams' health and
+    /// requests in flight, dynamic clients, the fast path and its counters.
+    Status {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the man page (radius-sidecar.8) and shell completions (bash, zsh, fish) into
     /// DIR, from this command line (the package ships them).
     #[command(hide = true)]
@@ -182,9 +189,15 @@ fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
-    if let Some(Cmd::Reload) = cli.cmd {
-        // The daemon reads the file itself and answers; without --control the file must
-        // check here first, to say where the socket is.
+    let command = match &cli.cmd {
+        Some(Cmd::Reload) => Some("reload"),
+        Some(Cmd::Status { json: false }) => Some("status"),
+        Some(Cmd::Status { json: true }) => Some("status json"),
+        _ => None,
+    };
+    if let Some(command) = command {
+        // The daemon reads the file itself; without --control the file must check here
+        // first, to say where the socket is.
         let path = match &cli.control {
             Some(p) => p.clone(),
             None => load(&cli, &Running::default())
@@ -193,10 +206,10 @@ fn main() -> anyhow::Result<()> {
                 .control
                 .context(
                     "the configuration has no control socket (server.control = \"none\"): \
-                     send SIGHUP",
+                     send SIGHUP to reload",
                 )?,
         };
-        println!("{}", radius_sidecar::reload::ask(&path, "reload")?);
+        println!("{}", radius_sidecar::control::ask(&path, command)?);
         return Ok(());
     }
     let config = load(&cli, &Running::default())?;

@@ -1,5 +1,5 @@
 //! Reload: the configuration read again while traffic flows, on SIGHUP or a `reload` over
-//! the control socket. The new file is checked whole before anything changes; one that does
+//! the control socket (`crate::control`). The new file is checked whole before anything changes; one that does
 //! not check leaves the running configuration alone and the answer names file, line and
 //! key. Then a new [`Current`] is built (unchanged upstreams keep their `Arc`, link and
 //! health; changed ones get new links, see `radius_core::engine::Common::reloaded`), stored
@@ -7,18 +7,10 @@
 //! reload cannot change (listeners, workers, the fast path, the metrics and CoA addresses,
 //! flow bounds) is kept and named in the answer: it takes a restart.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
-};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
@@ -216,38 +208,18 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
     Ok(answer)
 }
 
-/// What asks for a reload: SIGHUP (answer logged) or the control socket (answer sent back).
-type Request = oneshot::Sender<Result<String, String>>;
+/// A reload asked over the control socket: the answer goes back on it.
+pub(crate) type ReloadRequest = oneshot::Sender<Result<String, String>>;
 
-/// The control socket of the configuration, bound (before the daemon says it is ready);
-/// None, said why, when there is none.
-pub(crate) fn control_socket(shared: &Shared) -> Option<(UnixListener, PathBuf)> {
-    let path = shared.current.load().daemon.control.clone()?;
-    match bind_control(&path) {
-        Ok(listener) => {
-            info!(path = %path.display(), "control socket listening");
-            Some((listener, path))
-        }
-        Err(e) => {
-            warn!(path = %path.display(), "no control socket ({e:#}): reload with SIGHUP");
-            None
-        }
-    }
-}
-
-/// Serves reloads until the daemon is cancelled: SIGHUP, and `control` (see
-/// [`control_socket`]).
+/// Serves reloads until the daemon is cancelled: SIGHUP (the answer is logged), and
+/// `requests` from the control socket (the answer goes back).
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     loader: Loader,
     mut on_reloaded: OnReloaded,
-    control: Option<(UnixListener, PathBuf)>,
+    mut rx: mpsc::Receiver<ReloadRequest>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (tx, mut rx) = mpsc::channel::<Request>(4);
-    if let Some((listener, path)) = control {
-        tokio::spawn(control_loop(listener, path, tx, shared.cancel.clone()));
-    }
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler: reload only over the control socket");
         return;
@@ -278,95 +250,5 @@ pub(crate) async fn serve(
         if let Some(reply) = reply {
             let _ = reply.send(outcome.map_err(|e| format!("{e:#}")));
         }
-    }
-}
-
-/// Binds the control socket, readable and writable by its owner only. A socket file left
-/// by a process that died is replaced; one a live sidecar answers on is not.
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another process answers on it");
-        }
-        std::fs::remove_file(path).context("removing a stale socket")?;
-    }
-    let listener = UnixListener::bind(path).context("binding")?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .context("setting its mode to 0600")?;
-    Ok(listener)
-}
-
-async fn control_loop(
-    listener: UnixListener,
-    path: PathBuf,
-    tx: mpsc::Sender<Request>,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let conn = tokio::select! {
-            r = listener.accept() => r,
-            () = cancel.cancelled() => break,
-        };
-        let Ok((conn, _)) = conn else { continue };
-        tokio::spawn(control_conn(conn, tx.clone()));
-    }
-    let _ = std::fs::remove_file(&path);
-}
-
-/// One command per connection: `reload`. The answer is one line, `ok: ...` or
-/// `error: ...`.
-async fn control_conn(conn: UnixStream, tx: mpsc::Sender<Request>) {
-    let (read, mut write) = conn.into_split();
-    let mut line = String::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        BufReader::new(read.take(256)).read_line(&mut line),
-    )
-    .await;
-    if !matches!(read, Ok(Ok(_))) {
-        return;
-    }
-    let answer = match line.trim() {
-        "reload" => {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            match tx.send(reply_tx).await {
-                Err(_) => "error: the daemon is stopping".to_owned(),
-                Ok(()) => match reply_rx.await {
-                    Ok(Ok(a)) => format!("ok: {a}"),
-                    Ok(Err(e)) => format!("error: {e}"),
-                    Err(_) => "error: the daemon is stopping".to_owned(),
-                },
-            }
-        }
-        other => format!("error: unknown command `{other}` (known: reload)"),
-    };
-    let _ = write.write_all(answer.as_bytes()).await;
-    let _ = write.write_all(b"\n").await;
-}
-
-/// The client side (`radius-sidecar reload`): sends `command` to the control socket at
-/// `path` and returns the daemon's answer; an `error:` answer is an error.
-pub fn ask(path: &Path, command: &str) -> anyhow::Result<String> {
-    use std::io::{BufRead as _, Write as _};
-    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| {
-        format!(
-            "connecting to the control socket {} (is the daemon running, and are you its \
-             user or root?)",
-            path.display()
-        )
-    })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    writeln!(s, "{command}")?;
-    let mut answer = String::new();
-    std::io::BufReader::new(s).read_line(&mut answer)?;
-    let answer = answer.trim_end().to_owned();
-    match answer.strip_prefix("error: ") {
-        Some(e) => anyhow::bail!("{e}"),
-        None if answer.is_empty() => anyhow::bail!("the daemon closed without an answer"),
-        None => Ok(answer),
     }
 }

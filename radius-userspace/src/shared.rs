@@ -104,6 +104,8 @@ pub(crate) enum ToWorker {
     Coa(CoaJob),
     /// A reload: the configuration in force from now on.
     Reload(Arc<Current>),
+    /// `radius-sidecar status`: what the worker's engine holds now.
+    Status(tokio::sync::oneshot::Sender<radius_core::engine::EngineStatus>),
 }
 
 impl Inbox {

@@ -331,6 +331,9 @@ pub(crate) fn run(
                                 w.engine
                                     .handle_reload(now, current.common.clone(), &mut w.io);
                             }
+                            ToWorker::Status(reply) => {
+                                let _ = reply.send(w.engine.status());
+                            }
                         }
                     }
                 }

@@ -4,7 +4,8 @@
 //! longer served), a pool member added and removed, an upstream's secret changed (its
 //! FreeRADIUS restarted with the new one), and a broken file (refused, named, nothing
 //! changed). No request may be lost (unanswered within 2 s: the generator never
-//! retransmits), and the NASes' flows are never made again.
+//! retransmits), and the NASes' flows are never made again. `radius-sidecar status` then
+//! says what the daemon holds, under the same load.
 
 use std::{
     net::{IpAddr, Ipv4Addr, UdpSocket},
@@ -212,6 +213,36 @@ fn twenty_reloads_under_load_lose_nothing_and_make_no_flow_again() {
         std::thread::sleep(Duration::from_millis(800));
     }
     let reloading = started.elapsed();
+    // What the daemon says it holds, under the same load.
+    let status = |json: bool| {
+        let mut args = vec!["status", "--control", control.to_str().expect("utf-8")];
+        if json {
+            args.push("--json");
+        }
+        let out = ns
+            .command(sidecar_bin().to_str().expect("utf-8"))
+            .args(&args)
+            .output()
+            .expect("radius-sidecar status");
+        assert!(out.status.success(), "status: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = status(false);
+    println!("{text}");
+    assert!(
+        text.contains("path: fast") && text.contains("nases: 64 / 0 /"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json");
+    assert_eq!(v["flows"]["nases"]["proved"], 64, "{v}");
+    assert_eq!(v["fast_path"]["steer_attached"], true, "{v}");
+    assert_eq!(v["fast_path"]["registered_flows"], 64, "{v}");
+    assert_eq!(v["workers_silent"], 0, "{v}");
+    let fr1 = v["upstreams"]
+        .as_array()
+        .and_then(|a| a.iter().find(|u| u["name"] == "fr1"))
+        .expect("fr1 in the status");
+    assert_eq!(fr1["state"], "alive", "{v}");
     let r = load
         .join()
         .expect("the load generator")
