@@ -121,7 +121,7 @@ struct Opts {
     write: Option<String>,
     /// Only the rows whose proxy name contains this (and the direct rows).
     only: Option<String>,
-    /// The sidecar's workers (0: one per core).
+    /// The sidecar's workers (0: its default, half the cores).
     workers: usize,
     /// Rows at 256, 1 000 and 4 000 outstanding, sidecar beside radsecproxy.
     sweep: bool,
@@ -665,8 +665,14 @@ fn render(rows: &[Row], o: &Opts) -> String {
          generator, the proxy and the upstream share the cores. PAP Access-Requests from {} \
          NAS addresses (one flow each), closed loop, {} s per run after a 1 s warm-up; each \
          row is the median of {} interleaved rounds by rate. CPU per request: user + system \
-         time of the proxy process (from /proc) over answered requests.\n",
-        o.sources, o.seconds, o.rounds
+         time of the proxy process (from /proc) over answered requests. The sidecar runs {}.\n",
+        o.sources,
+        o.seconds,
+        o.rounds,
+        match o.workers {
+            0 => "its default workers (half the cores, at least one)".to_owned(),
+            n => format!("{n} worker(s)"),
+        }
     );
     let _ = writeln!(
         t,
