@@ -539,3 +539,61 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names an exposition declares (`# TYPE name kind`).
+    fn declared(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_grafana_dashboard_shows_only_metrics_the_daemon_exports() {
+        // Families show in the exposition once they have a series: give each one.
+        let m = Metrics::new();
+        m.reload("ok");
+        m.refuse(Refusal::MaxFlows);
+        m.proxy_drop("x");
+        m.local_answer("x");
+        m.upstream_retransmit("x");
+        m.coa("x");
+        m.definition("defined");
+        m.flow_evicted("x");
+        m.set_upstream_state("u", 0);
+        m.packet(Via::Child);
+        m.kernel.get_or_create(&KernelLabel { event: "x" }).inc();
+        m.connections_open
+            .get_or_create(&TransportLabel { transport: "tcp" })
+            .set(0);
+        let names = declared(&m.render());
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../packaging/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut used = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().expect("a PromQL expression");
+                // Every radius_ name in the expression, with the suffixes Prometheus adds.
+                for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+                    if !word.starts_with("radius_") {
+                        continue;
+                    }
+                    let base = word.strip_suffix("_total").unwrap_or(word);
+                    assert!(
+                        names.iter().any(|n| n == base || n == word),
+                        "panel {:?} uses {word}, which the daemon does not export",
+                        panel["title"]
+                    );
+                    used += 1;
+                }
+            }
+        }
+        assert!(used >= 10, "the dashboard covers the main series");
+    }
+}
