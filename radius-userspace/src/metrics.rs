@@ -421,6 +421,20 @@ impl Metrics {
             .set(i64::from(on));
     }
 
+    /// Drops the series of a client or an upstream (`peer`) a reload removed.
+    pub fn forget_peer(&self, peer: &'static str, name: &str) {
+        let label = PeerLabel {
+            peer,
+            name: name.to_owned(),
+        };
+        self.message_authenticator_required.remove(&label);
+        if peer == "upstream" {
+            self.upstream_state.remove(&UpstreamLabel {
+                upstream: name.to_owned(),
+            });
+        }
+    }
+
     pub fn flow_evicted(&self, reason: &'static str) {
         self.flows_evicted
             .get_or_create(&ReasonLabel { reason })
@@ -595,5 +609,22 @@ mod tests {
             }
         }
         assert!(used >= 10, "the dashboard covers the main series");
+    }
+
+    #[test]
+    fn a_removed_peer_leaves_no_series() {
+        let m = Metrics::new();
+        m.set_message_authenticator_required("client", "gone", true);
+        m.set_message_authenticator_required("upstream", "old", false);
+        m.set_upstream_state("old", 1);
+        m.set_message_authenticator_required("client", "kept", true);
+        m.forget_peer("client", "gone");
+        m.forget_peer("upstream", "old");
+        let text = m.render();
+        assert!(
+            !text.contains("\"gone\"") && !text.contains("\"old\""),
+            "{text}"
+        );
+        assert!(text.contains("name=\"kept\""), "{text}");
     }
 }

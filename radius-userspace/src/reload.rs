@@ -160,6 +160,17 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
             client.requires_message_authenticator(),
         );
     }
+    // Series of what left the configuration go too (a dashboard would show them forever).
+    for gone in c.clients.iter() {
+        if !clients.iter().any(|n| n.name == gone.name) {
+            shared.metrics.forget_peer("client", &gone.name);
+        }
+    }
+    for gone in &configured {
+        if !config.upstreams.iter().any(|n| n.name == gone.name) {
+            shared.metrics.forget_peer("upstream", &gone.name);
+        }
+    }
     let common = c.reloaded(Settings {
         clients,
         dynamic: core_dynamic,
