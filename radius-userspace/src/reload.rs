@@ -1,7 +1,7 @@
 //! Reload: the configuration read again while traffic flows, on SIGHUP or a `reload` over
-//! the control socket (`crate::control`). The new file is checked whole before anything changes; one that does
-//! not check leaves the running configuration alone and the answer names file, line and
-//! key. Then a new [`Current`] is built (unchanged upstreams keep their `Arc`, link and
+//! the control socket (`crate::control`). The new file is checked whole before anything
+//! changes; one that does not check leaves the running configuration alone and the answer
+//! names file, line and key. Then a new [`Current`] is built (unchanged upstreams keep their `Arc`, link and
 //! health; changed ones get new links, see `radius_core::engine::Common::reloaded`), stored
 //! for the tokio side and handed to every worker, whose engine re-binds its flows. What a
 //! reload cannot change (listeners, workers, the fast path, the metrics and CoA addresses,
@@ -231,13 +231,18 @@ pub(crate) async fn serve(
     mut rx: mpsc::Receiver<ReloadRequest>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot install the SIGHUP handler: reload only over the control socket");
-        return;
-    };
+    let mut hup = signal(SignalKind::hangup())
+        .inspect_err(|e| warn!("no SIGHUP handler ({e}): reload only over the control socket"))
+        .ok();
     loop {
+        let sighup = async {
+            match &mut hup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let reply = tokio::select! {
-            _ = hup.recv() => None,
+            _ = sighup => None,
             Some(reply) = rx.recv() => Some(reply),
             () = shared.cancel.cancelled() => return,
         };
