@@ -174,11 +174,21 @@ fn reply_message(p: &Packet<'_>) -> String {
 }
 
 fn upstream(name: &str, port: u16) -> Arc<Upstream> {
+    upstream_of(name, port, &format!("{name}-secret"), false)
+}
+
+/// An upstream reached over TCP or TLS (the driver's concern): the engine never sends a
+/// request twice on its connection.
+fn stream_upstream(name: &str, port: u16) -> Arc<Upstream> {
+    upstream_of(name, port, &format!("{name}-secret"), true)
+}
+
+fn upstream_of(name: &str, port: u16, secret: &str, stream: bool) -> Arc<Upstream> {
     Arc::new(Upstream {
         name: name.into(),
         auth: SocketAddr::from(([127, 0, 0, 1], port)),
         acct: None,
-        secret: Secret::new(format!("{name}-secret").as_bytes()),
+        secret: Secret::new(secret.as_bytes()),
         timeout: Duration::from_secs(20),
         options: UpstreamOptions {
             retry: Duration::from_secs(2),
@@ -187,28 +197,7 @@ fn upstream(name: &str, port: u16) -> Arc<Upstream> {
             ..Default::default()
         },
         health: Default::default(),
-        stream: false,
-    })
-}
-
-/// An upstream reached over TCP or TLS (the driver's concern): the engine never sends a
-/// request twice on its connection.
-fn stream_upstream(name: &str, port: u16) -> Arc<Upstream> {
-    let u = upstream(name, port);
-    Arc::new(Upstream {
-        name: u.name.clone(),
-        auth: u.auth,
-        acct: None,
-        secret: Secret::new(format!("{name}-secret").as_bytes()),
-        timeout: u.timeout,
-        options: UpstreamOptions {
-            retry: u.options.retry,
-            max_retries: u.options.max_retries,
-            require_message_authenticator: YesNoAuto::No,
-            ..Default::default()
-        },
-        health: Default::default(),
-        stream: true,
+        stream,
     })
 }
 
@@ -1341,22 +1330,7 @@ fn requests_prepared_before_the_handshake_said_1_1_are_prepared_again() {
 
 /// `upstream(name, port)` with another secret.
 fn upstream_with_secret(name: &str, port: u16, secret: &str) -> Arc<Upstream> {
-    let u = upstream(name, port);
-    Arc::new(Upstream {
-        name: u.name.clone(),
-        auth: u.auth,
-        acct: None,
-        secret: Secret::new(secret.as_bytes()),
-        timeout: u.timeout,
-        options: UpstreamOptions {
-            retry: u.options.retry,
-            max_retries: u.options.max_retries,
-            require_message_authenticator: YesNoAuto::No,
-            ..Default::default()
-        },
-        health: Default::default(),
-        stream: false,
-    })
+    upstream_of(name, port, secret, false)
 }
 
 impl World {

@@ -711,6 +711,24 @@ pub fn pap_request(
     (p.as_bytes().to_vec(), a)
 }
 
+/// One PAP Access-Request for alice (password "alice-pw") from `from` (any port) to `to`,
+/// signed with `secret`: whether a verified Access-Accept came back within `patience`. Run
+/// it inside the NAS's namespace.
+pub fn pap_accepted(from: &str, to: (&str, u16), secret: &str, patience: Duration) -> bool {
+    use radius_sidecar::codec::{Code, Packet, auth};
+    let s = UdpSocket::bind((from, 0)).expect("a NAS socket");
+    s.set_read_timeout(Some(patience)).ok();
+    let (req, a) = pap_request(1, "alice", "alice-pw", secret, &[]);
+    s.send_to(&req, to).expect("send");
+    let mut b = [0u8; 4096];
+    let Ok(len) = s.recv(&mut b) else {
+        return false;
+    };
+    Packet::parse(&b[..len]).is_ok_and(|p| {
+        p.code() == Code::AccessAccept && auth::verify(&p, secret.as_bytes(), Some(&a)).is_ok()
+    })
+}
+
 /// Starts radclient in `ns` with `args`, writes `input` (its attribute list) to its stdin and
 /// returns the running child; stdout and stderr are piped.
 pub fn spawn_radclient(ns: &NetNs, args: &[&str], input: &str) -> Child {

@@ -8,12 +8,11 @@
 //! says what the daemon holds, under the same load.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use radius_sidecar::codec::{Code, Packet, auth};
 use tests::{
     loadgen::{self, LoadSpec},
     *,
@@ -94,20 +93,7 @@ fn reload(ns: &NetNs, control: &Path) -> (bool, String) {
 
 /// One request from 127.0.3.1: whether an Access-Accept came back within `patience`.
 fn late_nas_served(ns: &NetNs, patience: Duration) -> bool {
-    ns.run(move || {
-        let s = UdpSocket::bind(("127.0.3.1", 0)).expect("a NAS socket");
-        s.set_read_timeout(Some(patience)).ok();
-        let (req, a) = pap_request(1, "alice", "alice-pw", NAS_SECRET, &[]);
-        s.send_to(&req, ("127.0.0.1", 1812)).expect("send");
-        let mut b = [0u8; 4096];
-        let Ok(len) = s.recv(&mut b) else {
-            return false;
-        };
-        Packet::parse(&b[..len]).is_ok_and(|p| {
-            p.code() == Code::AccessAccept
-                && auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).is_ok()
-        })
-    })
+    ns.run(move || pap_accepted("127.0.3.1", ("127.0.0.1", 1812), NAS_SECRET, patience))
 }
 
 #[test]

@@ -5,12 +5,10 @@
 //! 1812, and says STOPPING=1 at SIGTERM.
 
 use std::{
-    net::UdpSocket,
     os::unix::net::UnixDatagram,
     time::{Duration, Instant},
 };
 
-use radius_sidecar::codec::{Code, Packet, auth};
 use tests::*;
 
 const UNIT: &str = include_str!("../../packaging/radius-sidecar.service");
@@ -189,18 +187,12 @@ secret = "{NAS_SECRET}"
     );
 
     let served = ns.run(|| {
-        let s = UdpSocket::bind(("127.0.2.9", 0)).expect("a NAS socket");
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-        let (req, a) = pap_request(7, "alice", "alice-pw", NAS_SECRET, &[]);
-        s.send_to(&req, ("127.0.0.1", 1812)).expect("send");
-        let mut b = [0u8; 4096];
-        let Ok(len) = s.recv(&mut b) else {
-            return false;
-        };
-        Packet::parse(&b[..len]).is_ok_and(|p| {
-            p.code() == Code::AccessAccept
-                && auth::verify(&p, NAS_SECRET.as_bytes(), Some(&a)).is_ok()
-        })
+        pap_accepted(
+            "127.0.2.9",
+            ("127.0.0.1", 1812),
+            NAS_SECRET,
+            Duration::from_secs(3),
+        )
     });
     assert!(served, "an Access-Request served: {}", d.log());
     println!(
