@@ -399,7 +399,7 @@ impl Engine {
     }
 
     /// What this engine holds now, for `radius-sidecar status`.
-    pub fn status(&mut self) -> EngineStatus {
+    pub fn status(&self) -> EngineStatus {
         let mut st = EngineStatus::default();
         for (_, f) in self.flows.iter() {
             let c = st.flows.entry(f.client.name.clone()).or_default();
@@ -413,7 +413,7 @@ impl Engine {
         for link in 0..self.links_open {
             let first = port(link, false) * requests::MAX_SOCKETS;
             let n = (first..first + 2 * requests::MAX_SOCKETS)
-                .map(|s| self.requests.on_socket(s).len())
+                .map(|s| self.requests.in_flight_on(s))
                 .sum();
             st.in_flight_by_link.push(n);
         }

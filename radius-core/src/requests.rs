@@ -139,6 +139,14 @@ impl<F> Requests<F> {
         out
     }
 
+    /// Requests in flight on `socket`.
+    pub fn in_flight_on(&self, socket: usize) -> usize {
+        match self.spaces.get(socket) {
+            Some(Some(space)) => space.ids.in_flight(),
+            _ => 0,
+        }
+    }
+
     /// Requests in flight on every socket.
     pub fn in_flight(&self) -> usize {
         self.spaces
