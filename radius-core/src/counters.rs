@@ -67,6 +67,9 @@ pub enum Count {
     FlowCreated {
         proved: bool,
     },
+    /// A proved flow taken over, with its socket, from the process this one upgraded
+    /// (not made again: counted apart from `FlowCreated`).
+    FlowAdopted,
     /// A provisional flow proved its source.
     FlowProved,
     /// A flow ended; `proved` as it was then.

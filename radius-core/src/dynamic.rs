@@ -198,6 +198,38 @@ impl Dynamic {
         self.cache().map.len()
     }
 
+    /// A definition made by the process this one upgraded: kept for what it had left
+    /// (at most a definition's lifetime), so the flows it carries are not defined again.
+    pub fn adopt(&self, ip: IpAddr, client: Arc<Client>, left: Duration, now: Instant) {
+        let until = now + left.min(self.lifetimes.defined);
+        let mut cache = self.cache();
+        if cache.map.len() < self.max_clients {
+            cache.map.insert(ip, Entry::Defined { client, until });
+        }
+    }
+
+    /// The definition of `ip` in the cache, if live (a look-up that starts nothing).
+    pub fn defined(&self, ip: IpAddr, now: Instant) -> Option<Arc<Client>> {
+        match self.cache().map.get(&ip) {
+            Some(Entry::Defined { client, until }) if *until > now => Some(client.clone()),
+            _ => None,
+        }
+    }
+
+    /// The live definitions, for the process that takes this one's place.
+    pub fn definitions(&self, now: Instant) -> Vec<(IpAddr, Arc<Client>, Duration)> {
+        self.cache()
+            .map
+            .iter()
+            .filter_map(|(&ip, e)| match e {
+                Entry::Defined { client, until } if *until > now => {
+                    Some((ip, client.clone(), *until - now))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Records how the definition of `ip` ended; returns how long it is remembered.
     pub fn record(
         &self,
@@ -273,6 +305,23 @@ mod tests {
         let c = client();
         d.record(down, Ok(&c), later);
         assert!(matches!(d.resolve(down, later), Resolution::Client(_)));
+    }
+
+    #[test]
+    fn an_adopted_definition_is_used_for_what_it_had_left() {
+        let (d, t0) = (dynamic(), Instant::now());
+        let ip = "203.0.113.9".parse().unwrap();
+        d.adopt(ip, client(), Duration::from_secs(10), t0);
+        assert!(matches!(d.resolve(ip, t0), Resolution::Client(_)));
+        let listed = d.definitions(t0 + Duration::from_secs(4));
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].2, Duration::from_secs(6));
+        let later = t0 + Duration::from_secs(11);
+        assert!(matches!(
+            d.resolve(ip, later),
+            Resolution::Defining { start: true }
+        ));
+        assert!(d.definitions(later).is_empty());
     }
 
     #[test]

@@ -722,6 +722,67 @@ impl Engine {
         }
     }
 
+    /// Every packet waiting for a definition, as it arrived (remote, local, bytes), taken
+    /// out: this process hands them to the one that upgrades it, which reads them as if
+    /// from the wildcard.
+    pub fn take_pending(&mut self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+        let waiting = self.common.pending_packets.clone();
+        self.pending
+            .take_all(&waiting)
+            .into_iter()
+            .flat_map(|(_, packets)| packets)
+            .map(|a| (a.remote, a.local, a.data))
+            .collect()
+    }
+
+    /// A proved flow taken over from the process this one upgraded (`radius-sidecar
+    /// upgrade`): the driver holds its socket already and hands it through
+    /// `Io::open_child`. Its client is the one named `client` for its address, configured
+    /// or defined (the definitions came over first). Nothing is made, and false returned,
+    /// when no such client is there any longer or at `max_flows`: the flow is then made
+    /// anew from its next packet, as any other. Its dedup state starts empty: a NAS's
+    /// retransmission of a request the old process had in flight is forwarded again.
+    pub fn adopt_flow(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local: SocketAddr,
+        client: &str,
+        io: &mut dyn Io,
+    ) -> bool {
+        let common = self.common.clone();
+        let named = |c: &&Arc<Client>| c.name == client;
+        let found = match common.clients.binding(remote.ip()) {
+            Some(Binding::One(c)) => Some(c).filter(|c| named(&c)),
+            Some(Binding::Nat(list)) => list.iter().find(named).cloned(),
+            None => common
+                .dynamic
+                .as_ref()
+                .and_then(|d| d.defined(remote.ip(), now))
+                .filter(|c| named(&c)),
+        };
+        let Some(client) = found else {
+            debug!(%remote, client, "not adopted: no such client for its address now");
+            return false;
+        };
+        if self.flows.find(&flow_key(remote, local)).is_some()
+            || !reserve(&common.active, common.max_flows)
+        {
+            return false;
+        }
+        let slot = self
+            .flows
+            .insert(Flow::new(remote, local, client, true, now));
+        if let Err(why) = self.open_child(slot, io) {
+            self.flows.remove(slot);
+            common.active.fetch_sub(1, Ordering::AcqRel);
+            self.count(Count::Refused(why));
+            return false;
+        }
+        self.count(Count::FlowAdopted);
+        true
+    }
+
     fn open_child(&mut self, slot: usize, io: &mut dyn Io) -> Result<(), Refusal> {
         let flow = self.flows.get_mut(slot).ok_or(Refusal::ChildSocket)?;
         io.open_child(slot, flow)?;

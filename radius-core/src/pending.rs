@@ -125,6 +125,12 @@ impl<K: Copy + Eq + Hash, P> PendingSources<K, P> {
         self.take(keys, waiting)
     }
 
+    /// Every flow waiting (its process hands them to the one that upgrades it).
+    pub fn take_all(&mut self, waiting: &AtomicUsize) -> Vec<(K, Vec<P>)> {
+        let keys: Vec<K> = self.flows.keys().copied().collect();
+        self.take(keys, waiting)
+    }
+
     fn take(&mut self, keys: Vec<K>, waiting: &AtomicUsize) -> Vec<(K, Vec<P>)> {
         keys.into_iter()
             .filter_map(|k| {

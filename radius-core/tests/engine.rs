@@ -1497,3 +1497,43 @@ fn status_counts_flows_by_client_and_requests_in_flight_by_link() {
     );
     assert_eq!(st.in_flight_by_link, vec![1]);
 }
+
+#[test]
+fn an_adopted_flow_is_served_through_its_socket_and_not_made_again() {
+    let mut w = World::new(dynamic_setup());
+    let local: SocketAddr = LISTEN.parse().unwrap();
+    let pool = w.common.clients.lookup(nas(1).ip()).unwrap().pool.clone();
+    // The definition came over first, with what it had left in the old process.
+    let dynamic = w.common.dynamic.clone().unwrap();
+    let defined = Arc::new(client("dyn-9", "203.0.113.9/32", pool));
+    dynamic.adopt(dynamic_nas(1).ip(), defined, Duration::from_secs(60), w.now);
+    assert!(
+        w.engine
+            .adopt_flow(w.now, nas(40000), local, "nases", &mut w.io)
+    );
+    assert!(
+        w.engine
+            .adopt_flow(w.now, dynamic_nas(41000), local, "dyn-9", &mut w.io)
+    );
+    assert!(
+        !w.engine
+            .adopt_flow(w.now, nas(40001), local, "gone", &mut w.io),
+        "a client that is no longer configured: not adopted"
+    );
+    assert!(
+        !w.engine
+            .adopt_flow(w.now, nas(40000), local, "nases", &mut w.io),
+        "a flow is adopted once"
+    );
+    assert_eq!(w.io.children.len(), 2, "each took its socket");
+    assert_eq!(w.count(Count::FlowAdopted), 2);
+    assert_eq!(w.count(Count::FlowCreated { proved: true }), 0);
+    assert!(w.io.defines.is_empty(), "no definition asked for again");
+    // Their requests come through their sockets and go upstream at once.
+    w.nas_sends(nas(40000), &access_request(1, "alice", None));
+    w.nas_sends(dynamic_nas(41000), &access_request(2, "bob", None));
+    assert_eq!(w.count(Count::Packet(Via::Child)), 2);
+    w.answer_all(0, Code::AccessAccept);
+    assert_eq!(w.take_nas().len(), 2);
+    assert_eq!(w.count(Count::FlowCreated { proved: true }), 0);
+}

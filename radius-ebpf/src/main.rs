@@ -122,8 +122,10 @@ fn try_steer(ctx: &SkLookupContext) {
     };
     // BPF_SK_LOOKUP_F_NO_REUSEPORT: the socket chosen here is final; without it the kernel
     // re-runs reuseport selection and can hand the packet to another member of the group.
-    const NO_REUSEPORT: u64 = 2;
-    match CHILDREN.redirect_sk_lookup(ctx, key, NO_REUSEPORT) {
+    // BPF_SK_LOOKUP_F_REPLACE: during an upgrade the old process's steer runs first; the
+    // newest program's choice wins (both choose among the same handed-over sockets).
+    const FLAGS: u64 = 2 | 1;
+    match CHILDREN.redirect_sk_lookup(ctx, key, FLAGS) {
         Ok(()) => return count(Counter::SteerChild),
         Err(e) if e != -2 => {
             // Not ENOENT: a socket is there but cannot take the packet (e.g. closing).
@@ -137,7 +139,7 @@ fn try_steer(ctx: &SkLookupContext) {
         return count(Counter::SteerNoListener);
     }
     let slot = svc.first_listener + flow_hash(&key) % svc.listeners;
-    match LISTENERS.redirect_sk_lookup(ctx, slot, NO_REUSEPORT) {
+    match LISTENERS.redirect_sk_lookup(ctx, slot, FLAGS) {
         Ok(()) => count(Counter::SteerListener),
         Err(-2) => count(Counter::SteerNoListener),
         Err(_) => count(Counter::SteerAssignError),

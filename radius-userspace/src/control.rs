@@ -1,6 +1,7 @@
 //! The control socket: a Unix socket (`server.control`, mode 0600: its owner and root only)
 //! that takes one command per connection and answers in one go. `reload` hands the request
-//! to [`crate::reload`] and answers `ok: ...` or `error: ...`; `status` and `status json`
+//! to [`crate::reload`] and answers `ok: ...` or `error: ...`, `upgrade` to
+//! [`crate::upgrade`] (a new copy of the binary takes over); `status` and `status json`
 //! answer what the daemon holds now: flows by client (asked of every worker), dynamic
 //! clients, upstream health and requests in flight, the fast path and its counters.
 //! [`ask`] is the client side (`radius-sidecar reload`, `radius-sidecar status`).
@@ -47,7 +48,8 @@ pub(crate) fn bind(shared: &Shared) -> Option<(UnixListener, PathBuf)> {
 }
 
 /// Binds the socket, readable and writable by its owner only. A socket file left by a
-/// process that died is replaced; one a live sidecar answers on is not.
+/// process that died is replaced (and said so: the last one did not stop cleanly); one a
+/// live sidecar answers on is not.
 fn bind_at(path: &Path) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
@@ -58,6 +60,11 @@ fn bind_at(path: &Path) -> anyhow::Result<UnixListener> {
             anyhow::bail!("another process answers on it");
         }
         std::fs::remove_file(path).context("removing a stale socket")?;
+        warn!(
+            path = %path.display(),
+            "found the control socket of a sidecar that did not stop cleanly (killed?): \
+             replaced; its eBPF programs and sockets went with its process"
+        );
     }
     let listener = UnixListener::bind(path).context("binding")?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -79,7 +86,13 @@ pub(crate) async fn serve(
         let Ok((conn, _)) = conn else { continue };
         tokio::spawn(answer(conn, shared.clone(), reloads.clone()));
     }
-    let _ = std::fs::remove_file(&path);
+    // After an upgrade the file is the new process's socket.
+    if !shared
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 async fn answer(conn: UnixStream, shared: Arc<Shared>, reloads: mpsc::Sender<ReloadRequest>) {
@@ -105,10 +118,16 @@ async fn answer(conn: UnixStream, shared: Arc<Shared>, reloads: mpsc::Sender<Rel
                 },
             }
         }
+        "upgrade" => match crate::upgrade::upgrade(shared.clone()).await {
+            Ok(a) => format!("ok: {a}"),
+            Err(e) => format!("error: {e:#}"),
+        },
         "status" => status(&shared).await.to_text(),
         "status json" => serde_json::to_string_pretty(&status(&shared).await)
             .unwrap_or_else(|e| format!("error: {e}")),
-        other => format!("error: unknown command `{other}` (known: reload, status, status json)"),
+        other => format!(
+            "error: unknown command `{other}` (known: reload, upgrade, status, status json)"
+        ),
     };
     let _ = write.write_all(answer.as_bytes()).await;
     let _ = write.write_all(b"\n").await;
@@ -342,7 +361,8 @@ pub fn ask(path: &Path, command: &str) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // An upgrade waits up to 30 s for the new process, and then for its answer.
+    s.set_read_timeout(Some(Duration::from_secs(75)))?;
     writeln!(s, "{command}")?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;

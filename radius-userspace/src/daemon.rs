@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,9 +23,11 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, DaemonConfig, EbpfMode, Listener},
     fastpath::{FastPath, FastPathOptions},
+    handover::{Channel, Handed, Message},
     metrics::{self, Metrics},
     shared::{self, Common, Shared, lock},
     socket::{self, SteeringPath},
+    upgrade::Takeover,
     upstream::Upstream,
     upstream_conn::Transport,
     worker,
@@ -35,10 +38,13 @@ const FD_RESERVE: u64 = 128;
 
 /// Sets up the fast path (or says why not), serves until `cancel`, then drains and detaches.
 /// `loader` reads the configuration again at each reload (SIGHUP, `radius-sidecar reload`).
+/// `successor`: this process was started by `radius-sidecar upgrade`; it takes the old
+/// process's sockets and flows over that channel instead of binding its own.
 pub async fn run(
     full: Config,
     loader: crate::reload::Loader,
     cancel: CancellationToken,
+    successor: Option<Channel>,
 ) -> anyhow::Result<()> {
     let Config {
         daemon: config,
@@ -82,7 +88,12 @@ pub async fn run(
     }
     metrics.max_flows.set(max_flows as i64);
 
-    let fastpath = setup_fastpath(&config, max_flows)?;
+    // On an upgrade guard waits: the interface holds the old process's until it hands over.
+    let mut fastpath = setup_fastpath(&config, max_flows, successor.is_none())?;
+    let mut takeover = match &successor {
+        Some(channel) => Some(take_over(channel, &config, &mut fastpath).await?),
+        None => None,
+    };
     let path = if fastpath.is_some() {
         SteeringPath::Fast
     } else {
@@ -131,6 +142,15 @@ pub async fn run(
         dedup: crate::reload::dedup_timers(&config),
         counters: metrics.clone(),
     });
+    if let (Some(t), Some(d)) = (&takeover, &dynamic) {
+        let now = std::time::Instant::now();
+        let adopted = t.definitions.iter().filter(|def| d.adopt(def, now)).count();
+        info!(
+            adopted,
+            offered = t.definitions.len(),
+            "dynamic clients taken over from the process this one upgrades"
+        );
+    }
     let shared = Arc::new(Shared {
         current: arc_swap::ArcSwap::from_pointee(shared::Current {
             common,
@@ -147,6 +167,8 @@ pub async fn run(
         cancel: cancel.clone(),
         heartbeats: (0..n_workers).map(|_| Default::default()).collect(),
         epoch: std::time::Instant::now(),
+        handoff: Default::default(),
+        handed_over: Default::default(),
     });
 
     let mut tasks = JoinSet::new();
@@ -160,12 +182,39 @@ pub async fn run(
         Box::new(move |current| watchers.follow(current, &m, &c)),
         reloads,
     ));
-    if let Some(control) = crate::control::bind(&shared) {
+    let control = match takeover.as_mut().and_then(|t| t.control.take()) {
+        Some((listener, path)) => {
+            listener.set_nonblocking(true)?;
+            Some((tokio::net::UnixListener::from_std(listener)?, path))
+        }
+        None => crate::control::bind(&shared),
+    };
+    if let Some(control) = control {
+        keep_for_upgrade(
+            &shared,
+            Handed::Control {
+                path: control.1.clone(),
+            },
+            &control.0,
+        );
         tasks.spawn(crate::control::serve(shared.clone(), control, reloads_tx));
     }
     for &Listener { addr, role } in &config.listen {
-        let wildcards = socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
-            .with_context(|| format!("binding the wildcard sockets of {addr}"))?;
+        let inherited = takeover.as_mut().and_then(|t| t.take_wildcards(addr));
+        let wildcards = match inherited {
+            Some((_, w)) if !w.is_empty() => {
+                if w.len() != config.workers {
+                    warn!(
+                        listen = %addr,
+                        workers = w.len(),
+                        "upgrade: the running process's worker count is kept until a restart"
+                    );
+                }
+                w
+            }
+            _ => socket::bind_wildcards(addr, config.workers, config.wildcard_rcvbuf)
+                .with_context(|| format!("binding the wildcard sockets of {addr}"))?,
+        };
         let bound = wildcards[0].local_addr()?;
         if let Some(fp) = &shared.fastpath {
             lock(fp)
@@ -187,11 +236,20 @@ pub async fn run(
             let me = defined_rxs.len();
             let shared = shared.clone();
             let runtime = tokio::runtime::Handle::current();
+            let inherited = takeover
+                .as_mut()
+                .map(|t| t.take_worker(bound, i))
+                .unwrap_or_default();
             // A thread of its own: the worker blocks in its epoll set (see crate::worker).
             tasks.spawn_blocking(move || {
-                let listener = worker::Listening { bound, accounting };
+                let listener = worker::Listening {
+                    bound,
+                    accounting,
+                    index: i,
+                };
                 let front = worker::Front::udp(w);
-                if let Err(e) = worker::run(shared, front, listener, i, me, defined, runtime) {
+                let run = worker::run(shared, front, listener, me, defined, runtime, inherited);
+                if let Err(e) = run {
                     tracing::error!(listen = %bound, worker = i, error = %e, "worker stopped");
                 }
             });
@@ -216,8 +274,11 @@ pub async fn run(
         .chain(config.listen_tls.iter().map(|l| (l, tls.clone())));
     for (&Listener { addr, role }, tls) in streams {
         let transport = if tls.is_some() { "tls" } else { "tcp" };
-        let listener = socket::bind_tcp_listener(addr)
-            .with_context(|| format!("binding the RADIUS/{transport} listener {addr}"))?;
+        let listener = match takeover.as_mut().and_then(|t| t.take_stream(addr)) {
+            Some(l) => l,
+            None => socket::bind_tcp_listener(addr)
+                .with_context(|| format!("binding the RADIUS/{transport} listener {addr}"))?,
+        };
         let bound = listener.local_addr()?;
         let front = worker::Front::Tcp(crate::tcp::TcpFront::new(listener, limits, tls)?);
         let accounting = role.is_accounting(bound.port());
@@ -235,23 +296,53 @@ pub async fn run(
         let shared = shared.clone();
         let runtime = tokio::runtime::Handle::current();
         tasks.spawn_blocking(move || {
-            let listening = worker::Listening { bound, accounting };
-            if let Err(e) = worker::run(shared, front, listening, 0, me, defined, runtime) {
+            let listening = worker::Listening {
+                bound,
+                accounting,
+                index: 0,
+            };
+            let run = worker::run(
+                shared,
+                front,
+                listening,
+                me,
+                defined,
+                runtime,
+                <_>::default(),
+            );
+            if let Err(e) = run {
                 tracing::error!(listen = %bound, transport, error = %e, "worker stopped");
             }
         });
     }
     if let Some(addr) = config.coa_listen {
-        let sock = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("binding the CoA listener {addr}"))?;
+        let sock = match takeover.as_mut().and_then(|t| t.coa.take()) {
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)?
+            }
+            None => UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the CoA listener {addr}"))?,
+        };
+        keep_for_upgrade(&shared, Handed::Coa { listen: addr }, &sock);
         info!(listen = %addr, "CoA/Disconnect listener (RFC 5176)");
         tasks.spawn(crate::coa_listener::listen(shared.clone(), sock));
     }
     if let Some(addr) = config.metrics_listen {
+        let listener = match takeover.as_mut().and_then(|t| t.metrics.take()) {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)?
+            }
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        };
+        keep_for_upgrade(&shared, Handed::Metrics { listen: addr }, &listener);
         let (m, c) = (metrics.clone(), cancel.clone());
         tasks.spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, c).await {
+            if let Err(e) = metrics::serve(listener, m, c).await {
                 warn!(%addr, error = %e, "metrics endpoint failed");
             }
         });
@@ -263,6 +354,11 @@ pub async fn run(
         }
     }
 
+    // Everything is served here now: the old process detaches and drains.
+    if let Some(channel) = successor {
+        crate::upgrade::confirm(channel, Ok(()));
+        info!("upgrade: this process serves; the old one finishes its requests in flight");
+    }
     // Type=notify: ready once every listener is bound, its worker running and the fast
     // path (if any) attached; a watchdog, if asked for, pings while the workers turn.
     let status = format!(
@@ -285,8 +381,16 @@ pub async fn run(
     }
 
     cancel.cancelled().await;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("shutting down: draining flows");
+    if shared
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // The service goes on, in the new process.
+        info!("handed over: draining requests in flight");
+    } else {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        info!("shutting down: draining flows");
+    }
     while tasks.join_next().await.is_some() {}
     let shared = Arc::into_inner(shared).context("a task still holds the daemon state")?;
     if let Some(fp) = shared.fastpath {
@@ -369,7 +473,53 @@ impl UpstreamWatchers {
     }
 }
 
-fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Option<FastPath>> {
+/// A duplicate of `sock`'s fd, kept for an upgrade to hand over.
+fn keep_for_upgrade(shared: &Shared, what: Handed, sock: &impl AsFd) {
+    match sock.as_fd().try_clone_to_owned() {
+        Ok(fd) => shared
+            .handoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((what, fd)),
+        Err(e) => warn!(error = %e, "cannot keep a listener for an upgrade"),
+    }
+}
+
+/// Takes the old process's sockets over (see crate::upgrade); attaches guard once the old
+/// process's is off the interface. A process that cannot serve the old one's sockets
+/// (unconnected children need the fast path) refuses, and the old one goes on.
+async fn take_over(
+    channel: &Channel,
+    config: &DaemonConfig,
+    fastpath: &mut Option<FastPath>,
+) -> anyhow::Result<Takeover> {
+    let t = tokio::task::block_in_place(|| crate::upgrade::take_over(channel))
+        .context("upgrade: taking the running process's sockets over")?;
+    if t.fast != fastpath.is_some() {
+        let why = if t.fast {
+            "the running process steers with eBPF and this one cannot (see above)"
+        } else {
+            "the running process steers in user space; restart to move to the fast path"
+        };
+        let _ = channel.send(&Message::Refused { why: why.into() }, &[]);
+        anyhow::bail!("upgrade refused: {why}");
+    }
+    let flows: usize = t.workers.values().map(|w| w.flows.len()).sum();
+    info!(flows, "upgrade: sockets taken over");
+    if let (Some(fp), Some(iface)) = (fastpath.as_mut(), &config.iface) {
+        match fp.attach_guard(iface) {
+            Ok(mode) => info!(iface, xdp_mode = ?mode, "upgrade: guard attached to {iface}"),
+            Err(e) => warn!(iface, error = %e, "upgrade: guard not attached; serving without it"),
+        }
+    }
+    Ok(t)
+}
+
+fn setup_fastpath(
+    config: &DaemonConfig,
+    max_flows: usize,
+    attach_guard: bool,
+) -> anyhow::Result<Option<FastPath>> {
     if config.ebpf == EbpfMode::Off {
         warn!("fast path off (--no-ebpf): steering in user space (connected children)");
         return Ok(None);
@@ -383,8 +533,8 @@ fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Opt
         let mut fp = FastPath::load(&opts)?;
         fp.attach_steer()?;
         let guard = match &config.iface {
-            Some(iface) => Some((iface.clone(), fp.attach_guard(iface)?)),
-            None => None,
+            Some(iface) if attach_guard => Some((iface.clone(), fp.attach_guard(iface)?)),
+            _ => None,
         };
         Ok::<_, crate::fastpath::FastPathError>((fp, guard))
     })();
@@ -395,6 +545,10 @@ fn setup_fastpath(config: &DaemonConfig, max_flows: usize) -> anyhow::Result<Opt
                     iface,
                     xdp_mode = ?mode,
                     "fast path on: steer attached to this network namespace, guard on {iface}"
+                ),
+                None if config.iface.is_some() => info!(
+                    "fast path on: steer attached; guard waits for the running process's to \
+                     come off the interface (upgrade)"
                 ),
                 None => info!("fast path on: steer attached; no --iface, so no guard (XDP)"),
             }

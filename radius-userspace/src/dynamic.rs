@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{
     client::{Client, SecretText},
     codec::auth::Secret,
+    handover::HandedDefinition,
 };
 
 /// What a directory says about one source address.
@@ -396,21 +397,39 @@ impl DynamicClients {
     }
 
     fn client_of(&self, ip: IpAddr, d: Definition) -> Result<Arc<Client>, String> {
-        if d.secret.is_empty() {
+        self.client(
+            ip,
+            d.name,
+            d.secret.as_bytes(),
+            d.upstream.as_deref(),
+            d.require_message_authenticator,
+        )
+    }
+
+    /// A client as a directory's definition makes it.
+    fn client(
+        &self,
+        ip: IpAddr,
+        name: Option<String>,
+        secret: &[u8],
+        upstream: Option<&str>,
+        require_message_authenticator: bool,
+    ) -> Result<Arc<Client>, String> {
+        if secret.is_empty() {
             return Err("the directory gave an empty secret".into());
         }
-        let pool = match &d.upstream {
-            Some(name) => self.pools.iter().find(|p| p.name == *name).cloned(),
+        let pool = match upstream {
+            Some(name) => self.pools.iter().find(|p| p.name == name).cloned(),
             None => self.pools.first().cloned(),
         }
-        .ok_or_else(|| format!("the directory named an unknown upstream {:?}", d.upstream))?;
+        .ok_or_else(|| format!("the directory named an unknown upstream {upstream:?}"))?;
         Ok(Arc::new(Client {
-            name: d.name.unwrap_or_else(|| ip.to_string()),
+            name: name.unwrap_or_else(|| ip.to_string()),
             prefix: IpNet::from(ip),
-            secret: Secret::new(d.secret.as_bytes()),
+            secret: Secret::new(secret),
             pool,
             // The directory's `true` forces it; otherwise FreeRADIUS 3.2.5's default, auto.
-            require_message_authenticator: if d.require_message_authenticator {
+            require_message_authenticator: if require_message_authenticator {
                 crate::blastradius::YesNoAuto::Yes
             } else {
                 crate::blastradius::YesNoAuto::Auto
@@ -420,6 +439,50 @@ impl DynamicClients {
             nas_key: None,
             certificate: Default::default(),
         }))
+    }
+
+    /// The live definitions, as an upgrade hands them to the new process.
+    pub fn hand_over(&self, now: Instant) -> Vec<HandedDefinition> {
+        use radius_core::codec::auth::SharedSecret as _;
+        self.core
+            .definitions(now)
+            .into_iter()
+            .filter(|(ip, c, _)| {
+                self.core.prefixes.iter().any(|p| p.contains(ip)) && !c.name.is_empty()
+            })
+            .map(|(ip, c, left)| HandedDefinition {
+                ip,
+                name: c.name.clone(),
+                secret: c.secret.bytes().to_vec(),
+                pool: c.pool.name.clone(),
+                require_message_authenticator: c.require_message_authenticator
+                    == crate::blastradius::YesNoAuto::Yes,
+                left_ms: left.as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// A definition the process this one upgrades had made: cached for what it had left,
+    /// unless its source is no longer dynamic or its pool is gone (then it is defined
+    /// again when it next sends).
+    pub fn adopt(&self, d: &HandedDefinition, now: Instant) -> bool {
+        if !self.core.prefixes.iter().any(|p| p.contains(&d.ip)) {
+            return false;
+        }
+        match self.client(
+            d.ip,
+            Some(d.name.clone()),
+            &d.secret,
+            Some(&d.pool),
+            d.require_message_authenticator,
+        ) {
+            Ok(c) => {
+                self.core
+                    .adopt(d.ip, c, Duration::from_millis(d.left_ms), now);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 

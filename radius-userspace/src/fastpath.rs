@@ -184,8 +184,9 @@ pub struct FastPath {
     next_listener_slot: u32,
     max_flows: u32,
     nr_cpus: usize,
-    steer_attached: bool,
+    steer_link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
     guard_attached: Option<(String, XdpMode)>,
+    guard_link: Option<aya::programs::xdp::XdpLinkId>,
     ebpf: Ebpf,
 }
 
@@ -266,8 +267,9 @@ impl FastPath {
             next_listener_slot: 0,
             max_flows: opts.max_flows,
             nr_cpus,
-            steer_attached: false,
+            steer_link: None,
             guard_attached: None,
+            guard_link: None,
             ebpf,
         })
     }
@@ -277,36 +279,65 @@ impl FastPath {
         let netns = std::fs::File::open("/proc/thread-self/ns/net")
             .map_err(|source| FastPathError::Netns { source })?;
         let steer: &mut SkLookup = prog(&mut self.ebpf, programs::STEER)?;
-        steer
+        let link = steer
             .attach(netns.as_fd())
             .map_err(|source| FastPathError::Program {
                 program: programs::STEER,
                 action: "attach to the network namespace",
                 source,
             })?;
-        self.steer_attached = true;
+        self.steer_link = Some(link);
         Ok(())
+    }
+
+    /// Detaches `steer` now (an upgrade: the new process's steer, attached beside it,
+    /// takes every packet from here on).
+    pub fn detach_steer(&mut self) {
+        if let (Some(link), Ok(steer)) = (
+            self.steer_link.take(),
+            prog::<SkLookup>(&mut self.ebpf, programs::STEER),
+        ) && let Err(e) = steer.detach(link)
+        {
+            tracing::warn!(error = %e, "cannot detach steer");
+        }
+    }
+
+    /// Detaches `guard` now, and returns the interface it was on: an interface takes one
+    /// XDP program, so an upgrade's new process can attach its own only once this one is
+    /// off (until then packets pass unguarded; nothing is dropped).
+    pub fn detach_guard(&mut self) -> Option<String> {
+        let (iface, _) = self.guard_attached.take()?;
+        if let (Some(link), Ok(guard)) = (
+            self.guard_link.take(),
+            prog::<Xdp>(&mut self.ebpf, programs::GUARD),
+        ) && let Err(e) = guard.detach(link)
+        {
+            tracing::warn!(error = %e, iface, "cannot detach guard");
+        }
+        Some(iface)
     }
 
     /// Attaches `guard` to `iface`: native (driver) mode first, generic (skb) mode when the
     /// driver has no XDP. Returns the mode that took.
     pub fn attach_guard(&mut self, iface: &str) -> Result<XdpMode, FastPathError> {
         let guard: &mut Xdp = prog(&mut self.ebpf, programs::GUARD)?;
-        let mode = match guard.attach(iface, XdpMode::Driver) {
-            Ok(_) => XdpMode::Driver,
+        let (mode, link) = match guard.attach(iface, XdpMode::Driver) {
+            Ok(link) => (XdpMode::Driver, link),
             Err(native) => {
                 tracing::debug!(iface, error = %native, "native XDP refused; trying skb mode");
-                guard
-                    .attach(iface, XdpMode::Skb)
-                    .map_err(|source| FastPathError::Program {
-                        program: programs::GUARD,
-                        action: "attach to the interface",
-                        source,
-                    })?;
-                XdpMode::Skb
+                let link =
+                    guard
+                        .attach(iface, XdpMode::Skb)
+                        .map_err(|source| FastPathError::Program {
+                            program: programs::GUARD,
+                            action: "attach to the interface",
+                            source,
+                        })?;
+                (XdpMode::Skb, link)
             }
         };
         self.guard_attached = Some((iface.to_owned(), mode));
+        self.guard_link = Some(link);
         Ok(mode)
     }
 
@@ -317,7 +348,7 @@ impl FastPath {
     }
 
     pub fn steer_attached(&self) -> bool {
-        self.steer_attached
+        self.steer_link.is_some()
     }
 
     pub fn guard_attached(&self) -> Option<&(String, XdpMode)> {

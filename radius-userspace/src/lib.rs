@@ -18,8 +18,11 @@
 //!   sockets in one epoll set.
 //! - [`reload`]: the configuration read again while traffic flows (SIGHUP, the control
 //!   socket of `radius-sidecar reload`).
-//! - [`control`]: the control socket: `reload`, and `status` (flows, dynamic clients,
-//!   upstreams, the fast path).
+//! - [`control`]: the control socket: `reload`, `upgrade`, and `status` (flows, dynamic
+//!   clients, upstreams, the fast path).
+//! - [`upgrade`]: a new copy of the binary takes the sockets, flows and dynamic clients
+//!   over from the running one, which finishes its requests in flight; [`handover`] is
+//!   the wire between them (SCM_RIGHTS).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
 //! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
 //!   the NAS's flow.
@@ -36,11 +39,13 @@ pub mod control;
 pub mod daemon;
 pub mod dynamic;
 pub mod fastpath;
+pub mod handover;
 pub mod metrics;
 pub mod reload;
 pub mod shared;
 pub mod socket;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream_conn;
 pub mod worker;

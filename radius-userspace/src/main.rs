@@ -84,6 +84,11 @@ enum Cmd {
     /// what changed; a file that does not check changes nothing, and the error names file,
     /// line and key. Talks to the control socket of the configuration (`server.control`).
     Reload,
+    /// Upgrade the running daemon without loss: it starts its binary again (as installed
+    /// now), hands the new process its sockets, flows and dynamic clients, finishes its
+    /// requests in flight and exits. If the new one cannot take over, the old one goes on
+    /// and the error says why.
+    Upgrade,
     /// Show what the running daemon holds now: flows by client, upstreams' health and
     /// requests in flight, dynamic clients, the fast path and its counters.
     Status {
@@ -173,6 +178,8 @@ fn load(cli: &Cli, running: &Running<'_>) -> anyhow::Result<Config> {
 }
 
 fn main() -> anyhow::Result<()> {
+    radius_sidecar::upgrade::remember_invocation();
+    let successor = radius_sidecar::upgrade::inherited_channel();
     let cli = Cli::parse();
     if let Some(Cmd::GenerateAssets { dir }) = &cli.cmd {
         return generate_assets(dir);
@@ -191,6 +198,7 @@ fn main() -> anyhow::Result<()> {
     }
     let command = match &cli.cmd {
         Some(Cmd::Reload) => Some("reload"),
+        Some(Cmd::Upgrade) => Some("upgrade"),
         Some(Cmd::Status { json: false }) => Some("status"),
         Some(Cmd::Status { json: true }) => Some("status json"),
         _ => None,
@@ -212,7 +220,16 @@ fn main() -> anyhow::Result<()> {
         println!("{}", radius_sidecar::control::ask(&path, command)?);
         return Ok(());
     }
-    let config = load(&cli, &Running::default())?;
+    let config = match load(&cli, &Running::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Started by an upgrade: the running process answers why, and goes on.
+            if let Some(channel) = successor {
+                radius_sidecar::upgrade::refuse(channel, format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
     if let Some(Cmd::CheckConfig) = cli.cmd {
         // Every certificate and key: readable, parsed, within its dates, the key the
         // certificate's.
@@ -257,6 +274,6 @@ fn main() -> anyhow::Result<()> {
         });
         let loader: radius_sidecar::reload::Loader =
             std::sync::Arc::new(move |running| load(&cli, running));
-        daemon::run(config, loader, cancel).await
+        daemon::run(config, loader, cancel, successor).await
     })
 }

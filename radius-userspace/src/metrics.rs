@@ -1,7 +1,7 @@
 //! Prometheus metrics: counters built once and kept in [`Metrics`], labels from closed enums,
 //! and a minimal scrape endpoint (`GET /metrics`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -93,6 +93,8 @@ pub struct Metrics {
     packets_child: Counter,
     packets_wildcard: Counter,
     pub flows_created: Counter,
+    /// Flows taken over from the process this one upgraded (`radius-sidecar upgrade`).
+    pub flows_adopted: Counter,
     pub flows_ended: Counter,
     pub flows_active: Gauge,
     /// Flows that have not proved their client's secret yet (see crate::admission).
@@ -156,6 +158,12 @@ impl Metrics {
         );
         let flows_created = Counter::default();
         registry.register("flows_created", "Flows created", flows_created.clone());
+        let flows_adopted = Counter::default();
+        registry.register(
+            "flows_adopted",
+            "Flows taken over with their sockets from the process this one upgraded",
+            flows_adopted.clone(),
+        );
         let flows_ended = Counter::default();
         registry.register(
             "flows_ended",
@@ -332,6 +340,7 @@ impl Metrics {
             packets_child,
             packets_wildcard,
             flows_created,
+            flows_adopted,
             flows_ended,
             flows_active,
             flows_provisional,
@@ -485,6 +494,11 @@ impl Counters for Metrics {
                     self.flows_provisional.inc();
                 }
             }
+            Count::FlowAdopted => {
+                self.flows_adopted.inc();
+                self.flows_active.inc();
+                self.flows_proved.inc();
+            }
             Count::FlowProved => {
                 self.flows_provisional.dec();
                 self.flows_proved.inc();
@@ -516,12 +530,11 @@ impl Counters for Metrics {
 
 /// Serves `GET /metrics` until cancelled. Anything else gets 404.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics endpoint listening");
+    tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     loop {
         let (mut conn, _) = tokio::select! {
             r = listener.accept() => r?,

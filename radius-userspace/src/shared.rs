@@ -21,6 +21,7 @@ use crate::{
     config::{DaemonConfig, DirectoryKey},
     dynamic::DynamicClients,
     fastpath::FastPath,
+    handover::{Handed, HandedPacket},
     metrics::Metrics,
     socket::{SteeringPath, Wake},
     tls::UpstreamTlsFiles,
@@ -58,6 +59,12 @@ pub(crate) struct Shared {
     /// at most once a second (the systemd watchdog reads them).
     pub heartbeats: Vec<std::sync::atomic::AtomicU64>,
     pub epoch: std::time::Instant,
+    /// The listeners of the tokio side (CoA, metrics, control), each as a duplicate fd,
+    /// for an upgrade to hand over (`crate::upgrade`).
+    pub handoff: Mutex<Vec<(Handed, std::os::fd::OwnedFd)>>,
+    /// This process handed its sockets to the one that upgraded it: what stops now must not
+    /// touch them (the control socket's file stays, no STOPPING reaches systemd).
+    pub handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -106,6 +113,19 @@ pub(crate) enum ToWorker {
     Reload(Arc<Current>),
     /// `radius-sidecar status`: what the worker's engine holds now.
     Status(tokio::sync::oneshot::Sender<radius_core::engine::EngineStatus>),
+    /// An upgrade: stop reading the NAS-facing sockets and hand them over (with the
+    /// packets waiting for a definition); requests in flight are still answered.
+    HandOver(tokio::sync::oneshot::Sender<HandedFront>),
+    /// The upgrade failed: read them again.
+    Resume,
+}
+
+/// What one worker hands over: its NAS-facing sockets (a wildcard and its flows' children,
+/// or a stream listener), each a duplicate fd, and the packets it kept for definitions.
+#[derive(Default)]
+pub(crate) struct HandedFront {
+    pub sockets: Vec<(Handed, std::os::fd::OwnedFd)>,
+    pub pending: Vec<HandedPacket>,
 }
 
 impl Inbox {

@@ -14,20 +14,25 @@
 //! a round in one batch); TCP answers are written to their connection.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
+    os::fd::AsFd,
     sync::Arc,
     time::Instant,
 };
 
 use tracing::{debug, info, warn};
 
+use radius_common::FlowKey;
+
 use crate::{
     dynamic::NotDefined,
     engine::{self, Engine, Io, Transmits},
-    flows::Flow,
+    flows::{Flow, flow_key},
+    handover::{Handed, HandedPacket},
     metrics::{Refusal, UpstreamEventLabel},
     requests::At,
-    shared::{Current, Defined, InboxRx, Shared, ToWorker, lock},
+    shared::{Current, Defined, HandedFront, InboxRx, Shared, ToWorker, lock},
     socket::{self, Poller},
     tcp::TcpFront,
     upstream_conn::{Transport, UpstreamConn},
@@ -51,11 +56,12 @@ fn token(kind: u64, index: usize) -> u64 {
     (kind << KIND_SHIFT) | index as u64
 }
 
-/// The listener a worker serves: its bound address, and whether it is an accounting one
-/// (how a Status-Server is answered).
+/// The listener a worker serves: its bound address, whether it is an accounting one
+/// (how a Status-Server is answered), and the worker's place among its workers.
 pub(crate) struct Listening {
     pub bound: SocketAddr,
     pub accounting: bool,
+    pub index: usize,
 }
 
 /// A worker's NAS-facing sockets.
@@ -94,6 +100,21 @@ struct Sockets {
     upstreams: Vec<Option<UpstreamSocket>>,
     /// What each `sendmmsg` needs, reused from round to round.
     send_arrays: socket::SendArrays,
+    /// Children handed over by the process this one upgraded, until their flows are
+    /// adopted (`open_child` takes them instead of binding new ones).
+    adopting: HashMap<FlowKey, UdpSocket>,
+    /// The NAS-facing sockets went to the process that upgraded this one: they are no
+    /// longer read (not even drained when a flow ends); answers still leave by them.
+    handed_over: bool,
+}
+
+/// What a worker of a new process starts with, taken over from the one it upgrades: its
+/// flows (proved ones, each with its child socket and client's name) and the packets that
+/// waited for a definition there.
+#[derive(Default)]
+pub(crate) struct Inherited {
+    pub flows: Vec<(SocketAddr, SocketAddr, String, UdpSocket)>,
+    pub pending: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
 }
 
 /// A worker's way to an upstream: a UDP socket, or a TCP/TLS connection.
@@ -122,12 +143,19 @@ impl Io for Sockets {
                 };
             }
         };
-        let child = socket::bind_child(self.shared.path, self.bound, local, remote)
-            .and_then(|c| c.set_nonblocking(true).map(|()| c))
-            .map_err(|e| {
-                warn!(%remote, %local, error = %e, "no child socket for a flow");
-                Refusal::ChildSocket
-            })?;
+        if self.handed_over {
+            // Nothing reads a new child here any more: the flow is the new process's.
+            return Err(Refusal::ChildSocket);
+        }
+        let child = match self.adopting.remove(&flow.key) {
+            Some(c) => Ok(c),
+            None => socket::bind_child(self.shared.path, self.bound, local, remote),
+        }
+        .and_then(|c| c.set_nonblocking(true).map(|()| c))
+        .map_err(|e| {
+            warn!(%remote, %local, error = %e, "no child socket for a flow");
+            Refusal::ChildSocket
+        })?;
         self.poller.add(&child, token(CHILD, slot)).map_err(|e| {
             warn!(%remote, error = %e, "cannot watch a flow's child");
             Refusal::ChildSocket
@@ -164,6 +192,10 @@ impl Io for Sockets {
         let Some(child) = children.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        if self.handed_over {
+            // The socket is the new process's now: what it holds is its to read.
+            return;
+        }
         // Unregistered first, so later packets reach the wildcard and start a new flow;
         // what the child already holds is handed back.
         if let Some(fp) = &self.shared.fastpath {
@@ -252,11 +284,15 @@ struct Worker {
 pub(crate) fn run(
     shared: Arc<Shared>,
     front: Front,
-    Listening { bound, accounting }: Listening,
-    index: usize,
+    Listening {
+        bound,
+        accounting,
+        index,
+    }: Listening,
     me: usize,
     inbox: InboxRx,
     runtime: tokio::runtime::Handle,
+    inherited: Inherited,
 ) -> std::io::Result<()> {
     let poller = Poller::new()?;
     match &front {
@@ -281,11 +317,14 @@ pub(crate) fn run(
             front,
             upstreams: Vec::new(),
             send_arrays: socket::SendArrays::default(),
+            adopting: HashMap::new(),
+            handed_over: false,
         },
         buf: vec![0u8; 65_536],
         batch: socket::RecvBatch::default(),
     };
     w.engine.start(now, &mut w.io)?;
+    w.adopt(now, inherited);
     let mut ready = Vec::with_capacity(256);
     let mut next_sweep = now;
     loop {
@@ -334,6 +373,10 @@ pub(crate) fn run(
                             ToWorker::Status(reply) => {
                                 let _ = reply.send(w.engine.status());
                             }
+                            ToWorker::HandOver(reply) => {
+                                let _ = reply.send(w.hand_over());
+                            }
+                            ToWorker::Resume => w.resume(),
                         }
                     }
                 }
@@ -358,6 +401,132 @@ pub(crate) fn run(
 }
 
 impl Worker {
+    /// The flows and packets taken over from the process this one upgrades: each flow
+    /// adopted with its own socket (a client no longer there, or `max_flows`, and its
+    /// socket closes: the flow is made anew from its next packet), then the packets that
+    /// waited for a definition there, read as if from the wildcard.
+    fn adopt(&mut self, now: Instant, inherited: Inherited) {
+        let Inherited { flows, pending } = inherited;
+        if flows.is_empty() && pending.is_empty() {
+            return;
+        }
+        let offered = flows.len();
+        let mut named = Vec::with_capacity(offered);
+        for (remote, local, client, sock) in flows {
+            self.io.adopting.insert(flow_key(remote, local), sock);
+            named.push((remote, local, client));
+        }
+        let mut adopted = 0;
+        for (remote, local, client) in named {
+            if self
+                .engine
+                .adopt_flow(now, remote, local, &client, &mut self.io)
+            {
+                adopted += 1;
+            }
+        }
+        self.io.adopting.clear();
+        let packets = pending.len();
+        for (remote, local, data) in pending {
+            self.engine
+                .handle_wildcard(now, remote, local, &data, &mut self.io);
+        }
+        info!(
+            worker = self.index,
+            listen = %self.io.bound,
+            adopted,
+            not_adopted = offered - adopted,
+            packets,
+            "flows taken over from the process this one upgrades"
+        );
+    }
+
+    /// An upgrade: the NAS-facing sockets leave the epoll set and go to the new process,
+    /// duplicated, with what each is; the packets kept for definitions go too. Requests in
+    /// flight stay, and are answered through this process's copies.
+    fn hand_over(&mut self) -> HandedFront {
+        let mut out = HandedFront::default();
+        let (listen, index) = (self.io.bound, self.index);
+        let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned();
+        match &self.io.front {
+            Front::Udp {
+                wildcard, children, ..
+            } => {
+                self.io.poller.remove(wildcard);
+                match dup(wildcard) {
+                    Ok(fd) => out.sockets.push((Handed::Wildcard { listen, index }, fd)),
+                    Err(e) => warn!(error = %e, "upgrade: cannot hand a wildcard over"),
+                }
+                for (slot, flow) in self.engine.flows().iter() {
+                    let Some(child) = children.get(slot).and_then(Option::as_ref) else {
+                        continue; // provisional: no socket, made anew there
+                    };
+                    self.io.poller.remove(child);
+                    if flow.retiring {
+                        continue;
+                    }
+                    let handed = Handed::Flow {
+                        listen,
+                        index,
+                        remote: flow.remote,
+                        local: flow.local,
+                        client: flow.client.name.clone(),
+                    };
+                    match dup(child) {
+                        Ok(fd) => out.sockets.push((handed, fd)),
+                        Err(e) => warn!(error = %e, "upgrade: cannot hand a flow over"),
+                    }
+                }
+            }
+            Front::Tcp(t) => {
+                self.io.poller.remove(t.listener());
+                match dup(t.listener()) {
+                    Ok(fd) => out.sockets.push((Handed::StreamListener { listen }, fd)),
+                    Err(e) => warn!(error = %e, "upgrade: cannot hand a listener over"),
+                }
+            }
+        }
+        out.pending = self
+            .engine
+            .take_pending()
+            .into_iter()
+            .map(|(remote, local, data)| HandedPacket {
+                listen,
+                index,
+                remote,
+                local,
+                data,
+            })
+            .collect();
+        self.io.handed_over = true;
+        out
+    }
+
+    /// The upgrade failed: the sockets handed over are read again. (Packets that waited
+    /// for a definition went with the hand-over; their NASes retransmit.)
+    fn resume(&mut self) {
+        if !self.io.handed_over {
+            return;
+        }
+        self.io.handed_over = false;
+        let poller = &self.io.poller;
+        match &self.io.front {
+            Front::Udp {
+                wildcard, children, ..
+            } => {
+                let _ = poller.add(wildcard, token(WILDCARD, 0));
+                for (slot, c) in children.iter().enumerate() {
+                    if let Some(c) = c {
+                        let _ = poller.add(c, token(CHILD, slot));
+                    }
+                }
+            }
+            Front::Tcp(t) => {
+                let _ = poller.add(t.listener(), token(WILDCARD, 0));
+            }
+        }
+    }
+
     fn read_wildcard(&mut self, now: Instant) {
         if let Front::Tcp(t) = &mut self.io.front {
             let (common, metrics) = (&self.io.current.common, &self.io.shared.metrics);

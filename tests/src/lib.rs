@@ -287,6 +287,22 @@ pub fn sidecar_bin() -> PathBuf {
         })
 }
 
+/// `radius-sidecar ARGS` (the binary at `bin`) run to its end inside `ns`: whether it
+/// succeeded, and what it printed (stdout, then stderr).
+pub fn sidecar_cli(ns: &NetNs, bin: &Path, args: &[&str]) -> (bool, String) {
+    let out = ns
+        .command(bin.to_str().expect("utf-8 path"))
+        .args(args)
+        .output()
+        .expect("run radius-sidecar");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// A running daemon whose stderr is collected; killed on drop if still running.
 pub struct Daemon {
     pub child: Child,

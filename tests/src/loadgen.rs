@@ -66,6 +66,22 @@ impl LoadResult {
         self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// What a run gave, in one line: answered, rate, length, lost, bad, p50, p99, max.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} answered at {:.0} req/s over {:.1} s, lost {}, bad {}, p50 {:.2} ms, \
+             p99 {:.2} ms, max {:.2} ms",
+            self.answered,
+            self.rate(),
+            self.elapsed.as_secs_f64(),
+            self.lost,
+            self.bad,
+            self.latency_ms(0.5),
+            self.latency_ms(0.99),
+            self.latency_ms(1.0),
+        )
+    }
+
     /// The `q`-quantile (0..=1) of the latency, in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
         if self.latencies_us.is_empty() {

@@ -78,17 +78,8 @@ upstream = "aaa"
 
 /// `radius-sidecar reload` from inside `ns`: its success and what it printed.
 fn reload(ns: &NetNs, control: &Path) -> (bool, String) {
-    let out = ns
-        .command(sidecar_bin().to_str().expect("utf-8"))
-        .args(["reload", "--control", control.to_str().expect("utf-8")])
-        .output()
-        .expect("run radius-sidecar reload");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let control = control.to_str().expect("utf-8");
+    sidecar_cli(ns, &sidecar_bin(), &["reload", "--control", control])
 }
 
 /// One request from 127.0.3.1: whether an Access-Accept came back within `patience`.
@@ -234,17 +225,9 @@ fn twenty_reloads_under_load_lose_nothing_and_make_no_flow_again() {
         .expect("the load generator")
         .expect("the load ran");
     println!(
-        "reload under load: {} answered at {:.0} req/s over {:.1} s, 20 reloads in {:.1} s, \
-         lost {}, bad {}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        r.answered,
-        r.rate(),
-        r.elapsed.as_secs_f64(),
-        reloading.as_secs_f64(),
-        r.lost,
-        r.bad,
-        r.latency_ms(0.5),
-        r.latency_ms(0.99),
-        r.latency_ms(1.0),
+        "reload under load: {}; 20 reloads in {:.1} s",
+        r.summary(),
+        reloading.as_secs_f64()
     );
     assert_eq!(r.lost, 0, "no request lost across the reloads");
     assert_eq!(r.bad, 0, "every reply verified");
