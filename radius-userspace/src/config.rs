@@ -287,6 +287,9 @@ struct DynamicSection {
     /// `sqlite:///path/radius.db` or `postgres://user:pass@host/radius` (FreeRADIUS's `nas`
     /// table).
     url: Option<String>,
+    /// For an https URL: a PEM file of the CAs to trust (relative to this file); without
+    /// it, the system's bundle.
+    ca: Option<String>,
     #[serde(default = "d_timeout")]
     timeout_ms: u64,
     /// Seconds a definition is kept.
@@ -1033,15 +1036,27 @@ impl Config {
                             })?
                             .into(),
                     )),
-                    DirectoryKind::Http => Directory::Http {
-                        url: d.url.ok_or_else(|| {
+                    DirectoryKind::Http => {
+                        let url = d.url.as_deref().ok_or_else(|| {
                             err(
                                 span.clone(),
                                 "dynamic.url",
                                 "required for directory = \"http\"".into(),
                             )
-                        })?,
-                    },
+                        })?;
+                        // A relative CA file is relative to the configuration file.
+                        let ca = d.ca.as_deref().map(|ca| {
+                            let ca = Path::new(ca);
+                            match Path::new(file).parent() {
+                                Some(dir) if ca.is_relative() => dir.join(ca),
+                                _ => ca.to_path_buf(),
+                            }
+                        });
+                        let timeout = Duration::from_millis(d.timeout_ms.max(1));
+                        let http = crate::dynamic::HttpDirectory::new(url, ca.as_deref(), timeout)
+                            .map_err(|(key, message)| err(span.clone(), key, message))?;
+                        Directory::Http(http)
+                    }
                     DirectoryKind::Sql => Directory::Sql(SqlDirectory::new(
                         d.url.ok_or_else(|| {
                             err(
@@ -1123,6 +1138,31 @@ mod tests {
             OrNone(None),
             "flags use the same parser"
         );
+    }
+
+    #[test]
+    fn an_http_directory_names_a_bad_url_or_ca_file_with_its_key() {
+        let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n";
+        let dynamic = |rest: &str| {
+            format!("{up}[dynamic]\nprefixes = [\"10.0.0.0/8\"]\ndirectory = \"http\"\n{rest}")
+        };
+        let ok = Config::from_toml(
+            &dynamic("url = \"https://nas.example.net/nas\"\n"),
+            "f.toml",
+        );
+        assert!(ok.is_ok(), "a host name over https: {:?}", ok.err());
+        let e = Config::from_toml(&dynamic("url = \"ftp://x/nas\"\n"), "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!(e.key, "dynamic.url", "{e}");
+        let e = Config::from_toml(
+            &dynamic("url = \"https://x/nas\"\nca = \"/nonexistent/ca.pem\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.key, "dynamic.ca", "{e}");
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Dynamic clients: NASes in prefixes marked dynamic are defined at run time by a
-//! *directory*: a TOML file reloaded when it changes, an HTTP endpoint, or SQL (SQLite, or
+//! *directory*: a TOML file reloaded when it changes, an HTTP or HTTPS endpoint (reqwest), or SQL (SQLite, or
 //! PostgreSQL shared between sidecars) reading FreeRADIUS's own `nas` table as it is. Definitions are
 //! cached for `lifetime`, refusals for `nak_lifetime`, and a directory that did not answer
 //! (down, an error, its timeout) for `error_lifetime`; at most `max_concurrent` run at once
@@ -9,7 +9,7 @@
 //! (`radius_core::engine`, `radius_core::pending`).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -17,7 +17,6 @@ use std::{
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     client::{Client, SecretText},
@@ -54,7 +53,7 @@ pub enum Directory {
     /// A TOML file of `[[client]] prefix = "...", secret = "..."` entries.
     File(FileDirectory),
     /// `GET <url>?address=<ip>`: 200 with a JSON definition, 404 for a refusal.
-    Http { url: String },
+    Http(HttpDirectory),
     /// FreeRADIUS's `nas` table (nasname as address or prefix, shortname, secret, server).
     Sql(SqlDirectory),
 }
@@ -246,52 +245,118 @@ impl Directory {
     pub async fn define(&self, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
         match self {
             Directory::File(f) => f.lookup(ip),
-            Directory::Http { url } => http_define(url, ip).await,
+            Directory::Http(http) => http.define(ip).await,
             Directory::Sql(sql) => sql.lookup(ip).await,
         }
     }
 }
 
-/// A minimal HTTP/1.1 GET (no TLS): the directory is a service next to the sidecar.
-async fn http_define(url: &str, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
-    let e = |m: String| DirectoryError::Http(m);
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| e(format!("`{}`: only http:// is supported", redacted(url))))?;
-    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr: SocketAddr = hostport
-        .parse()
-        .map_err(|_| e(format!("`{hostport}` is not an address:port")))?;
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|x| e(format!("connect {addr}: {x}")))?;
-    let sep = if path.contains('?') { '&' } else { '?' };
-    let req = format!(
-        "GET /{path}{sep}address={ip} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    );
-    conn.write_all(req.as_bytes())
-        .await
-        .map_err(|x| e(x.to_string()))?;
-    let mut resp = Vec::new();
-    conn.take(64 * 1024)
-        .read_to_end(&mut resp)
-        .await
-        .map_err(|x| e(x.to_string()))?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| e("no HTTP header".into()))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| e("no HTTP status".into()))?;
-    match status {
-        200 => serde_json::from_str(body.trim())
-            .map(Some)
-            .map_err(|x| e(format!("JSON answer: {x}"))),
-        404 | 403 => Ok(None),
-        s => Err(e(format!("status {s}"))),
+/// Answers to a definition larger than this are refused (a directory answers a few lines).
+const MAX_HTTP_BODY: usize = 64 * 1024;
+
+/// An HTTP or HTTPS directory: `GET <url>?address=<ip>` on reqwest (a keep-alive pool of
+/// connections, host names, bodies of any framing: length, chunked or to the close) over
+/// the same rustls (ring) the TLS transports use. HTTPS trusts `ca` (a PEM file) or, by
+/// default, the system's bundle.
+pub struct HttpDirectory {
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for HttpDirectory {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HttpDirectory({})", redacted(self.url.as_str()))
+    }
+}
+
+/// The system's CA bundle (Debian's ca-certificates).
+const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl HttpDirectory {
+    /// Errors say what is wrong with the URL or the CA file (for `dynamic.url`, `dynamic.ca`).
+    #[expect(
+        deprecated,
+        reason = "ring has no post-quantum key exchange: the TLS transports' choice (tls.rs)"
+    )]
+    pub fn new(
+        url: &str,
+        ca: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Self, (&'static str, String)> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ("dynamic.url", format!("`{}`: {e}", redacted(url))))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err((
+                "dynamic.url",
+                format!("`{}`: http:// or https:// only", redacted(url)),
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let (file, key) = match ca {
+            Some(p) => (Some(p.to_path_buf()), "dynamic.ca"),
+            None => (
+                Some(std::path::PathBuf::from(SYSTEM_CAS)).filter(|p| p.exists()),
+                "dynamic.url",
+            ),
+        };
+        if let Some(file) = &file {
+            let certs = CertificateDer::pem_file_iter(file)
+                .map_err(|e| (key, format!("{}: {e}", file.display())))?;
+            for c in certs {
+                let c = c.map_err(|e| (key, format!("{}: {e}", file.display())))?;
+                // A bundle may hold certificates rustls does not take; the others still count.
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() && ca.is_some() {
+                return Err((key, format!("{}: no CA certificate in it", file.display())));
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("dynamic.url", e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ("dynamic.url", e.to_string()))?;
+        Ok(Self {
+            url: parsed,
+            client,
+        })
+    }
+
+    async fn define(&self, ip: IpAddr) -> Result<Option<Definition>, DirectoryError> {
+        let e = |m: String| DirectoryError::Http(m);
+        let mut url = self.url.clone();
+        url.query_pairs_mut()
+            .append_pair("address", &ip.to_string());
+        // reqwest's errors name the URL; ours may carry a password.
+        let what = |x: reqwest::Error| e(x.without_url().to_string());
+        let mut resp = self.client.get(url).send().await.map_err(what)?;
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(what)? {
+            if body.len() + chunk.len() > MAX_HTTP_BODY {
+                return Err(e(format!("an answer over {MAX_HTTP_BODY} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        match status {
+            200 => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|x| e(format!("JSON answer: {x}"))),
+            404 | 403 => Ok(None),
+            s => Err(e(format!("status {s}"))),
+        }
     }
 }
 

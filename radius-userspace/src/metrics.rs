@@ -1,5 +1,5 @@
 //! Prometheus metrics: counters built once and kept in [`Metrics`], labels from closed enums,
-//! and a minimal scrape endpoint (`GET /metrics`).
+//! and the scrape endpoint (`GET /metrics`, HTTP/1.1 on hyper).
 
 use std::sync::Arc;
 
@@ -9,10 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use radius_common::Counter as KernelCounter;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use radius_core::counters::{Count, Counters};
@@ -528,41 +525,55 @@ impl Counters for Metrics {
     }
 }
 
-/// Serves `GET /metrics` until cancelled. Anything else gets 404.
+/// Serves `GET /metrics` (HTTP/1.1 on hyper, keep-alive as the scraper wants) until
+/// cancelled. Anything else gets 404; a connection that sends no request head within 5 s
+/// is closed.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    use hyper::{Method, Response, StatusCode, body::Incoming, header};
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     loop {
-        let (mut conn, _) = tokio::select! {
-            r = listener.accept() => r?,
+        let (conn, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                // EMFILE and the like: the endpoint waits, the daemon goes on.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
             () = cancel.cancelled() => return Ok(()),
         };
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut req))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let ok = req[..n].starts_with(b"GET /metrics");
-            let (status, body) = if ok {
-                ("200 OK", metrics.render())
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let found = req.method() == Method::GET && req.uri().path() == "/metrics";
+            let (status, body) = if found {
+                (StatusCode::OK, metrics.render())
             } else {
-                ("404 Not Found", String::from("not found\n"))
+                (StatusCode::NOT_FOUND, String::from("not found\n"))
             };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
+            let resp = Response::builder()
+                .status(status)
+                .header(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+            async move { resp }
+        });
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5));
+            let served = http.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            tokio::select! {
+                _ = served => {}
+                () = cancel.cancelled() => {}
+            }
         });
     }
 }

@@ -40,6 +40,8 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     // A RadSec peer, and a TLS client with bad certificates (the TLS tests).
     "radsecproxy",
+    // A real scraper of the metrics endpoint (tests/tests/http_e2e.rs).
+    "prometheus",
     "openssl",
     // The soak's plot draws its text with DejaVu Sans.
     "fonts-dejavu-core",
