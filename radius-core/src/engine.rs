@@ -34,7 +34,7 @@ use crate::{
     client::{self as clients, Binding, Client, ClientTable, Proof},
     coa::{self, CoaJob, FlowHandle, NasDirectory, NasName},
     codec::{self, Code, Packet, PacketMut, attr, auth},
-    counters::{Count, Counters, Refusal, Via},
+    counters::{Count, Counters, Latencies, Refusal, Via},
     dedup::{DedupTimers, Verdict},
     dynamic::{Dynamic, Resolution},
     flows::{Flow, FlowRef, FlowTable, PendingCoa, flow_key},
@@ -327,6 +327,8 @@ pub struct Engine {
     next_token: u32,
     /// Links (see [`Common::upstreams`]) this engine has opened sockets to.
     links_open: usize,
+    /// How long each link's answers took since the driver last took them.
+    latencies: Vec<Latencies>,
 }
 
 impl Engine {
@@ -355,6 +357,7 @@ impl Engine {
             upstream_v11: Vec::new(),
             next_token: 0,
             links_open: 0,
+            latencies: Vec::new(),
         }
     }
 
@@ -1423,9 +1426,26 @@ impl Engine {
         {
             common.eap_states.remember(st.value, &upstream.name, now);
         }
+        let link = link_of(socket);
+        if self.latencies.len() <= link {
+            self.latencies.resize_with(link + 1, Latencies::default);
+        }
+        let took = now.saturating_duration_since(done.sent_at);
+        self.latencies[link].observe(took.as_micros() as u64);
         if let Some((remote, local)) = send_to {
             self.out.send_nas(remote, local, &self.buf[..len]);
         }
+    }
+
+    /// How long each upstream (by link) took to answer since the last call, from each
+    /// request's first sending (a request moved between servers counts its whole wait at
+    /// the one that answered); taken out, for the metrics.
+    pub fn take_latencies(&mut self) -> impl Iterator<Item = (usize, Latencies)> + '_ {
+        self.latencies
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(link, l)| (link, std::mem::take(l)))
     }
 
     /// Ends the request at `at` without an answer; see `end_request`.

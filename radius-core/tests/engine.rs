@@ -1537,3 +1537,23 @@ fn an_adopted_flow_is_served_through_its_socket_and_not_made_again() {
     assert_eq!(w.take_nas().len(), 2);
     assert_eq!(w.count(Count::FlowCreated { proved: true }), 0);
 }
+
+#[test]
+fn each_upstreams_answers_are_timed_from_the_first_sending() {
+    let mut w = World::new(Setup::default());
+    w.nas_sends(nas(40000), &access_request(1, "alice", None));
+    w.advance(Duration::from_millis(30));
+    w.answer_all(0, Code::AccessAccept);
+    w.nas_sends(nas(40000), &access_request(2, "bob", None));
+    w.advance(Duration::from_millis(2));
+    w.answer_all(0, Code::AccessAccept);
+    let taken: Vec<_> = w.engine.take_latencies().collect();
+    assert_eq!(taken.len(), 1, "one upstream answered");
+    let (link, l) = &taken[0];
+    assert_eq!(*link, 0);
+    assert_eq!(l.count, 2);
+    assert_eq!(l.sum_us, 32_000);
+    assert_eq!(l.buckets[2], 1, "2 ms: at most 2.5 ms");
+    assert_eq!(l.buckets[6], 1, "30 ms: at most 50 ms");
+    assert_eq!(w.engine.take_latencies().count(), 0, "taken out");
+}

@@ -1,18 +1,22 @@
 //! Prometheus metrics: counters built once and kept in [`Metrics`], labels from closed enums,
 //! and the scrape endpoint (`GET /metrics`, HTTP/1.1 on hyper).
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, text::encode},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use radius_common::Counter as KernelCounter;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use radius_core::counters::{Count, Counters};
+use radius_core::counters::{Count, Counters, LATENCY_BOUNDS_US, Latencies};
 pub use radius_core::counters::{Refusal, Via};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,9 +146,70 @@ pub struct Metrics {
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
+    /// How long each upstream took to answer (`radius_upstream_latency_seconds`).
+    upstream_latency: Arc<UpstreamLatency>,
 }
 
+/// The answered requests' latency per upstream, a histogram: the workers time their
+/// answers themselves (the core's [`Latencies`]) and add what they timed here once a
+/// second, so no request touches a lock or memory shared between cores.
+#[derive(Debug, Default)]
+struct UpstreamLatency(Mutex<BTreeMap<String, Latencies>>);
+
+impl UpstreamLatency {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Latencies>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Collector for UpstreamLatency {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let map = self.map();
+        if map.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_latency_seconds",
+            "Time from a request's first sending to its answer, by the upstream that answered",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (upstream, l) in map.iter() {
+            let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_US
+                .iter()
+                .map(|&b| b as f64 / 1e6)
+                .chain([f64::MAX])
+                .zip(l.buckets)
+                .collect();
+            let label = UpstreamLabel {
+                upstream: upstream.clone(),
+            };
+            family.encode_family(&label)?.encode_histogram::<NoLabels>(
+                l.sum_us as f64 / 1e6,
+                l.count,
+                &buckets,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// No exemplar labels.
+type NoLabels = Vec<(String, String)>;
+
 impl Metrics {
+    /// What a worker timed of `upstream`'s answers since it last said.
+    pub fn add_latencies(&self, upstream: &str, l: &Latencies) {
+        let mut map = self.upstream_latency.map();
+        match map.get_mut(upstream) {
+            Some(m) => m.merge(l),
+            None => {
+                map.insert(upstream.to_owned(), l.clone());
+            }
+        }
+    }
+
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("radius");
         let packets = Family::<ViaLabel, Counter>::default();
@@ -331,7 +396,10 @@ impl Metrics {
         );
         let packets_child = packets.get_or_create(&ViaLabel { via: "Child" }).clone();
         let packets_wildcard = packets.get_or_create(&ViaLabel { via: "Wildcard" }).clone();
+        let upstream_latency = Arc::new(UpstreamLatency::default());
+        registry.register_collector(Box::new(upstream_latency.clone()));
         Arc::new(Self {
+            upstream_latency,
             registry,
             packets,
             packets_child,
@@ -438,6 +506,7 @@ impl Metrics {
             self.upstream_state.remove(&UpstreamLabel {
                 upstream: name.to_owned(),
             });
+            self.upstream_latency.map().remove(name);
         }
     }
 
@@ -609,6 +678,7 @@ mod tests {
         m.connections_open
             .get_or_create(&TransportLabel { transport: "tcp" })
             .set(0);
+        m.add_latencies("u", &Latencies::default());
         let names = declared(&m.render());
         let dashboard: serde_json::Value =
             serde_json::from_str(include_str!("../../packaging/grafana-dashboard.json"))
@@ -622,7 +692,10 @@ mod tests {
                     if !word.starts_with("radius_") {
                         continue;
                     }
-                    let base = word.strip_suffix("_total").unwrap_or(word);
+                    let base = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|x| word.strip_suffix(x))
+                        .unwrap_or(word);
                     assert!(
                         names.iter().any(|n| n == base || n == word),
                         "panel {:?} uses {word}, which the daemon does not export",
@@ -636,11 +709,36 @@ mod tests {
     }
 
     #[test]
+    fn latencies_are_a_histogram_per_upstream_summed_over_workers() {
+        let m = Metrics::new();
+        let (mut a, mut b) = (Latencies::default(), Latencies::default());
+        a.observe(700);
+        b.observe(700);
+        b.observe(30_000);
+        m.add_latencies("fr1", &a);
+        m.add_latencies("fr1", &b);
+        let text = m.render();
+        for line in [
+            "# TYPE radius_upstream_latency_seconds histogram",
+            "radius_upstream_latency_seconds_count{upstream=\"fr1\"} 3",
+            "radius_upstream_latency_seconds_bucket{le=\"0.0005\",upstream=\"fr1\"} 0",
+            "radius_upstream_latency_seconds_bucket{le=\"0.001\",upstream=\"fr1\"} 2",
+            "radius_upstream_latency_seconds_bucket{le=\"0.05\",upstream=\"fr1\"} 3",
+            "radius_upstream_latency_seconds_bucket{le=\"+Inf\",upstream=\"fr1\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn a_removed_peer_leaves_no_series() {
         let m = Metrics::new();
         m.set_message_authenticator_required("client", "gone", true);
         m.set_message_authenticator_required("upstream", "old", false);
         m.set_upstream_state("old", 1);
+        let mut l = Latencies::default();
+        l.observe(700);
+        m.add_latencies("old", &l);
         m.set_message_authenticator_required("client", "kept", true);
         m.forget_peer("client", "gone");
         m.forget_peer("upstream", "old");

@@ -338,6 +338,12 @@ pub(crate) fn run(
         if now >= next_sweep {
             next_sweep = now + std::time::Duration::from_secs(1);
             shared.heartbeat(me, now);
+            let upstreams = &w.io.current.common.upstreams;
+            for (link, l) in w.engine.take_latencies() {
+                if let Some(u) = upstreams.get(link) {
+                    shared.metrics.add_latencies(&u.name, &l);
+                }
+            }
             if let Front::Tcp(t) = &mut w.io.front {
                 t.sweep(now);
             }

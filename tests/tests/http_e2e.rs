@@ -100,10 +100,15 @@ secret = "{NAS_SECRET}"
         ns.run(move || http_get("127.0.0.1:19090", &path))
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut up = String::new();
+    let (mut up, mut latency) = (String::new(), String::new());
     while Instant::now() < deadline {
         up = query("up");
-        if up.contains(r#""job":"sidecar""#) && up.contains(r#""1"]"#) {
+        // The workers hand their timings over once a second.
+        latency = query("radius_upstream_latency_seconds_count");
+        if up.contains(r#""job":"sidecar""#)
+            && up.contains(r#""1"]"#)
+            && latency.contains(r#""1"]"#)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -113,7 +118,13 @@ secret = "{NAS_SECRET}"
     let targets = query("scrape_samples_scraped");
     let _ = prom.kill();
     let _ = prom.wait();
-    println!("up: {up}\nflows: {flows}\nforwarded: {forwarded}\nsamples: {targets}");
+    println!(
+        "up: {up}\nflows: {flows}\nforwarded: {forwarded}\nlatency: {latency}\nsamples: {targets}"
+    );
+    assert!(
+        latency.contains(r#""upstream":"fr""#) && latency.contains(r#""1"]"#),
+        "the answer's latency, under its upstream: {latency}"
+    );
     assert!(up.contains(r#""1"]"#), "the target is up: {up}");
     assert!(
         flows.contains(r#""1"]"#),
