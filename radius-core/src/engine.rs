@@ -33,7 +33,7 @@ use crate::{
     answers,
     client::{self as clients, Binding, Client, ClientTable, Proof},
     coa::{self, CoaJob, FlowHandle, NasDirectory, NasName},
-    codec::{self, Code, Packet, PacketMut, attr, auth},
+    codec::{self, Code, Packet, PacketMut, attr, auth, dict::Dictionary},
     counters::{Count, Counters, Latencies, Refusal, Via},
     dedup::{DedupTimers, Verdict},
     dynamic::{Dynamic, Resolution},
@@ -88,6 +88,8 @@ pub struct Common {
     pub provisional_idle: Duration,
     pub dedup: DedupTimers,
     pub counters: Arc<dyn Counters>,
+    /// Attribute names for debug logs (the built-in dictionary, or FreeRADIUS's).
+    pub dictionary: Arc<Dictionary>,
 }
 
 /// What a reload replaces: the configuration's clients, directory, upstreams and timers.
@@ -100,6 +102,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub provisional_idle: Duration,
     pub dedup: DedupTimers,
+    pub dictionary: Arc<Dictionary>,
 }
 
 impl Common {
@@ -145,6 +148,7 @@ impl Common {
             provisional_idle: s.provisional_idle,
             dedup: s.dedup,
             counters: self.counters.clone(),
+            dictionary: s.dictionary,
         }
     }
 
@@ -262,6 +266,23 @@ struct Arrived {
     remote: SocketAddr,
     local: SocketAddr,
     data: Vec<u8>,
+}
+
+/// At debug level: `packet` by its attribute names, with its client and flow.
+fn debug_packet(
+    dict: &Dictionary,
+    what: &'static str,
+    client: &str,
+    remote: SocketAddr,
+    packet: &[u8],
+) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    if let Ok(p) = Packet::parse_v11(packet) {
+        let dump = codec::dump::Dump { packet: &p, dict };
+        debug!(client, flow = %remote, "{what}: {dump}");
+    }
 }
 
 /// The request table's port of upstream `link`: `2 * link` (auth), `2 * link + 1` (acct).
@@ -840,6 +861,13 @@ impl Engine {
             return;
         };
         let client = flow.client.clone();
+        debug_packet(
+            &common.dictionary,
+            "from the NAS",
+            &client.name,
+            flow.remote,
+            &self.buf[..n],
+        );
         if n < codec::HEADER_LEN {
             common.counters.count(Count::Dropped("malformed"));
             return;
@@ -1433,6 +1461,13 @@ impl Engine {
         let took = now.saturating_duration_since(done.sent_at);
         self.latencies[link].observe(took.as_micros() as u64);
         if let Some((remote, local)) = send_to {
+            debug_packet(
+                &common.dictionary,
+                "to the NAS",
+                &done.client.name,
+                remote,
+                &self.buf[..len],
+            );
             self.out.send_nas(remote, local, &self.buf[..len]);
         }
     }

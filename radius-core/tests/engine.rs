@@ -283,6 +283,7 @@ impl World {
             provisional_idle: Duration::from_secs(10),
             dedup: DedupTimers::default(),
             counters: tally.clone(),
+            dictionary: Arc::new(radius_core::codec::dict::Dictionary::builtin().clone()),
         });
         let now = Instant::now();
         let mut engine = Engine::new(common.clone(), 0, false, now);
@@ -1349,6 +1350,7 @@ impl World {
             idle_timeout: self.common.idle_timeout,
             provisional_idle: self.common.provisional_idle,
             dedup: DedupTimers::default(),
+            dictionary: self.common.dictionary.clone(),
         }));
         for u in &common.upstreams[self.servers.len()..] {
             let secret = secrets

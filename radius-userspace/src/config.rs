@@ -382,6 +382,9 @@ struct Server {
     max_connections: usize,
     /// Most connections from one source address.
     max_connections_per_source: usize,
+    /// A FreeRADIUS dictionary (its top file, e.g. /usr/share/freeradius/dictionary) for
+    /// the attribute names of debug logs; default: the built-in one.
+    dictionary: Option<Spanned<String>>,
 }
 
 // One source of defaults: the file's are DaemonConfig's (0 and "none" stand for None).
@@ -408,6 +411,7 @@ impl Default for Server {
             tcp_timeout: d.tcp_timeout.as_secs(),
             max_connections: 0,
             max_connections_per_source: d.max_connections_per_source,
+            dictionary: None,
         }
     }
 }
@@ -593,6 +597,15 @@ pub struct Config {
     /// What the dynamic clients' definitions depend on: equal across a reload, the
     /// directory and its cache are kept.
     pub directory_key: DirectoryKey,
+    /// Attribute names for debug logs (`server.dictionary`, or the built-in one).
+    pub dictionary: Arc<crate::codec::dict::Dictionary>,
+}
+
+/// The built-in dictionary, shared by every configuration that names none.
+fn builtin_dictionary() -> Arc<crate::codec::dict::Dictionary> {
+    static D: std::sync::OnceLock<Arc<crate::codec::dict::Dictionary>> = std::sync::OnceLock::new();
+    D.get_or_init(|| Arc::new(crate::codec::dict::Dictionary::builtin().clone()))
+        .clone()
 }
 
 /// The `[dynamic]` section and the pools, as written (see [`Config::directory_key`]).
@@ -776,6 +789,15 @@ impl Config {
         daemon.metrics_listen = server.metrics.0;
         daemon.coa_listen = server.coa_listen.0;
         daemon.control = server.control.0.map(|p| folder.join(p));
+        let dictionary = match &server.dictionary {
+            None => builtin_dictionary(),
+            Some(path) => {
+                let at = folder.join(path.get_ref());
+                let d = crate::codec::dict::Dictionary::load(&at)
+                    .map_err(|e| err(path.span(), "server.dictionary", e.to_string()))?;
+                Arc::new(d)
+            }
+        };
 
         let mut upstreams = Vec::new();
         let mut upstream_tls = std::collections::HashMap::new();
@@ -1095,6 +1117,7 @@ impl Config {
             clients,
             dynamic,
             directory_key,
+            dictionary,
         })
     }
 }

@@ -53,6 +53,7 @@ pub async fn run(
         clients,
         dynamic,
         directory_key,
+        dictionary,
     } = full;
     let upstream_transports = upstreams
         .iter()
@@ -141,6 +142,7 @@ pub async fn run(
         provisional_idle: crate::reload::provisional_idle(&config),
         dedup: crate::reload::dedup_timers(&config),
         counters: metrics.clone(),
+        dictionary,
     });
     if let (Some(t), Some(d)) = (&takeover, &dynamic) {
         let now = std::time::Instant::now();

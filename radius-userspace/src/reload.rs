@@ -178,6 +178,7 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         idle_timeout: daemon.idle_timeout,
         provisional_idle: provisional_idle(&daemon),
         dedup: dedup_timers(&daemon),
+        dictionary: config.dictionary,
     });
     let mut upstream_transports = cur.upstream_transports.clone();
     for u in &common.upstreams[upstream_transports.len()..] {

@@ -10,8 +10,10 @@
 //! - [`value`]: RFC 8044 data types.
 //! - [`dict`]: names and types: a built-in dictionary and a loader for FreeRADIUS
 //!   dictionary files.
+//! - [`dump`]: a packet by its dictionary names, for debug logs (hidden values hidden).
 pub mod auth;
 pub mod dict;
+pub mod dump;
 pub mod edit;
 pub mod hide;
 pub mod packet;
