@@ -153,6 +153,10 @@ pub async fn run(
             "dynamic clients taken over from the process this one upgrades"
         );
     }
+    let tls_server = match &config.tls {
+        Some(files) if !config.listen_tls.is_empty() => Some(crate::tls::server_config(files)?),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         current: arc_swap::ArcSwap::from_pointee(shared::Current {
             common,
@@ -161,6 +165,7 @@ pub async fn run(
             upstream_tls,
             directory_key,
             daemon: config.clone(),
+            tls_server: tls_server.clone(),
         }),
         path,
         defined: defined_txs,
@@ -265,10 +270,7 @@ pub async fn run(
         timeout: config.tcp_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let tls = match &config.tls {
-        Some(files) if !config.listen_tls.is_empty() => Some(crate::tls::server_config(files)?),
-        _ => None,
-    };
+    let tls = tls_server;
     let streams = config
         .listen_tcp
         .iter()

@@ -70,7 +70,6 @@ fn needs_restart(running: &DaemonConfig, new: &DaemonConfig) -> Vec<&'static str
     check(running.listen != new.listen, "listen");
     check(running.listen_tcp != new.listen_tcp, "listen_tcp");
     check(running.listen_tls != new.listen_tls, "listen_tls");
-    check(running.tls != new.tls, "tls");
     check(running.workers != new.workers, "workers");
     check(running.iface != new.iface, "iface");
     check(running.ebpf != new.ebpf, "ebpf");
@@ -148,6 +147,7 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         (d, core)
     };
     let mut daemon = cur.daemon.clone();
+    daemon.tls = config.daemon.tls.clone();
     daemon.idle_timeout = config.daemon.idle_timeout;
     daemon.cleanup_delay = config.daemon.cleanup_delay;
     daemon.provisional_idle_timeout = config.daemon.provisional_idle_timeout;
@@ -180,9 +180,24 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         dedup: dedup_timers(&daemon),
         dictionary: config.dictionary,
     });
+    // The TLS files are read again even when their paths did not change: a rotated
+    // certificate or CA is in force for the next connection, each way.
+    let tls_server = match &config.daemon.tls {
+        Some(files) if !cur.daemon.listen_tls.is_empty() => Some(crate::tls::server_config(files)?),
+        _ => None,
+    };
     let mut upstream_transports = cur.upstream_transports.clone();
     for u in &common.upstreams[upstream_transports.len()..] {
         upstream_transports.push(transport(u, &config.upstream_tls)?);
+    }
+    for &link in common.upstream_index.values() {
+        if let (Some(u), Some(t)) = (
+            common.upstreams.get(link),
+            upstream_transports.get_mut(link),
+        ) && u.stream
+        {
+            *t = transport(u, &config.upstream_tls)?;
+        }
     }
     let added = (0..common.upstreams.len())
         .filter(|&l| common.is_configured(l) && !c.is_configured(l))
@@ -197,6 +212,7 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         upstream_tls: config.upstream_tls,
         directory_key: config.directory_key,
         daemon,
+        tls_server,
     });
     shared.current.store(current.clone());
     for inbox in &shared.defined {

@@ -42,6 +42,9 @@ pub(crate) struct Current {
     pub upstream_tls: HashMap<String, UpstreamTlsFiles>,
     pub directory_key: DirectoryKey,
     pub daemon: DaemonConfig,
+    /// `[tls]`'s certificate, key and CA, read at start and again at each reload (a rotated
+    /// certificate is in force for the next connection); None without TLS listeners.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What a running daemon shares between its workers (read-mostly: per packet, only

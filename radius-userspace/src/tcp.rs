@@ -112,6 +112,14 @@ pub struct Read {
 
 impl TcpFront {
     /// A RADIUS/TCP listener, or with `tls` a RADIUS/TLS one.
+    /// A reload's TLS configuration (a rotated certificate or CA): for the connections
+    /// accepted from now on; those open keep the one they shook hands with.
+    pub fn set_tls(&mut self, tls: Option<Arc<ServerConfig>>) {
+        if let (Some(mine), Some(new)) = (&mut self.tls, tls) {
+            *mine = new;
+        }
+    }
+
     pub fn new(
         listener: TcpListener,
         limits: Limits,

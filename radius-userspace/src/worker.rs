@@ -372,6 +372,9 @@ pub(crate) fn run(
                             }
                             ToWorker::Coa(job) => w.engine.handle_coa(now, job),
                             ToWorker::Reload(current) => {
+                                if let Front::Tcp(t) = &mut w.io.front {
+                                    t.set_tls(current.tls_server.clone());
+                                }
                                 w.io.current = current.clone();
                                 w.engine
                                     .handle_reload(now, current.common.clone(), &mut w.io);

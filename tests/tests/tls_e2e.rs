@@ -28,9 +28,30 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_in(tag, false)
+}
+
+/// `rotating`: the `[tls]` files are copies in `pki/live` (a test replaces them), and the
+/// daemon has a control socket at `pki/control.sock` (to reload).
+fn setup_in(tag: &str, rotating: bool) -> Setup {
     let topo = Topology::new();
     let pki = std::env::temp_dir().join(format!("rs-tls-{tag}-{}", std::process::id()));
     write_test_pki(&pki).unwrap();
+    let files = if rotating {
+        let live = pki.join("live");
+        std::fs::create_dir_all(&live).unwrap();
+        for f in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::copy(pki.join(f), live.join(f)).unwrap();
+        }
+        live
+    } else {
+        pki.clone()
+    };
+    let control = if rotating {
+        format!("control = \"{}\"\n", pki.join("control.sock").display())
+    } else {
+        String::new()
+    };
     let fr = FreeRadius::start_on(
         &topo.sidecar,
         &[("127.0.0.1", UPSTREAM_SECRET)],
@@ -49,11 +70,11 @@ workers = 1
 iface = "none"
 ebpf = "off"
 metrics = "{METRICS}"
-
+{control}
 [tls]
-certificate = "{pki}/server.pem"
-key = "{pki}/server.key"
-ca = "{pki}/ca.pem"
+certificate = "{files}/server.pem"
+key = "{files}/server.key"
+ca = "{files}/ca.pem"
 
 [[upstream]]
 name = "freeradius"
@@ -74,7 +95,7 @@ name = "radsec-nas2"
 secret = "{RADSEC_SECRET}"
 certificate_names = ["nas2.example.org"]
 "#,
-            pki = pki.display()
+            files = files.display()
         ),
     );
     assert!(
@@ -273,6 +294,52 @@ fn bad_certificates_are_refused_at_the_handshake_and_counted() {
     );
     drop(proxy);
     assert!(ok && out.contains("Received Access-Accept"), "{out}");
+    drop(s.daemon);
+}
+
+#[test]
+fn a_reload_puts_rotated_certificates_and_a_new_ca_in_force() {
+    if !require_root("tls e2e") {
+        return;
+    }
+    let s = setup_in("rotate", true);
+    let ask = |pki: &std::path::Path| {
+        let proxy = radsecproxy(&s.topo.nas1, pki, "nas");
+        let r = radclient(
+            &s.topo.nas1,
+            "User-Name = alice, User-Password = alice-pw\n",
+        );
+        drop(proxy);
+        r
+    };
+    let (ok, out) = ask(&s.pki);
+    assert!(ok && out.contains("Received Access-Accept"), "{out}");
+    // A new CA, and a server certificate from it, written over the files in force.
+    let next = s.pki.join("next");
+    write_test_pki(&next).unwrap();
+    for f in ["server.pem", "server.key", "ca.pem"] {
+        std::fs::copy(next.join(f), s.pki.join("live").join(f)).unwrap();
+    }
+    let control = s.pki.join("control.sock");
+    let (ok, said) = sidecar_cli(
+        &s.topo.sidecar,
+        &sidecar_bin(),
+        &["reload", "--control", control.to_str().unwrap()],
+    );
+    println!("reload: {said}");
+    assert!(ok, "{said}\n{}", s.daemon.log());
+    assert!(
+        !said.contains("tls"),
+        "nothing about tls waits for a restart: {said}"
+    );
+    let (ok, out) = ask(&next);
+    assert!(
+        ok && out.contains("Received Access-Accept"),
+        "a NAS of the new CA is served over a new connection: {out}\n{}",
+        s.daemon.log()
+    );
+    let (ok, _) = ask(&s.pki);
+    assert!(!ok, "a NAS of the old CA no longer is");
     drop(s.daemon);
 }
 
