@@ -27,12 +27,21 @@ const METRICS: &str = "127.0.0.1:9813";
 const FR_PORT: u16 = 13812;
 
 fn config(control: &Path, directory: &Path) -> String {
+    config_on(control, directory, true)
+}
+
+/// `fast`: the eBPF path (steer, and guard on `lo`); else steering in user space.
+fn config_on(control: &Path, directory: &Path, fast: bool) -> String {
+    let path = if fast {
+        "iface = \"lo\"\nebpf = \"require\""
+    } else {
+        "ebpf = \"off\""
+    };
     format!(
         r#"[server]
 listen = ["127.0.0.1:1812"]
 workers = 2
-iface = "lo"
-ebpf = "require"
+{path}
 metrics = "{METRICS}"
 control = "{}"
 
@@ -77,11 +86,20 @@ fn pid_alive(pid: i32) -> bool {
 
 #[test]
 fn an_upgrade_under_load_loses_nothing_and_makes_no_flow_again() {
+    upgrade_under_load("upgrade", true);
+}
+
+#[test]
+fn on_the_user_space_path_too() {
+    upgrade_under_load("upgrade-user", false);
+}
+
+fn upgrade_under_load(tag: &str, fast: bool) {
     if !require_root("upgrade under load") {
         return;
     }
-    let ns = NetNs::new("upgrade");
-    let dir = std::env::temp_dir().join(format!("rs-upgrade-{}", std::process::id()));
+    let ns = NetNs::new(tag);
+    let dir = std::env::temp_dir().join(format!("rs-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a test folder");
     let (path, control, directory, bin): (PathBuf, PathBuf, PathBuf, PathBuf) = (
         dir.join("sidecar.toml"),
@@ -95,7 +113,7 @@ fn an_upgrade_under_load_loses_nothing_and_makes_no_flow_again() {
         format!("[[client]]\nprefix = \"127.0.3.0/24\"\nsecret = \"{NAS_SECRET}\"\n"),
     )
     .expect("write the directory");
-    std::fs::write(&path, config(&control, &directory)).expect("write the configuration");
+    std::fs::write(&path, config_on(&control, &directory, fast)).expect("write the configuration");
     install_copy(&bin);
     let filter = std::env::var("RADIUS_SIDECAR_FILTER").unwrap_or_else(|_| "info".into());
     let mut d = Daemon::start_binary(
@@ -133,7 +151,7 @@ fn an_upgrade_under_load_loses_nothing_and_makes_no_flow_again() {
     assert_eq!(m("radius_flows_created_total"), 64, "one flow per NAS");
 
     // An upgrade whose new process cannot start: refused, and why; the old one goes on.
-    let good = config(&control, &directory);
+    let good = config_on(&control, &directory, fast);
     let broken = format!("{good}\n[[client]]\nprefix = \"not-a-prefix\"\n");
     std::fs::write(&path, &broken).expect("write the configuration");
     let (ok, said) = upgrade(&ns, &bin, &control);

@@ -11,7 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,6 @@ use libfuzzer_sys::fuzz_target;
 use radius_core::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable},
-    coa::NasDirectory,
     codec::{Code, Packet, PacketMut, attr, auth::Secret, hide},
     counters::{Count, Counters, Refusal},
     dedup::DedupTimers,
