@@ -40,20 +40,29 @@ impl Pool {
 
     /// The server for a request of the flow with hash `flow_hash`, other than `avoid`:
     /// alive ones first, zombies if none is alive, dead ones as a last resort.
+    /// Runs for every request: it allocates nothing.
     pub fn pick(&self, flow_hash: u64, avoid: Option<&str>) -> Option<&Arc<Upstream>> {
         for wanted in [State::Alive, State::Zombie, State::Dead] {
-            let usable: Vec<&Arc<Upstream>> = self
-                .members
-                .iter()
-                .filter(|u| u.health.state() == wanted && Some(u.name.as_str()) != avoid)
-                .collect();
-            if usable.is_empty() {
-                continue;
+            let usable =
+                |u: &&Arc<Upstream>| u.health.state() == wanted && Some(u.name.as_str()) != avoid;
+            let picked = match self.policy {
+                Policy::FailOver => self.members.iter().find(usable),
+                Policy::LoadBalance => {
+                    let n = self.members.iter().filter(usable).count() as u64;
+                    // A state that changed between the two passes: the next pass decides.
+                    (n > 0)
+                        .then(|| {
+                            self.members
+                                .iter()
+                                .filter(usable)
+                                .nth((flow_hash % n) as usize)
+                        })
+                        .flatten()
+                }
+            };
+            if picked.is_some() {
+                return picked;
             }
-            return Some(match self.policy {
-                Policy::FailOver => usable[0],
-                Policy::LoadBalance => usable[(flow_hash % usable.len() as u64) as usize],
-            });
         }
         None
     }
