@@ -1,7 +1,9 @@
 //! Answers the sidecar makes itself, sans-IO and built with the codec's builders: to a
 //! NAS's Status-Server (RFC 5997: never forwarded; answered only with a valid
-//! Message-Authenticator, and by the listener's role) and the Protocol-Error (RFC 7930) that
-//! tells a NAS its request cannot be forwarded instead of leaving it to time out.
+//! Message-Authenticator, and by the listener's role), the Protocol-Error (RFC 7930) that
+//! tells a NAS its request cannot be forwarded instead of leaving it to time out, and what a
+//! realm answers here (`realm_answer`: the Access-Reject of a refused realm, with its
+//! Reply-Message, and the Accounting-Response of a realm whose accounting stops here).
 
 use crate::{
     codec::{
@@ -39,6 +41,52 @@ pub fn status_server<'a, S: SharedSecret + ?Sized>(
     Ok(m)
 }
 
+/// What a realm answers itself to the `request` of a client with `secret`, written in
+/// `out`: an Access-Request gets an Access-Reject (a Message-Authenticator first, then
+/// `message` as Reply-Message), an Accounting-Request an Accounting-Response; both echo the
+/// request's Proxy-States (RFC 2865 5.33). The request is verified first, and an
+/// Access-Request must be signed when its client requires it (`require_signed`): a
+/// forged one gets nothing. `Err` is the reason it is dropped.
+pub fn realm_answer<'a, S: SharedSecret + ?Sized>(
+    out: &'a mut [u8],
+    request: &[u8],
+    secret: &S,
+    require_signed: bool,
+    message: Option<&str>,
+) -> Result<PacketMut<'a>, &'static str> {
+    let p = Packet::parse(request).map_err(|_| "malformed")?;
+    auth::verify(&p, secret, None).map_err(|_| "bad_signature")?;
+    let code = match p.code() {
+        Code::AccessRequest => {
+            if require_signed && p.message_authenticator_offset().is_none() {
+                return Err("no_message_authenticator");
+            }
+            Code::AccessReject
+        }
+        Code::AccountingRequest => Code::AccountingResponse,
+        _ => return Err("not_forwarded"),
+    };
+    let too_big = |_| "too_big";
+    let mut m = PacketMut::new(out, code, p.identifier()).map_err(too_big)?;
+    if code == Code::AccessReject {
+        m.message_authenticator_first().map_err(too_big)?;
+        // A Reply-Message is at most 253 bytes; a longer one is cut at a character.
+        if let Some(text) = message {
+            let mut end = text.len().min(253);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            m.push(attr::REPLY_MESSAGE, &text.as_bytes()[..end])
+                .map_err(too_big)?;
+        }
+    }
+    for ps in p.get_all(attr::PROXY_STATE) {
+        m.push(attr::PROXY_STATE, ps.value).map_err(too_big)?;
+    }
+    m.sign(secret, Some(p.authenticator())).map_err(too_big)?;
+    Ok(m)
+}
+
 /// The Protocol-Error for a request that cannot be forwarded, written in `out`. `prepared`
 /// holds the request as already rewritten for the upstream (its first `prepared.len` bytes),
 /// so the NAS's Identifier and authenticator come from [`Prepared`], and its Proxy-States are
@@ -67,6 +115,34 @@ pub fn protocol_error<'a, S: SharedSecret + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_realm_gets_a_signed_reject_with_its_message_and_proxy_states() {
+        let mut buf = [0u8; 256];
+        let mut req = PacketMut::new(&mut buf, Code::AccessRequest, 5).unwrap();
+        req.set_authenticator(&[3; 16]);
+        req.message_authenticator_first().unwrap();
+        req.push(attr::USER_NAME, b"a@refused.example").unwrap();
+        req.push(attr::PROXY_STATE, b"upstream-proxy").unwrap();
+        req.sign(b"nas", None).unwrap();
+        let req = req.as_bytes().to_vec();
+        let mut out = [0u8; 512];
+        let m = realm_answer(&mut out, &req, b"nas", true, Some("not here")).unwrap();
+        let reply = m.view().unwrap();
+        assert_eq!(reply.code(), Code::AccessReject);
+        assert_eq!(reply.identifier(), 5);
+        assert_eq!(reply.get(attr::REPLY_MESSAGE).unwrap().value, b"not here");
+        assert_eq!(
+            reply.get(attr::PROXY_STATE).unwrap().value,
+            b"upstream-proxy"
+        );
+        auth::verify(&reply, b"nas", Some(&[3; 16])).unwrap();
+        // Forged: nothing.
+        assert_eq!(
+            realm_answer(&mut out, &req, b"other", true, None).err(),
+            Some("bad_signature")
+        );
+    }
 
     #[test]
     fn status_server_is_answered_by_role_and_only_when_signed() {

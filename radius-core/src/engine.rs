@@ -39,8 +39,9 @@ use crate::{
     dynamic::{Dynamic, Resolution},
     flows::{Flow, FlowRef, FlowTable, PendingCoa, flow_key},
     pending::{Kept, PendingSources},
-    pool::EapStates,
+    pool::{EapStates, Pool},
     proxy::{self, InFlight},
+    realm::Realms,
     requests::{self, Allocation, At, Requests},
     upstream::{self, Upstream},
 };
@@ -90,6 +91,8 @@ pub struct Common {
     pub counters: Arc<dyn Counters>,
     /// Attribute names for debug logs (the built-in dictionary, or FreeRADIUS's).
     pub dictionary: Arc<Dictionary>,
+    /// Where requests go by the realm of their User-Name; None: by their client only.
+    pub realms: Option<Arc<Realms>>,
 }
 
 /// What a reload replaces: the configuration's clients, directory, upstreams and timers.
@@ -103,6 +106,7 @@ pub struct Settings {
     pub provisional_idle: Duration,
     pub dedup: DedupTimers,
     pub dictionary: Arc<Dictionary>,
+    pub realms: Option<Arc<Realms>>,
 }
 
 impl Common {
@@ -149,6 +153,7 @@ impl Common {
             dedup: s.dedup,
             counters: self.counters.clone(),
             dictionary: s.dictionary,
+            realms: s.realms,
         }
     }
 
@@ -266,6 +271,69 @@ struct Arrived {
     remote: SocketAddr,
     local: SocketAddr,
     data: Vec<u8>,
+}
+
+/// Where a request is served from: its realm's pool (None: its client's), and the part of
+/// its User-Name left when the realm is stripped.
+#[derive(Clone, Debug, Default)]
+struct Route {
+    pool: Option<Arc<Pool>>,
+    user_name: Option<std::ops::Range<usize>>,
+}
+
+impl Route {
+    fn pool<'a>(&'a self, client: &'a Client) -> &'a Arc<Pool> {
+        self.pool.as_ref().unwrap_or(&client.pool)
+    }
+}
+
+/// What the realms make of a request.
+enum Routing {
+    Forward(Route),
+    /// Answered here: an Access-Reject (with this Reply-Message), or an
+    /// Accounting-Response.
+    Answer(Option<String>),
+    Drop(&'static str),
+}
+
+/// The realm of the request in `packet`'s User-Name decides where it goes (see
+/// `realm.rs`); without realms, a realm that matches, or a User-Name, it goes to its
+/// client's pool.
+fn route_request(realms: Option<&Realms>, packet: &[u8]) -> Routing {
+    let by_client = || Routing::Forward(Route::default());
+    let Some(realms) = realms else {
+        return by_client();
+    };
+    let Ok(p) = Packet::parse_v11(packet) else {
+        return by_client();
+    };
+    let acct = match p.code() {
+        Code::AccessRequest => false,
+        Code::AccountingRequest => true,
+        _ => return by_client(),
+    };
+    let Some(name) = p.get(attr::USER_NAME) else {
+        return by_client();
+    };
+    let Some(routed) = realms.route(name.value) else {
+        return by_client();
+    };
+    let realm = routed.realm;
+    let pool = if acct { &realm.acct } else { &realm.auth };
+    match pool {
+        Some(pool) => {
+            let at = name.offset + 2;
+            let whole = routed.user.len() == name.value.len();
+            Routing::Forward(Route {
+                pool: Some(pool.clone()),
+                user_name: (realm.strip && !whole)
+                    .then(|| at + routed.user.start..at + routed.user.end),
+            })
+        }
+        None if acct && realm.answer_accounting => Routing::Answer(None),
+        None if acct => Routing::Drop("realm_no_accounting"),
+        None => Routing::Answer(realm.reject_message.clone()),
+    }
 }
 
 /// At debug level: `packet` by its attribute names, with its client and flow.
@@ -923,6 +991,42 @@ impl Engine {
             on_coa_answer(&*common.counters, flow, &client, &mut self.buf, n);
             return;
         }
+        let route = match route_request(common.realms.as_deref(), &self.buf[..n]) {
+            Routing::Forward(route) => route,
+            Routing::Drop(reason) => {
+                common.counters.count(Count::Dropped(reason));
+                return;
+            }
+            Routing::Answer(message) => {
+                if flow.v11 {
+                    common
+                        .counters
+                        .count(Count::Dropped("realm_answer_over_radius_1_1"));
+                    return;
+                }
+                let mut out = [0u8; codec::MAX_PACKET_LEN];
+                let signed = client.requires_message_authenticator();
+                match answers::realm_answer(
+                    &mut out,
+                    &self.buf[..n],
+                    &client.secret,
+                    signed,
+                    message.as_deref(),
+                ) {
+                    Ok(m) => {
+                        let what = if code == Code::AccountingRequest as u8 {
+                            "realm_accounting"
+                        } else {
+                            "realm_reject"
+                        };
+                        self.out.send_nas(flow.remote, flow.local, m.as_bytes());
+                        common.counters.count(Count::LocalAnswer(what));
+                    }
+                    Err(reason) => common.counters.count(Count::Dropped(reason)),
+                }
+                return;
+            }
+        };
         if !flow.named {
             // Once per flow: where a CoA for this NAS must go. (Reading names only: the
             // lenient parse, for RADIUS/1.1 flows too; the request is verified later.)
@@ -963,9 +1067,9 @@ impl Engine {
             }
         }
         let hash = flow.hash;
+        let pool = route.pool(&client).clone();
         // The next step of an EAP conversation goes to the server that sent its State.
-        let sticky = client
-            .pool
+        let sticky = pool
             .spreads()
             .then(|| {
                 Packet::parse_v11(&self.buf[..n])
@@ -975,11 +1079,11 @@ impl Engine {
             })
             .flatten()
             .and_then(|st| common.eap_states.server_of(&st, now))
-            .and_then(|name| client.pool.usable(&name).cloned());
-        let Some(upstream) = sticky.or_else(|| client.pool.pick(hash, None).cloned()) else {
+            .and_then(|name| pool.usable(&name).cloned());
+        let Some(upstream) = sticky.or_else(|| pool.pick(hash, None).cloned()) else {
             return;
         };
-        self.forward(now, now, slot, &client, &upstream, n, io);
+        self.forward(now, now, slot, &client, route, &upstream, n, io);
     }
 
     /// Prepares the NAS request in `buf[..n]` for `upstream`, gives it an Identifier of one
@@ -992,6 +1096,7 @@ impl Engine {
         since: Instant,
         slot: usize,
         client: &Arc<Client>,
+        route: Route,
         upstream: &Arc<Upstream>,
         n: usize,
         io: &mut dyn Io,
@@ -1012,7 +1117,7 @@ impl Engine {
         };
         // Kept for failover to another server of the pool, and for a stream upstream's next
         // connection (re-prepared from it).
-        let nas_packet = if client.pool.members.len() > 1 || upstream.stream {
+        let nas_packet = if route.pool(client).members.len() > 1 || upstream.stream {
             self.buf[..n].to_vec()
         } else {
             Vec::new()
@@ -1030,6 +1135,7 @@ impl Engine {
             &fresh,
             &mut self.buf,
             n,
+            route.user_name.clone(),
         ) {
             Ok(p) => {
                 if p.learnt_client_signs {
@@ -1070,6 +1176,8 @@ impl Engine {
             retries: 0,
             next_retry: now + (self.random.jitter)(upstream.options.retry),
             nas_packet,
+            pool: route.pool,
+            user_name: route.user_name,
         };
         // An Identifier of one of this worker's sockets to that port; another socket when
         // all 256 of each are in flight.
@@ -1191,8 +1299,7 @@ impl Engine {
         if p.nas_packet.is_empty() {
             return None;
         }
-        p.client
-            .pool
+        p.pool()
             .pick(hash, Some(&upstream.name))
             .filter(|o| {
                 o.health.state() != upstream::State::Dead
@@ -1237,8 +1344,12 @@ impl Engine {
         debug!(from = %from.name, to = %to.name, "upstream quiet: request failed over");
         // Its timeout still counts from its first sending: between silent servers a fresh
         // one at each move would keep it in flight for ever.
+        let route = Route {
+            pool: p.pool.clone(),
+            user_name: p.user_name.clone(),
+        };
         if self.flows.of(&r).is_some()
-            && self.forward(now, p.sent_at, r.slot as usize, &p.client, to, n, io)
+            && self.forward(now, p.sent_at, r.slot as usize, &p.client, route, to, n, io)
         {
             self.count(Count::UpstreamRetransmit("failover"));
         }
@@ -1268,7 +1379,7 @@ impl Engine {
             }
             let hash = self.flows.of(&r).map_or(0, |f| f.hash);
             let to = if upstream.health.state() == upstream::State::Dead {
-                p.client.pool.pick(hash, None).cloned()
+                p.pool().pick(hash, None).cloned()
             } else {
                 Some(upstream.clone())
             };
@@ -1276,7 +1387,20 @@ impl Engine {
             let n = self.take_request(&p.nas_packet);
             // Its timeout still counts from its first sending: a server whose connections
             // keep closing cannot keep a request alive past it.
-            if self.forward(now, p.sent_at, r.slot as usize, &p.client, &to, n, io) {
+            let route = Route {
+                pool: p.pool.clone(),
+                user_name: p.user_name.clone(),
+            };
+            if self.forward(
+                now,
+                p.sent_at,
+                r.slot as usize,
+                &p.client,
+                route,
+                &to,
+                n,
+                io,
+            ) {
                 self.count(Count::UpstreamRetransmit(cause));
             }
         }
@@ -1447,7 +1571,7 @@ impl Engine {
         ) else {
             return;
         };
-        if done.client.pool.spreads()
+        if done.pool().spreads()
             && self.buf[0] == Code::AccessChallenge as u8
             && let Ok(p) = Packet::parse_v11(&self.buf[..len])
             && let Some(st) = p.get(attr::STATE)

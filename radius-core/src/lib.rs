@@ -12,10 +12,12 @@
 //! - [`pending`]: packets of sources being defined: kept in order, bounded, handed back.
 //! - [`upstream`]: AAA servers, their policy and health.
 //! - [`pool`]: groups of upstreams, and where a request (or an EAP conversation) goes.
+//! - [`realm`]: the realm of a User-Name, and the realm (its pools, its answers) it picks.
 //! - [`client`]: who may talk to the sidecar: the client table, proofs, NAT entries.
 //! - [`dynamic`]: dynamic clients: their prefixes, the shared cache of definitions.
 //! - [`proxy`]: forwarding: a request prepared for an upstream, a reply for the NAS.
-//! - [`answers`]: what the sidecar answers itself (Status-Server, Protocol-Error).
+//! - [`answers`]: what the sidecar answers itself (Status-Server, Protocol-Error, a
+//!   realm's Access-Reject or Accounting-Response).
 //! - [`requests`]: a worker's requests in flight upstream: Identifier spaces, timers.
 //! - [`coa`]: CoA bookkeeping: NAS names, which flow carries each NAS, the sidecar's NAK.
 //! - [`flows`]: a worker's flow table.
@@ -35,6 +37,7 @@ pub mod flows;
 pub mod pending;
 pub mod pool;
 pub mod proxy;
+pub mod realm;
 pub mod requests;
 pub mod stream;
 pub mod upstream;

@@ -99,6 +99,7 @@ pub struct Prepared {
 /// Identifier and the signature. `fresh` is the new Request Authenticator of an
 /// Access-Request to a RADIUS/UDP, TCP or TLS upstream (random, drawn by the caller: RFC
 /// 2865 asks it unpredictable).
+#[expect(clippy::too_many_arguments, reason = "one request's whole preparation")]
 pub fn prepare_request(
     client: &Client,
     upstream: &Upstream,
@@ -107,6 +108,7 @@ pub fn prepare_request(
     fresh: &[u8; 16],
     buf: &mut [u8],
     len: usize,
+    user_name: Option<std::ops::Range<usize>>,
 ) -> Result<Prepared, ProxyError> {
     let (code, nas_id, nas_auth, has_ma, has_ps, has_eap, chap_without_challenge) = {
         let p = if hops.nas_v11 {
@@ -149,7 +151,19 @@ pub fn prepare_request(
         }
         learnt_client_signs = b.learnt;
     }
+    // A realm stripped: User-Name becomes the user part, bytes `user_name` of the NAS's
+    // packet (checked above, before anything changed).
+    let mut stripped = [0u8; 253];
+    let user = user_name
+        .filter(|r| r.end <= len && r.len() <= stripped.len())
+        .map(|r| {
+            stripped[..r.len()].copy_from_slice(&buf[r.clone()]);
+            &stripped[..r.len()]
+        });
     let mut m = PacketMut::from_datagram(buf, len)?;
+    if let Some(user) = user {
+        m.replace_first(attr::USER_NAME, user)?;
+    }
     m.add_proxy_state(proxy_state)?;
     if hops.upstream_v11 {
         m.remove_all(attr::MESSAGE_AUTHENTICATOR);
@@ -234,6 +248,17 @@ pub struct InFlight<T> {
     /// The NAS's request as received, to prepare it again for another server of the pool
     /// (empty for a pool of one).
     pub nas_packet: Vec<u8>,
+    /// The pool its realm chose; None: its client's.
+    pub pool: Option<Arc<crate::pool::Pool>>,
+    /// Its realm is stripped: User-Name becomes these bytes of `nas_packet`.
+    pub user_name: Option<std::ops::Range<usize>>,
+}
+
+impl<T> InFlight<T> {
+    /// The pool the request is served from: its realm's, else its client's.
+    pub fn pool(&self) -> &Arc<crate::pool::Pool> {
+        self.pool.as_ref().unwrap_or(&self.client.pool)
+    }
 }
 
 /// A reply rewritten for the NAS by [`process_reply`].
@@ -500,6 +525,7 @@ mod tests {
             &auth::random_authenticator(),
             &mut buf,
             req.len(),
+            None,
         )
         .unwrap();
         assert_eq!((prep.nas_id, prep.nas_auth), (42, nas_auth));
@@ -535,6 +561,8 @@ mod tests {
             retries: 0,
             next_retry: std::time::Instant::now(),
             nas_packet: Vec::new(),
+            pool: None,
+            user_name: None,
         };
         let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], false, &inflight, b"ps")
             .unwrap()
@@ -584,6 +612,7 @@ mod tests {
             &auth::random_authenticator(),
             &mut buf,
             req.len(),
+            None,
         )
         .unwrap();
         let up_auth = finalize_request(&mut buf, prep.len, 7, &up, None).unwrap();
@@ -598,6 +627,8 @@ mod tests {
             retries: 0,
             next_retry: std::time::Instant::now(),
             nas_packet: Vec::new(),
+            pool: None,
+            user_name: None,
         };
         let relay = |code, eap, ma| {
             let (mut r, n) = upstream_reply(&up, &inflight, code, eap, ma);
@@ -651,7 +682,8 @@ mod tests {
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,
-                req.len()
+                req.len(),
+                None,
             ),
             Err(ProxyError::MissingMessageAuthenticator)
         ));
@@ -668,7 +700,8 @@ mod tests {
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,
-                n
+                n,
+                None,
             ),
             Err(ProxyError::Verify(VerifyError::BadAuthenticator))
         ));
@@ -682,7 +715,8 @@ mod tests {
                 b"ps",
                 &auth::random_authenticator(),
                 &mut buf,
-                req.len()
+                req.len(),
+                None,
             ),
             Err(ProxyError::NotForwarded { .. })
         ));

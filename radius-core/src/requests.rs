@@ -253,6 +253,8 @@ mod tests {
             retries: 0,
             next_retry: now + Duration::from_secs(2),
             nas_packet: Vec::new(),
+            pool: None,
+            user_name: None,
         }
     }
 

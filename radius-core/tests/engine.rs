@@ -29,6 +29,7 @@ use radius_core::{
     engine::{self, Common, Engine, Io, Random, Settings},
     flows::{Flow, flow_key},
     pool::{Policy, Pool},
+    realm::{Delimiters, Realm, Realms},
     requests::{self, At},
     upstream::{State, Upstream, UpstreamOptions},
 };
@@ -221,6 +222,7 @@ struct Setup {
     upstreams: Vec<Arc<Upstream>>,
     policy: Policy,
     dynamic: Option<Dynamic>,
+    realms: Option<Realms>,
 }
 
 impl Default for Setup {
@@ -229,6 +231,7 @@ impl Default for Setup {
             upstreams: vec![upstream("aaa-1", 1812)],
             policy: Policy::FailOver,
             dynamic: None,
+            realms: None,
         }
     }
 }
@@ -284,6 +287,7 @@ impl World {
             dedup: DedupTimers::default(),
             counters: tally.clone(),
             dictionary: Arc::new(radius_core::codec::dict::Dictionary::builtin().clone()),
+            realms: setup.realms.map(Arc::new),
         });
         let now = Instant::now();
         let mut engine = Engine::new(common.clone(), 0, false, now);
@@ -1351,6 +1355,7 @@ impl World {
             provisional_idle: self.common.provisional_idle,
             dedup: DedupTimers::default(),
             dictionary: self.common.dictionary.clone(),
+            realms: self.common.realms.clone(),
         }));
         for u in &common.upstreams[self.servers.len()..] {
             let secret = secrets
@@ -1558,4 +1563,72 @@ fn each_upstreams_answers_are_timed_from_the_first_sending() {
     assert_eq!(l.buckets[2], 1, "2 ms: at most 2.5 ms");
     assert_eq!(l.buckets[6], 1, "30 ms: at most 50 ms");
     assert_eq!(w.engine.take_latencies().count(), 0, "taken out");
+}
+
+fn realm_of(name: &str, auth: Option<Arc<Pool>>, strip: bool) -> Realm {
+    Realm {
+        name: name.into(),
+        acct: auth.clone(),
+        auth,
+        reject_message: None,
+        answer_accounting: false,
+        strip,
+    }
+}
+
+#[test]
+fn a_realm_picks_its_pool_strips_its_name_or_refuses_here() {
+    let ups = vec![upstream("aaa-1", 1812), upstream("aaa-2", 1814)];
+    let home = Arc::new(Pool::single(ups[1].clone()));
+    let refused = Realm {
+        reject_message: Some("go away".into()),
+        ..realm_of("refused.example", None, false)
+    };
+    let realms = Realms::new(
+        vec![
+            realm_of("example.org", Some(home.clone()), true),
+            realm_of("*.kept.example", Some(home), false),
+            refused,
+        ],
+        Delimiters::default(),
+    )
+    .unwrap();
+    let mut w = World::new(Setup {
+        upstreams: ups,
+        realms: Some(realms),
+        ..Setup::default()
+    });
+    let user = |w: &World, wire: &[u8], link: usize| {
+        let (p, pw) = w.servers[link].read(wire);
+        assert_eq!(
+            pw, b"secret-pw",
+            "the password re-hidden after the name changed"
+        );
+        String::from_utf8_lossy(p.get(attr::USER_NAME).unwrap().value).into_owned()
+    };
+    // The realm's pool, its name stripped.
+    w.nas_sends(nas(40000), &access_request(1, "alice@Example.ORG", None));
+    let sent = w.take_upstream(1);
+    assert_eq!(sent.len(), 1, "to the realm's server");
+    assert_eq!(user(&w, &sent[0].1, 1), "alice");
+    let reply = w.servers[1].answer(&sent[0].1, Code::AccessAccept, None);
+    w.upstream_sends(sent[0].0.socket, &reply);
+    assert_eq!(w.take_nas().len(), 1);
+    // Kept when the realm says so.
+    w.nas_sends(nas(40000), &access_request(2, "carol@x.kept.example", None));
+    let sent = w.take_upstream(1);
+    assert_eq!(user(&w, &sent[0].1, 1), "carol@x.kept.example");
+    // No realm matches: the client's pool.
+    w.nas_sends(nas(40000), &access_request(3, "bob", None));
+    assert_eq!(w.take_upstream(0).len(), 1, "by the client's pool");
+    // Refused here, with its message, signed for the NAS; nothing goes upstream.
+    let req = access_request(4, "eve@refused.example", None);
+    w.nas_sends(nas(40000), &req);
+    assert!(w.take_upstream(0).is_empty() && w.take_upstream(1).is_empty());
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    let r = nas_reads(&out[0].2, &req);
+    assert_eq!(r.code(), Code::AccessReject);
+    assert_eq!(reply_message(&r), "go away");
+    assert_eq!(w.count(Count::LocalAnswer("realm_reject")), 1);
 }

@@ -244,8 +244,32 @@ struct File {
     pools: Vec<Spanned<PoolSection>>,
     #[serde(default, rename = "client")]
     clients: Vec<Spanned<ClientSection>>,
+    #[serde(default, rename = "realm")]
+    realms: Vec<Spanned<RealmSection>>,
     dynamic: Option<Spanned<DynamicSection>>,
     tls: Option<Spanned<TlsSection>>,
+}
+
+/// `[[realm]]`: where requests go by the realm of their User-Name (see
+/// `radius_core::realm` for how names are matched).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RealmSection {
+    /// `example.org`, `*.example.org`, `~regular expression`, `DEFAULT` or `NULL` (names
+    /// without a realm).
+    name: String,
+    /// The pool (or upstream) of its Access-Requests; without one they are refused here.
+    auth: Option<Spanned<String>>,
+    /// The pool (or upstream) of its Accounting-Requests.
+    acct: Option<Spanned<String>>,
+    /// The realm goes from User-Name before the request is forwarded.
+    #[serde(default)]
+    strip: bool,
+    /// The Reply-Message of the Access-Reject of a realm without `auth`.
+    reject_message: Option<String>,
+    /// Without `acct`: answer Accounting-Requests here (else they are dropped, counted).
+    #[serde(default)]
+    answer_accounting: bool,
 }
 
 /// `[tls]`: the certificate files of RADIUS/TLS listeners (PEM). Relative paths are taken
@@ -385,6 +409,10 @@ struct Server {
     /// A FreeRADIUS dictionary (its top file, e.g. /usr/share/freeradius/dictionary) for
     /// the attribute names of debug logs; default: the built-in one.
     dictionary: Option<Spanned<String>>,
+    /// The realm follows the last of these characters in User-Name (`user@realm`).
+    realm_suffix: String,
+    /// Else it precedes the first of these (`realm/user`, `realm\user`).
+    realm_prefix: String,
 }
 
 // One source of defaults: the file's are DaemonConfig's (0 and "none" stand for None).
@@ -412,6 +440,8 @@ impl Default for Server {
             max_connections: 0,
             max_connections_per_source: d.max_connections_per_source,
             dictionary: None,
+            realm_suffix: "@".into(),
+            realm_prefix: "/\\".into(),
         }
     }
 }
@@ -599,6 +629,8 @@ pub struct Config {
     pub directory_key: DirectoryKey,
     /// Attribute names for debug logs (`server.dictionary`, or the built-in one).
     pub dictionary: Arc<crate::codec::dict::Dictionary>,
+    /// `[[realm]]`s, indexed; None without any.
+    pub realms: Option<Arc<crate::realm::Realms>>,
 }
 
 /// The built-in dictionary, shared by every configuration that names none.
@@ -789,6 +821,7 @@ impl Config {
         daemon.metrics_listen = server.metrics.0;
         daemon.coa_listen = server.coa_listen.0;
         daemon.control = server.control.0.map(|p| folder.join(p));
+        let (realm_suffix, realm_prefix) = (server.realm_suffix, server.realm_prefix);
         let dictionary = match &server.dictionary {
             None => builtin_dictionary(),
             Some(path) => {
@@ -919,6 +952,56 @@ impl Config {
                 policy,
             }));
         }
+
+        let pool_named = |name: &Spanned<String>, key: &'static str| {
+            pools
+                .iter()
+                .find(|p| p.name == *name.get_ref())
+                .cloned()
+                .ok_or_else(|| {
+                    err(
+                        name.span(),
+                        key,
+                        format!("no [[upstream]] or [[pool]] named `{}`", name.get_ref()),
+                    )
+                })
+        };
+        let mut realms = Vec::new();
+        let mut first_realm = None;
+        for r in f.realms {
+            let span = r.span();
+            first_realm.get_or_insert(span.clone());
+            let r = r.into_inner();
+            realms.push(crate::realm::Realm {
+                auth: r
+                    .auth
+                    .as_ref()
+                    .map(|n| pool_named(n, "realm.auth"))
+                    .transpose()?,
+                acct: r
+                    .acct
+                    .as_ref()
+                    .map(|n| pool_named(n, "realm.acct"))
+                    .transpose()?,
+                name: r.name,
+                reject_message: r.reject_message,
+                answer_accounting: r.answer_accounting,
+                strip: r.strip,
+            });
+        }
+        let realms = match first_realm {
+            None => None,
+            Some(span) => {
+                let delimiters = crate::realm::Delimiters {
+                    suffix: realm_suffix.into_bytes(),
+                    prefix: realm_prefix.into_bytes(),
+                };
+                Some(Arc::new(
+                    crate::realm::Realms::new(realms, delimiters)
+                        .map_err(|e| err(span, "realm.name", e.to_string()))?,
+                ))
+            }
+        };
 
         let mut clients = ClientTable::default();
         for c in f.clients {
@@ -1118,6 +1201,7 @@ impl Config {
             dynamic,
             directory_key,
             dictionary,
+            realms,
         })
     }
 }
@@ -1161,6 +1245,37 @@ mod tests {
             OrNone(None),
             "flags use the same parser"
         );
+    }
+
+    #[test]
+    fn realms_name_their_pools_and_a_bad_one_is_named_with_its_line() {
+        let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n";
+        let c = Config::from_toml(
+            &format!(
+                "{up}[[realm]]\nname = \"example.org\"\nauth = \"a\"\nstrip = true\n\
+                 [[realm]]\nname = \"DEFAULT\"\nreject_message = \"no\"\n"
+            ),
+            "f.toml",
+        )
+        .unwrap();
+        let realms = c.realms.expect("realms");
+        assert_eq!(realms.len(), 2);
+        let r = realms.route(b"x@EXAMPLE.org").expect("routed");
+        assert!(r.realm.strip && r.realm.auth.as_ref().is_some_and(|p| p.name == "a"));
+        let r = realms.route(b"x@other").expect("DEFAULT");
+        assert_eq!(r.realm.reject_message.as_deref(), Some("no"));
+        assert!(Config::from_toml(up, "f.toml").unwrap().realms.is_none());
+        let e = Config::from_toml(
+            &format!("{up}[[realm]]\nname = \"x\"\nauth = \"nope\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (7, "realm.auth"), "{e}");
+        let e = Config::from_toml(&format!("{up}[[realm]]\nname = \"~(\"\n"), "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!(e.key, "realm.name", "{e}");
     }
 
     #[test]

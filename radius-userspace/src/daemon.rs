@@ -54,6 +54,7 @@ pub async fn run(
         dynamic,
         directory_key,
         dictionary,
+        realms,
     } = full;
     let upstream_transports = upstreams
         .iter()
@@ -143,6 +144,7 @@ pub async fn run(
         dedup: crate::reload::dedup_timers(&config),
         counters: metrics.clone(),
         dictionary,
+        realms,
     });
     if let (Some(t), Some(d)) = (&takeover, &dynamic) {
         let now = std::time::Instant::now();

@@ -179,6 +179,7 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         provisional_idle: provisional_idle(&daemon),
         dedup: dedup_timers(&daemon),
         dictionary: config.dictionary,
+        realms: config.realms,
     });
     // The TLS files are read again even when their paths did not change: a rotated
     // certificate or CA is in force for the next connection, each way.

@@ -180,6 +180,18 @@ impl<'a> PacketMut<'a> {
         self.set_len(self.len - n);
     }
 
+    /// Gives the first attribute of type `ty` the value `value` (where it is, so the order
+    /// of attributes stays); appends one when there is none.
+    pub fn replace_first(&mut self, ty: u8, value: &[u8]) -> Result<usize, EditError> {
+        match self.first(ty) {
+            Some(off) => {
+                self.remove_at(off);
+                self.insert_at(off, ty, value)
+            }
+            None => self.push(ty, value),
+        }
+    }
+
     /// Removes every attribute of type `ty`; returns how many.
     pub fn remove_all(&mut self, ty: u8) -> usize {
         let mut removed = 0;

@@ -225,6 +225,7 @@ fuzz_target!(|data: &[u8]| {
         dedup: DedupTimers::default(),
         counters: tally.clone(),
         dictionary: Arc::new(radius_core::codec::dict::Dictionary::builtin().clone()),
+        realms: None,
     });
     let start = Instant::now();
     let mut now = start;
