@@ -45,6 +45,9 @@ pub struct Client {
     pub nas_key: Option<NasKey>,
     /// Over TLS: what its certificate must show beyond a trusted CA's signature.
     pub certificate: CertificateMatch,
+    /// RFC 5580 Operator-Name added to its requests that carry none (namespace digit first:
+    /// `1example.org` names the operator by its realm, as eduroam asks).
+    pub operator_name: Option<Vec<u8>>,
 }
 
 /// What a client's TLS certificate must show (RFC 6614 section 2.3), beyond the signature of
@@ -381,6 +384,7 @@ pub(crate) mod tests {
             learned: Default::default(),
             nas_key: None,
             certificate: Default::default(),
+            operator_name: None,
         }
     }
 

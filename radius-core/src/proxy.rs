@@ -110,7 +110,7 @@ pub fn prepare_request(
     len: usize,
     user_name: Option<std::ops::Range<usize>>,
 ) -> Result<Prepared, ProxyError> {
-    let (code, nas_id, nas_auth, has_ma, has_ps, has_eap, chap_without_challenge) = {
+    let (code, nas_id, nas_auth, has_ma, has_ps, has_eap, chap_without_challenge, has_operator) = {
         let p = if hops.nas_v11 {
             Packet::parse_v11(&buf[..len])?
         } else {
@@ -138,6 +138,7 @@ pub fn prepare_request(
             !hops.nas_v11
                 && p.get(attr::CHAP_PASSWORD).is_some()
                 && p.get(attr::CHAP_CHALLENGE).is_none(),
+            p.get(attr::OPERATOR_NAME).is_some(),
         )
     };
     let mut learnt_client_signs = false;
@@ -163,6 +164,12 @@ pub fn prepare_request(
     let mut m = PacketMut::from_datagram(buf, len)?;
     if let Some(user) = user {
         m.replace_first(attr::USER_NAME, user)?;
+    }
+    // RFC 5580: the operator the NAS did not name, as configured for its client.
+    if let Some(op) = &client.operator_name
+        && !has_operator
+    {
+        m.push(attr::OPERATOR_NAME, op)?;
     }
     m.add_proxy_state(proxy_state)?;
     if hops.upstream_v11 {
@@ -495,6 +502,7 @@ mod tests {
             learned: Default::default(),
             nas_key: None,
             certificate: Default::default(),
+            operator_name: None,
         }
     }
 

@@ -231,6 +231,7 @@ mod tests {
             learned: Default::default(),
             nas_key: None,
             certificate: Default::default(),
+            operator_name: None,
         })
     }
 

@@ -213,6 +213,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         learned: Default::default(),
         nas_key: None,
         certificate: Default::default(),
+        operator_name: None,
     }
 }
 
@@ -223,6 +224,8 @@ struct Setup {
     policy: Policy,
     dynamic: Option<Dynamic>,
     realms: Option<Realms>,
+    /// The NASes' client adds this Operator-Name (RFC 5580).
+    operator_name: Option<Vec<u8>>,
 }
 
 impl Default for Setup {
@@ -232,6 +235,7 @@ impl Default for Setup {
             policy: Policy::FailOver,
             dynamic: None,
             realms: None,
+            operator_name: None,
         }
     }
 }
@@ -262,7 +266,10 @@ impl World {
             policy: setup.policy,
         });
         let mut clients = ClientTable::default();
-        clients.insert(client("nases", "198.51.100.0/24", pool.clone()));
+        clients.insert(Client {
+            operator_name: setup.operator_name.clone(),
+            ..client("nases", "198.51.100.0/24", pool.clone())
+        });
         let tally = Arc::new(Tally::default());
         let common = Arc::new(Common {
             clients,
@@ -1631,4 +1638,69 @@ fn a_realm_picks_its_pool_strips_its_name_or_refuses_here() {
     assert_eq!(r.code(), Code::AccessReject);
     assert_eq!(reply_message(&r), "go away");
     assert_eq!(w.count(Count::LocalAnswer("realm_reject")), 1);
+}
+
+#[test]
+fn operator_name_is_added_and_cui_and_proxy_state_pass_as_the_rfcs_say() {
+    let mut w = World::new(Setup {
+        operator_name: Some(b"1example.org".to_vec()),
+        ..Setup::default()
+    });
+    // A NAS asking for a CUI (RFC 4372: one NUL byte), behind a proxy of its own.
+    let request = |id: u8, operator: Option<&[u8]>| {
+        let mut buf = [0u8; 4096];
+        let mut p = PacketMut::new(&mut buf, Code::AccessRequest, id).unwrap();
+        let a = auth::random_authenticator();
+        p.set_authenticator(&a);
+        p.message_authenticator_first().unwrap();
+        p.push(attr::USER_NAME, b"alice@example.org").unwrap();
+        let mut h = [0u8; 128];
+        let n = hide::hide_user_password(b"secret-pw", NAS_SECRET, &a, &mut h).unwrap();
+        p.push(attr::USER_PASSWORD, &h[..n]).unwrap();
+        p.push(attr::CHARGEABLE_USER_IDENTITY, &[0]).unwrap();
+        if let Some(o) = operator {
+            p.push(attr::OPERATOR_NAME, o).unwrap();
+        }
+        p.push(attr::PROXY_STATE, b"nas-side-proxy").unwrap();
+        p.sign(&Secret::new(NAS_SECRET), None).unwrap();
+        p.as_bytes().to_vec()
+    };
+    let req = request(1, None);
+    w.nas_sends(nas(40000), &req);
+    let sent = w.take_upstream(0);
+    let (p, _) = w.servers[0].read(&sent[0].1);
+    assert_eq!(p.get(attr::OPERATOR_NAME).unwrap().value, b"1example.org");
+    assert_eq!(p.get(attr::CHARGEABLE_USER_IDENTITY).unwrap().value, &[0]);
+    let states: Vec<&[u8]> = p.get_all(attr::PROXY_STATE).map(|a| a.value).collect();
+    assert_eq!(
+        states,
+        [&b"nas-side-proxy"[..], &b"sidecar!"[..]],
+        "the NAS side's Proxy-State first, ours last"
+    );
+    // The home answers with the CUI; the NAS gets it, and its own Proxy-State only.
+    let mut buf = [0u8; 4096];
+    let mut r = PacketMut::new(&mut buf, Code::AccessAccept, p.identifier()).unwrap();
+    r.message_authenticator_first().unwrap();
+    r.push(attr::CHARGEABLE_USER_IDENTITY, b"cui-7f3a").unwrap();
+    for ps in p.get_all(attr::PROXY_STATE) {
+        r.add_proxy_state(ps.value).unwrap();
+    }
+    r.sign(&w.servers[0].upstream.secret, Some(p.authenticator()))
+        .unwrap();
+    let reply = r.as_bytes().to_vec();
+    w.upstream_sends(sent[0].0.socket, &reply);
+    let out = w.take_nas();
+    let got = nas_reads(&out[0].2, &req);
+    assert_eq!(
+        got.get(attr::CHARGEABLE_USER_IDENTITY).unwrap().value,
+        b"cui-7f3a"
+    );
+    let states: Vec<&[u8]> = got.get_all(attr::PROXY_STATE).map(|a| a.value).collect();
+    assert_eq!(states, [&b"nas-side-proxy"[..]]);
+    // A NAS that names its operator keeps its own.
+    w.nas_sends(nas(40000), &request(2, Some(b"1nas.example")));
+    let sent = w.take_upstream(0);
+    let (p, _) = w.servers[0].read(&sent[0].1);
+    let names: Vec<&[u8]> = p.get_all(attr::OPERATOR_NAME).map(|a| a.value).collect();
+    assert_eq!(names, [&b"1nas.example"[..]]);
 }

@@ -579,6 +579,9 @@ struct ClientSection {
     /// "sha256:" and 64 hex digits (colons allowed).
     #[serde(default)]
     certificate_fingerprints: Vec<Spanned<String>>,
+    /// RFC 5580 Operator-Name added to this client's requests that carry none, namespace
+    /// digit first ("1example.org": the operator's realm, as eduroam asks).
+    operator_name: Option<Spanned<String>>,
 }
 
 /// A yes/no/auto switch, written as a boolean or a word.
@@ -1100,6 +1103,22 @@ impl Config {
                 )?,
                 learned: Default::default(),
                 certificate,
+                operator_name: match &c.operator_name {
+                    None => None,
+                    Some(o) => {
+                        let v = o.get_ref().as_bytes();
+                        if v.len() < 2 || v.len() > 253 || !(b'0'..=b'3').contains(&v[0]) {
+                            return Err(err(
+                                o.span(),
+                                "client.operator_name",
+                                "a namespace digit (0 TADIG, 1 realm, 2 E.212, 3 ICC) then \
+                                 the name, at most 253 bytes: e.g. \"1example.org\""
+                                    .into(),
+                            ));
+                        }
+                        Some(v.to_vec())
+                    }
+                },
                 nas_key: match (c.nas_identifier, c.nas_ip_address) {
                     (Some(id), None) => Some(NasKey::Identifier(id)),
                     (None, Some(ip)) => Some(NasKey::IpAddress(ip)),
@@ -1276,6 +1295,27 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.key, "realm.name", "{e}");
+    }
+
+    #[test]
+    fn an_operator_name_needs_its_namespace() {
+        let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n";
+        let client = |op: &str| {
+            format!(
+                "{up}[[client]]\nprefix = \"10.0.0.0/8\"\nsecret = \"x\"\noperator_name = \"{op}\"\n"
+            )
+        };
+        let c = Config::from_toml(&client("1example.org"), "f.toml").unwrap();
+        let op = c
+            .clients
+            .iter()
+            .next()
+            .and_then(|c| c.operator_name.clone());
+        assert_eq!(op.as_deref(), Some(&b"1example.org"[..]));
+        let e = Config::from_toml(&client("example.org"), "f.toml")
+            .err()
+            .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (8, "client.operator_name"), "{e}");
     }
 
     #[test]

@@ -503,6 +503,7 @@ impl DynamicClients {
             learned: Default::default(),
             nas_key: None,
             certificate: Default::default(),
+            operator_name: None,
         }))
     }
 

@@ -2,7 +2,8 @@
 //! (its realm stripped), `b.example` (kept) and everything else (`DEFAULT`, and names
 //! without a realm, `NULL`); radclient (PAP) and eapol_test (PEAP) as NASes. Each home
 //! answers with the User-Name it saw, so the test reads where each request went and what
-//! it carried. A refused realm gets the sidecar's own Access-Reject with its message.
+//! it carried (and the Operator-Name the sidecar adds for its client, RFC 5580). A refused
+//! realm gets the sidecar's own Access-Reject with its message.
 
 use std::time::Duration;
 
@@ -42,7 +43,8 @@ fn users_of_each_realm_reach_their_home_stripped_or_not() {
     };
     let _a = fr(
         16812,
-        "alice\tCleartext-Password := \"alice-pw\"\n\tReply-Message := \"home-a saw %{User-Name}\"\n",
+        "alice\tCleartext-Password := \"alice-pw\"\n\t\
+         Reply-Message := \"home-a saw %{User-Name} from %{Operator-Name}\"\n",
     );
     let _b = fr(
         17812,
@@ -82,6 +84,7 @@ prefix = "127.0.0.0/8"
 name = "nases"
 secret = "{NAS_SECRET}"
 upstream = "default"
+operator_name = "1sidecar.example"
 
 [[realm]]
 name = "a.example"
@@ -112,7 +115,11 @@ auth = "default"
         d.log()
     );
     for (user, password, said) in [
-        ("alice@a.example", "alice-pw", "home-a saw alice"),
+        (
+            "alice@a.example",
+            "alice-pw",
+            "home-a saw alice from 1sidecar.example",
+        ),
         ("bob@b.example", "bob-pw", "home-b saw bob@b.example"),
         (
             "carol@elsewhere.example",

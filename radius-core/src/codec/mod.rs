@@ -46,6 +46,10 @@ pub mod attr {
     pub const EAP_MESSAGE: u8 = 79;
     pub const MESSAGE_AUTHENTICATOR: u8 = 80;
     pub const ERROR_CAUSE: u8 = 101;
+    /// RFC 5580.
+    pub const OPERATOR_NAME: u8 = 126;
+    /// RFC 4372.
+    pub const CHARGEABLE_USER_IDENTITY: u8 = 89;
     pub const EXTENDED_1: u8 = 241;
     pub const EXTENDED_4: u8 = 244;
     pub const LONG_EXTENDED_1: u8 = 245;

@@ -201,6 +201,7 @@ fuzz_target!(|data: &[u8]| {
         learned: Default::default(),
         nas_key: None,
         certificate: Default::default(),
+        operator_name: None,
     });
     let tally = Arc::new(Tally::default());
     let common = Arc::new(Common {
