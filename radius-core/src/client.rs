@@ -45,6 +45,9 @@ pub struct Client {
     pub nas_key: Option<NasKey>,
     /// Over TLS: what its certificate must show beyond a trusted CA's signature.
     pub certificate: CertificateMatch,
+    /// Where its Accounting-Requests go when no realm says otherwise; None: `pool`, as its
+    /// Access-Requests.
+    pub acct_pool: Option<Arc<crate::pool::Pool>>,
     /// RFC 5580 Operator-Name added to its requests that carry none (namespace digit first:
     /// `1example.org` names the operator by its realm, as eduroam asks).
     pub operator_name: Option<Vec<u8>>,
@@ -385,6 +388,7 @@ pub(crate) mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            acct_pool: None,
         }
     }
 

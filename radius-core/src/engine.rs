@@ -298,20 +298,25 @@ enum Routing {
 
 /// The realm of the request in `packet`'s User-Name decides where it goes (see
 /// `realm.rs`); without realms, a realm that matches, or a User-Name, it goes to its
-/// client's pool.
-fn route_request(realms: Option<&Realms>, packet: &[u8]) -> Routing {
-    let by_client = || Routing::Forward(Route::default());
+/// client's pool (its accounting pool for Accounting-Requests, when it has one).
+fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Routing {
+    // Accounting goes to the client's accounting pool when it has one.
+    let acct = packet.first() == Some(&(Code::AccountingRequest as u8));
+    let by_client = || {
+        Routing::Forward(Route {
+            pool: client.acct_pool.clone().filter(|_| acct),
+            user_name: None,
+        })
+    };
     let Some(realms) = realms else {
         return by_client();
     };
     let Ok(p) = Packet::parse_v11(packet) else {
         return by_client();
     };
-    let acct = match p.code() {
-        Code::AccessRequest => false,
-        Code::AccountingRequest => true,
-        _ => return by_client(),
-    };
+    if !matches!(p.code(), Code::AccessRequest | Code::AccountingRequest) {
+        return by_client();
+    }
     let Some(name) = p.get(attr::USER_NAME) else {
         return by_client();
     };
@@ -991,7 +996,7 @@ impl Engine {
             on_coa_answer(&*common.counters, flow, &client, &mut self.buf, n);
             return;
         }
-        let route = match route_request(common.realms.as_deref(), &self.buf[..n]) {
+        let route = match route_request(common.realms.as_deref(), &client, &self.buf[..n]) {
             Routing::Forward(route) => route,
             Routing::Drop(reason) => {
                 common.counters.count(Count::Dropped(reason));

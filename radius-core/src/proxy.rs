@@ -503,6 +503,7 @@ mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            acct_pool: None,
         }
     }
 

@@ -232,6 +232,7 @@ mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            acct_pool: None,
         })
     }
 

@@ -214,6 +214,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         nas_key: None,
         certificate: Default::default(),
         operator_name: None,
+        acct_pool: None,
     }
 }
 
@@ -226,6 +227,8 @@ struct Setup {
     realms: Option<Realms>,
     /// The NASes' client adds this Operator-Name (RFC 5580).
     operator_name: Option<Vec<u8>>,
+    /// The NASes' client sends its accounting to this upstream (by index).
+    acct_upstream: Option<usize>,
 }
 
 impl Default for Setup {
@@ -236,6 +239,7 @@ impl Default for Setup {
             dynamic: None,
             realms: None,
             operator_name: None,
+            acct_upstream: None,
         }
     }
 }
@@ -268,6 +272,9 @@ impl World {
         let mut clients = ClientTable::default();
         clients.insert(Client {
             operator_name: setup.operator_name.clone(),
+            acct_pool: setup
+                .acct_upstream
+                .map(|i| Arc::new(Pool::single(setup.upstreams[i].clone()))),
             ..client("nases", "198.51.100.0/24", pool.clone())
         });
         let tally = Arc::new(Tally::default());
@@ -1703,4 +1710,38 @@ fn operator_name_is_added_and_cui_and_proxy_state_pass_as_the_rfcs_say() {
     let (p, _) = w.servers[0].read(&sent[0].1);
     let names: Vec<&[u8]> = p.get_all(attr::OPERATOR_NAME).map(|a| a.value).collect();
     assert_eq!(names, [&b"1nas.example"[..]]);
+}
+
+#[test]
+fn a_clients_accounting_goes_to_its_accounting_pool() {
+    let acct = Arc::new(Upstream {
+        acct: Some(SocketAddr::from(([127, 0, 0, 1], 1813))),
+        ..Arc::into_inner(upstream_of("acct-1", 1815, "acct-1-secret", false)).unwrap()
+    });
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), acct],
+        acct_upstream: Some(1),
+        ..Setup::default()
+    });
+    let mut buf = [0u8; 4096];
+    let mut p = PacketMut::new(&mut buf, Code::AccountingRequest, 9).unwrap();
+    p.push(attr::USER_NAME, b"alice").unwrap();
+    p.push(attr::ACCT_STATUS_TYPE, &1u32.to_be_bytes()).unwrap();
+    p.push(attr::ACCT_SESSION_ID, b"s-1").unwrap();
+    p.sign(&Secret::new(NAS_SECRET), None).unwrap();
+    let req = p.as_bytes().to_vec();
+    w.nas_sends(nas(40000), &req);
+    assert!(
+        w.take_upstream(0).is_empty(),
+        "not to the authentication pool"
+    );
+    let sent = w.take_upstream(1);
+    assert_eq!(sent.len(), 1, "to the accounting pool");
+    let reply = w.servers[1].answer(&sent[0].1, Code::AccountingResponse, None);
+    w.upstream_sends(sent[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(nas_reads(&out[0].2, &req).code(), Code::AccountingResponse);
+    // Its Access-Requests still go to its pool.
+    w.nas_sends(nas(40000), &access_request(1, "alice", None));
+    assert_eq!(w.take_upstream(0).len(), 1);
 }

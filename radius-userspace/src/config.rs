@@ -579,6 +579,8 @@ struct ClientSection {
     /// "sha256:" and 64 hex digits (colons allowed).
     #[serde(default)]
     certificate_fingerprints: Vec<Spanned<String>>,
+    /// The pool (or upstream) of its Accounting-Requests, when not `upstream`'s.
+    acct_upstream: Option<Spanned<String>>,
     /// RFC 5580 Operator-Name added to this client's requests that carry none, namespace
     /// digit first ("1example.org": the operator's realm, as eduroam asks).
     operator_name: Option<Spanned<String>>,
@@ -1103,6 +1105,11 @@ impl Config {
                 )?,
                 learned: Default::default(),
                 certificate,
+                acct_pool: c
+                    .acct_upstream
+                    .as_ref()
+                    .map(|n| pool_named(n, "client.acct_upstream"))
+                    .transpose()?,
                 operator_name: match &c.operator_name {
                     None => None,
                     Some(o) => {
@@ -1298,7 +1305,7 @@ mod tests {
     }
 
     #[test]
-    fn an_operator_name_needs_its_namespace() {
+    fn an_operator_name_needs_its_namespace_and_accounting_may_go_elsewhere() {
         let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n";
         let client = |op: &str| {
             format!(
@@ -1312,6 +1319,13 @@ mod tests {
             .next()
             .and_then(|c| c.operator_name.clone());
         assert_eq!(op.as_deref(), Some(&b"1example.org"[..]));
+        let c = Config::from_toml(
+            &format!("{}acct_upstream = \"a\"\n", client("1example.org")),
+            "f.toml",
+        )
+        .unwrap();
+        let acct = c.clients.iter().next().and_then(|c| c.acct_pool.clone());
+        assert_eq!(acct.map(|p| p.name.clone()).as_deref(), Some("a"));
         let e = Config::from_toml(&client("example.org"), "f.toml")
             .err()
             .unwrap();

@@ -504,6 +504,7 @@ impl DynamicClients {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            acct_pool: None,
         }))
     }
 

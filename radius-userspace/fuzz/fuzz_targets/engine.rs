@@ -202,6 +202,7 @@ fuzz_target!(|data: &[u8]| {
         nas_key: None,
         certificate: Default::default(),
         operator_name: None,
+        acct_pool: None,
     });
     let tally = Arc::new(Tally::default());
     let common = Arc::new(Common {
