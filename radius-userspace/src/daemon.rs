@@ -116,8 +116,19 @@ pub async fn run(
         "configuration loaded"
     );
     // Every worker hears about every definition: a source's flows can land on any of them.
-    let workers_per_listener = config.workers.max(1);
-    let n_workers = config.listen.len() * workers_per_listener
+    // After an upgrade a listener keeps the running process's workers (its wildcards).
+    let workers_of = |addr| {
+        takeover
+            .as_ref()
+            .and_then(|t| t.wildcard_count(addr))
+            .unwrap_or(config.workers)
+            .max(1)
+    };
+    let n_workers = config
+        .listen
+        .iter()
+        .map(|l| workers_of(l.addr))
+        .sum::<usize>()
         + config.listen_tcp.len()
         + config.listen_tls.len();
     let (defined_txs, mut defined_rxs): (Vec<_>, Vec<_>) = (0..n_workers)

@@ -85,6 +85,11 @@ pub(crate) async fn upgrade(shared: Arc<Shared>) -> anyhow::Result<String> {
     if shared.handed_over.load(Ordering::Acquire) {
         anyhow::bail!("this process has already handed over");
     }
+    // One at a time: a second upgrade while one runs would start a second new process.
+    static UNDER_WAY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let Ok(_one) = UNDER_WAY.try_lock() else {
+        anyhow::bail!("an upgrade is already under way");
+    };
     let (exe, args) = INVOCATION
         .get()
         .context("the binary's path is unknown: cannot start it again")?;
@@ -302,6 +307,12 @@ impl Takeover {
         let mut list = self.wildcards.remove(&key)?;
         list.sort_by_key(|(i, _)| *i);
         Some((key, list.into_iter().map(|(_, s)| s).collect()))
+    }
+
+    /// How many wildcards (workers) the listener configured at `addr` had.
+    pub fn wildcard_count(&self, addr: SocketAddr) -> Option<usize> {
+        let key = self.listener_key(addr, self.wildcards.keys().copied())?;
+        self.wildcards.get(&key).map(Vec::len)
     }
 
     pub fn take_stream(&mut self, addr: SocketAddr) -> Option<TcpListener> {

@@ -170,7 +170,10 @@ fn upgrade_under_load(tag: &str, fast: bool) {
         "the error names file, line and key: {said}"
     );
     assert!(pid_alive(old_pid), "the old process goes on");
-    std::fs::write(&path, &good).expect("write the configuration");
+    // The new file asks for one worker: the running process's two (their wildcards, and
+    // the flows on each) are kept until a restart.
+    std::fs::write(&path, good.replace("workers = 2", "workers = 1"))
+        .expect("write the configuration");
     std::thread::sleep(Duration::from_secs(3));
 
     // The real one, to a second copy of the binary.
@@ -180,6 +183,11 @@ fn upgrade_under_load(tag: &str, fast: bool) {
     println!("upgrade: {}", said.trim());
     assert!(ok, "the upgrade: {said}\n{}", d.log());
     assert!(said.contains("took over 64 flow(s)"), "{said}");
+    assert!(
+        d.wait_for_log("worker count is kept", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
     let new_pid: i32 = said
         .split_whitespace()
         .skip_while(|w| *w != "pid")
