@@ -63,6 +63,9 @@ pub enum Count {
     UpstreamRetransmit(&'static str),
     /// A CoA or Disconnect request, by what became of it.
     Coa(&'static str),
+    /// A copy of an Accounting-Request sent to a replica server, by what became of it
+    /// (`answered`, `timeout`, `not_sent`): never shown to the NAS.
+    Replica(&'static str),
     /// A flow made, proved (with its socket) or provisional.
     FlowCreated {
         proved: bool,

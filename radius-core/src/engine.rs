@@ -279,6 +279,10 @@ struct Arrived {
 struct Route {
     pool: Option<Arc<Pool>>,
     user_name: Option<std::ops::Range<usize>>,
+    /// Accounting replicas the request is copied to (see `Realm::acct_replicas`).
+    replicas: Option<Arc<[Arc<Pool>]>>,
+    /// This is such a copy.
+    replica: bool,
 }
 
 impl Route {
@@ -305,7 +309,9 @@ fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Rou
     let by_client = || {
         Routing::Forward(Route {
             pool: client.acct_pool.clone().filter(|_| acct),
-            user_name: None,
+            replicas: (acct && !client.acct_replicas.is_empty())
+                .then(|| client.acct_replicas.as_slice().into()),
+            ..Route::default()
         })
     };
     let Some(realms) = realms else {
@@ -333,6 +339,9 @@ fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Rou
                 pool: Some(pool.clone()),
                 user_name: (realm.strip && !whole)
                     .then(|| at + routed.user.start..at + routed.user.end),
+                replicas: (acct && !realm.acct_replicas.is_empty())
+                    .then(|| realm.acct_replicas.as_slice().into()),
+                replica: false,
             })
         }
         None if acct && realm.answer_accounting => Routing::Answer(None),
@@ -1088,7 +1097,30 @@ impl Engine {
         let Some(upstream) = sticky.or_else(|| pool.pick(hash, None).cloned()) else {
             return;
         };
+        let Some(replicas) = route.replicas.clone() else {
+            self.forward(now, now, slot, &client, route, &upstream, n, io);
+            return;
+        };
+        // Accounting copied to its replicas: the NAS's request as it came, for each.
+        let original = self.buf[..n].to_vec();
+        let user_name = route.user_name.clone();
         self.forward(now, now, slot, &client, route, &upstream, n, io);
+        for pool in replicas.iter() {
+            let Some(to) = pool.pick(hash, None).cloned() else {
+                self.count(Count::Replica("not_sent"));
+                continue;
+            };
+            let copy = Route {
+                pool: Some(pool.clone()),
+                user_name: user_name.clone(),
+                replicas: None,
+                replica: true,
+            };
+            let n = self.take_request(&original);
+            if !self.forward(now, now, slot, &client, copy, &to, n, io) {
+                self.count(Count::Replica("not_sent"));
+            }
+        }
     }
 
     /// Prepares the NAS request in `buf[..n]` for `upstream`, gives it an Identifier of one
@@ -1120,6 +1152,7 @@ impl Engine {
         let Some(reply_to) = self.flows.reference(slot) else {
             return false;
         };
+        let replica = route.replica;
         // Kept for failover to another server of the pool, and for a stream upstream's next
         // connection (re-prepared from it).
         let nas_packet = if route.pool(client).members.len() > 1 || upstream.stream {
@@ -1167,7 +1200,9 @@ impl Engine {
         };
         let Some(to) = to else {
             common.counters.count(Count::Dropped("no_acct_upstream"));
-            self.protocol_error(client, reply_to, &prepared, UNSUPPORTED_SERVICE);
+            if !route.replica {
+                self.protocol_error(client, reply_to, &prepared, UNSUPPORTED_SERVICE);
+            }
             return false;
         };
         let mut pending = InFlight {
@@ -1183,6 +1218,7 @@ impl Engine {
             nas_packet,
             pool: route.pool,
             user_name: route.user_name,
+            replica: route.replica,
         };
         // An Identifier of one of this worker's sockets to that port; another socket when
         // all 256 of each are in flight.
@@ -1205,7 +1241,9 @@ impl Engine {
         };
         let Some(at) = at else {
             self.count(Count::Dropped("upstream_ids_exhausted"));
-            self.protocol_error(client, reply_to, &prepared, RESOURCES_UNAVAILABLE);
+            if !replica {
+                self.protocol_error(client, reply_to, &prepared, RESOURCES_UNAVAILABLE);
+            }
             return false;
         };
         let token = hops.upstream_v11.then(|| {
@@ -1222,7 +1260,9 @@ impl Engine {
                 self.out.send_upstream(at, wire);
                 // Begun: from here only end_request ends it.
                 self.common.counters.count(Count::RequestBegun);
-                if let Some(flow) = self.flows.get_mut(slot) {
+                // A replica's copy is no request of the NAS's: neither its flow nor its
+                // dedup entry knows it.
+                if let Some(flow) = self.flows.get_mut(slot).filter(|_| !replica) {
                     flow.in_flight += 1;
                     flow.dedup
                         .begin(prepared.nas_id, &prepared.nas_auth, now, at);
@@ -1352,6 +1392,8 @@ impl Engine {
         let route = Route {
             pool: p.pool.clone(),
             user_name: p.user_name.clone(),
+            replicas: None,
+            replica: p.replica,
         };
         if self.flows.of(&r).is_some()
             && self.forward(now, p.sent_at, r.slot as usize, &p.client, route, to, n, io)
@@ -1395,6 +1437,8 @@ impl Engine {
             let route = Route {
                 pool: p.pool.clone(),
                 user_name: p.user_name.clone(),
+                replicas: None,
+                replica: p.replica,
             };
             if self.forward(
                 now,
@@ -1879,6 +1923,14 @@ fn end_request(
 ) -> Option<(Pending, Option<SendTo>)> {
     let p = requests.take(at, now)?;
     common.counters.count(Count::RequestEnded);
+    if p.replica {
+        match end {
+            End::Answered(_) => common.counters.count(Count::Replica("answered")),
+            End::GivenUp => common.counters.count(Count::Replica("timeout")),
+            End::Moved => {}
+        }
+        return Some((p, None));
+    }
     let r = p.reply_to;
     let (nas_id, nas_auth) = (p.prepared.nas_id, p.prepared.nas_auth);
     let mut send_to = None;

@@ -259,6 +259,8 @@ pub struct InFlight<T> {
     pub pool: Option<Arc<crate::pool::Pool>>,
     /// Its realm is stripped: User-Name becomes these bytes of `nas_packet`.
     pub user_name: Option<std::ops::Range<usize>>,
+    /// A copy for an accounting replica: its answer ends it, and nothing reaches the NAS.
+    pub replica: bool,
 }
 
 impl<T> InFlight<T> {
@@ -504,6 +506,7 @@ mod tests {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
+            acct_replicas: Vec::new(),
         }
     }
 
@@ -572,6 +575,7 @@ mod tests {
             nas_packet: Vec::new(),
             pool: None,
             user_name: None,
+            replica: false,
         };
         let n = process_reply(&mut rbuf, rlen, &c.pool.members[0], false, &inflight, b"ps")
             .unwrap()
@@ -638,6 +642,7 @@ mod tests {
             nas_packet: Vec::new(),
             pool: None,
             user_name: None,
+            replica: false,
         };
         let relay = |code, eap, ma| {
             let (mut r, n) = upstream_reply(&up, &inflight, code, eap, ma);

@@ -25,6 +25,9 @@ pub struct Realm {
     /// Accounting-Requests go to this pool; None: answered here when `answer_accounting`,
     /// else dropped (and counted).
     pub acct: Option<Arc<Pool>>,
+    /// Every Accounting-Request also goes to one server of each of these (the NAS is
+    /// answered on `acct`'s answer; a replica's failure is counted, never shown).
+    pub acct_replicas: Vec<Arc<Pool>>,
     /// The Reply-Message of the Access-Reject this sidecar sends for a refused realm.
     pub reject_message: Option<String>,
     pub answer_accounting: bool,
@@ -213,6 +216,7 @@ mod tests {
             name: name.into(),
             auth: None,
             acct: None,
+            acct_replicas: Vec::new(),
             reject_message: None,
             answer_accounting: false,
             strip: false,

@@ -233,6 +233,7 @@ mod tests {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
+            acct_replicas: Vec::new(),
         })
     }
 
@@ -257,6 +258,7 @@ mod tests {
             nas_packet: Vec::new(),
             pool: None,
             user_name: None,
+            replica: false,
         }
     }
 

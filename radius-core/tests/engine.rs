@@ -215,6 +215,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         certificate: Default::default(),
         operator_name: None,
         acct_pool: None,
+        acct_replicas: Vec::new(),
     }
 }
 
@@ -229,6 +230,8 @@ struct Setup {
     operator_name: Option<Vec<u8>>,
     /// The NASes' client sends its accounting to this upstream (by index).
     acct_upstream: Option<usize>,
+    /// ... and a copy to each of these.
+    acct_replicas: Vec<usize>,
 }
 
 impl Default for Setup {
@@ -240,6 +243,7 @@ impl Default for Setup {
             realms: None,
             operator_name: None,
             acct_upstream: None,
+            acct_replicas: Vec::new(),
         }
     }
 }
@@ -275,6 +279,11 @@ impl World {
             acct_pool: setup
                 .acct_upstream
                 .map(|i| Arc::new(Pool::single(setup.upstreams[i].clone()))),
+            acct_replicas: setup
+                .acct_replicas
+                .iter()
+                .map(|&i| Arc::new(Pool::single(setup.upstreams[i].clone())))
+                .collect(),
             ..client("nases", "198.51.100.0/24", pool.clone())
         });
         let tally = Arc::new(Tally::default());
@@ -1584,6 +1593,7 @@ fn realm_of(name: &str, auth: Option<Arc<Pool>>, strip: bool) -> Realm {
         name: name.into(),
         acct: auth.clone(),
         auth,
+        acct_replicas: Vec::new(),
         reject_message: None,
         answer_accounting: false,
         strip,
@@ -1712,12 +1722,78 @@ fn operator_name_is_added_and_cui_and_proxy_state_pass_as_the_rfcs_say() {
     assert_eq!(names, [&b"1nas.example"[..]]);
 }
 
+/// An upstream that takes accounting, on port `port + 1`.
+fn acct_upstream(name: &str, port: u16) -> Arc<Upstream> {
+    Arc::new(Upstream {
+        acct: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
+        ..Arc::into_inner(upstream_of(name, port, &format!("{name}-secret"), false)).unwrap()
+    })
+}
+
+fn accounting_request(id: u8, session: &str) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    let mut p = PacketMut::new(&mut buf, Code::AccountingRequest, id).unwrap();
+    p.push(attr::USER_NAME, b"alice").unwrap();
+    p.push(attr::ACCT_STATUS_TYPE, &1u32.to_be_bytes()).unwrap();
+    p.push(attr::ACCT_SESSION_ID, session.as_bytes()).unwrap();
+    p.sign(&Secret::new(NAS_SECRET), None).unwrap();
+    p.as_bytes().to_vec()
+}
+
+#[test]
+fn accounting_replicas_get_every_request_and_their_failures_stay_with_us() {
+    let mut w = World::new(Setup {
+        upstreams: vec![
+            upstream("aaa-1", 1812),
+            acct_upstream("acct-1", 1814),
+            acct_upstream("archive", 1816),
+        ],
+        acct_upstream: Some(1),
+        acct_replicas: vec![2],
+        ..Setup::default()
+    });
+    let req = accounting_request(3, "s-1");
+    w.nas_sends(nas(40000), &req);
+    let primary = w.take_upstream(1);
+    let copy = w.take_upstream(2);
+    assert_eq!(
+        (primary.len(), copy.len()),
+        (1, 1),
+        "to the primary and the replica"
+    );
+    let (p, _) = w.servers[2].read(&copy[0].1);
+    assert_eq!(p.get(attr::ACCT_SESSION_ID).unwrap().value, b"s-1");
+    // The NAS is answered on the primary's answer.
+    let reply = w.servers[1].answer(&primary[0].1, Code::AccountingResponse, None);
+    w.upstream_sends(primary[0].0.socket, &reply);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(nas_reads(&out[0].2, &req).code(), Code::AccountingResponse);
+    // The replica answers late: counted, nothing more reaches the NAS.
+    let late = w.servers[2].answer(&copy[0].1, Code::AccountingResponse, None);
+    w.upstream_sends(copy[0].0.socket, &late);
+    assert!(w.take_nas().is_empty());
+    assert_eq!(w.count(Count::Replica("answered")), 1);
+    // A replica that never answers is retried, then given up, counted, never shown.
+    let req = accounting_request(4, "s-2");
+    w.nas_sends(nas(40000), &req);
+    let primary = w.take_upstream(1);
+    let reply = w.servers[1].answer(&primary[0].1, Code::AccountingResponse, None);
+    w.upstream_sends(primary[0].0.socket, &reply);
+    assert_eq!(w.take_nas().len(), 1);
+    w.advance(Duration::from_secs(30));
+    assert!(
+        w.take_nas().is_empty(),
+        "no Protocol-Error or anything for the replica"
+    );
+    assert_eq!(w.count(Count::Replica("timeout")), 1);
+    assert_eq!(w.engine.in_flight(), 0, "nothing left in flight");
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
 #[test]
 fn a_clients_accounting_goes_to_its_accounting_pool() {
-    let acct = Arc::new(Upstream {
-        acct: Some(SocketAddr::from(([127, 0, 0, 1], 1813))),
-        ..Arc::into_inner(upstream_of("acct-1", 1815, "acct-1-secret", false)).unwrap()
-    });
+    let acct = acct_upstream("acct-1", 1814);
     let mut w = World::new(Setup {
         upstreams: vec![upstream("aaa-1", 1812), acct],
         acct_upstream: Some(1),

@@ -262,6 +262,9 @@ struct RealmSection {
     auth: Option<Spanned<String>>,
     /// The pool (or upstream) of its Accounting-Requests.
     acct: Option<Spanned<String>>,
+    /// Pools (or upstreams) that get a copy of each of its Accounting-Requests.
+    #[serde(default)]
+    acct_replicas: Vec<Spanned<String>>,
     /// The realm goes from User-Name before the request is forwarded.
     #[serde(default)]
     strip: bool,
@@ -581,6 +584,9 @@ struct ClientSection {
     certificate_fingerprints: Vec<Spanned<String>>,
     /// The pool (or upstream) of its Accounting-Requests, when not `upstream`'s.
     acct_upstream: Option<Spanned<String>>,
+    /// Pools (or upstreams) that get a copy of each of its Accounting-Requests.
+    #[serde(default)]
+    acct_replicas: Vec<Spanned<String>>,
     /// RFC 5580 Operator-Name added to this client's requests that carry none, namespace
     /// digit first ("1example.org": the operator's realm, as eduroam asks).
     operator_name: Option<Spanned<String>>,
@@ -988,6 +994,11 @@ impl Config {
                     .as_ref()
                     .map(|n| pool_named(n, "realm.acct"))
                     .transpose()?,
+                acct_replicas: r
+                    .acct_replicas
+                    .iter()
+                    .map(|n| pool_named(n, "realm.acct_replicas"))
+                    .collect::<Result<_, _>>()?,
                 name: r.name,
                 reject_message: r.reject_message,
                 answer_accounting: r.answer_accounting,
@@ -1110,6 +1121,11 @@ impl Config {
                     .as_ref()
                     .map(|n| pool_named(n, "client.acct_upstream"))
                     .transpose()?,
+                acct_replicas: c
+                    .acct_replicas
+                    .iter()
+                    .map(|n| pool_named(n, "client.acct_replicas"))
+                    .collect::<Result<_, _>>()?,
                 operator_name: match &c.operator_name {
                     None => None,
                     Some(o) => {

@@ -505,6 +505,7 @@ impl DynamicClients {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
+            acct_replicas: Vec::new(),
         }))
     }
 

@@ -123,6 +123,8 @@ pub struct Metrics {
     pub upstream_retransmits: Family<ReasonLabel, Counter>,
     /// CoA and Disconnect requests, by what became of them.
     pub coa: Family<ReasonLabel, Counter>,
+    /// Copies of Accounting-Requests to replica servers, by outcome.
+    pub replicas: Family<ReasonLabel, Counter>,
     /// Dynamic-client definitions, by outcome: defined, refused, unanswered (the
     /// directory was down, failed or timed out).
     pub definitions: Family<ReasonLabel, Counter>,
@@ -310,6 +312,13 @@ impl Metrics {
             "CoA and Disconnect requests from upstreams, by outcome",
             coa.clone(),
         );
+        let replicas = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "accounting_replicas",
+            "Copies of Accounting-Requests sent to replica servers, by outcome (answered, \
+             timeout, not_sent); never shown to the NAS",
+            replicas.clone(),
+        );
         let definitions = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "dynamic_definitions",
@@ -422,6 +431,7 @@ impl Metrics {
             local_answers,
             upstream_retransmits,
             coa,
+            replicas,
             definitions,
             reloads,
             upstream_state,
@@ -465,6 +475,10 @@ impl Metrics {
 
     pub fn coa(&self, reason: &'static str) {
         self.coa.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn replica(&self, reason: &'static str) {
+        self.replicas.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn definition(&self, outcome: &'static str) {
@@ -551,6 +565,7 @@ impl Counters for Metrics {
             Count::LocalAnswer(reason) => self.local_answer(reason),
             Count::UpstreamRetransmit(cause) => self.upstream_retransmit(cause),
             Count::Coa(what) => self.coa(what),
+            Count::Replica(what) => self.replica(what),
             Count::FlowCreated { proved } => {
                 self.flows_created.inc();
                 self.flows_active.inc();

@@ -635,6 +635,23 @@ impl FreeRadius {
         fr
     }
 
+    /// How many records of session `session` its detail file holds (accounting from
+    /// 127.0.0.1).
+    pub fn detail_records(&self, session: &str) -> usize {
+        let dir = self.dir.join("log/radacct/127.0.0.1");
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .map(|t| {
+                        t.matches(&format!("Acct-Session-Id = \"{session}\""))
+                            .count()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
     }

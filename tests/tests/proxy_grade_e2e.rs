@@ -110,21 +110,6 @@ fn ask(s: &UdpSocket, req: &[u8]) -> Option<Vec<u8>> {
     Some(b[..n].to_vec())
 }
 
-fn detail_records(fr: &FreeRadius, session: &str) -> usize {
-    let dir = fr.dir.join("log/radacct/127.0.0.1");
-    std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                .map(|t| {
-                    t.matches(&format!("Acct-Session-Id = \"{session}\""))
-                        .count()
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn retransmissions_are_answered_from_the_cache(fast: bool) {
     if !require_root("proxy-grade dedup") {
         return;
@@ -158,7 +143,7 @@ fn retransmissions_are_answered_from_the_cache(fast: bool) {
     // Let FreeRADIUS write its detail file.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        detail_records(&fr, "dedup-session-1"),
+        fr.detail_records("dedup-session-1"),
         1,
         "FreeRADIUS saw the accounting request once"
     );

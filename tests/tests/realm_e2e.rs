@@ -179,3 +179,112 @@ auth = "default"
     );
     let _ = std::fs::remove_file(&conf);
 }
+
+/// radclient -x from inside `ns`: an Accounting-Request of `session`; what it printed.
+fn acct(ns: &NetNs, session: &str) -> (bool, String) {
+    run_radclient(
+        ns,
+        &[
+            "-x",
+            "-r",
+            "1",
+            "-t",
+            "3",
+            "127.0.0.1:1813",
+            "acct",
+            NAS_SECRET,
+        ],
+        &format!(
+            "User-Name = \"alice\", Acct-Status-Type = Start, Acct-Session-Id = \"{session}\"\n"
+        ),
+    )
+}
+
+#[test]
+fn accounting_goes_to_its_pool_and_a_copy_to_each_replica() {
+    if !require_root("accounting replicas e2e") {
+        return;
+    }
+    let ns = NetNs::new("replicas");
+    let users = "alice\tCleartext-Password := \"alice-pw\"\n";
+    let primary = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], users, 16812);
+    let archive = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], users, 17812);
+    let mut d = sidecar_with_config(
+        &ns,
+        "replicas",
+        &format!(
+            r#"[server]
+listen = ["127.0.0.1:1812", "127.0.0.1:1813"]
+workers = 1
+metrics = "127.0.0.1:9815"
+
+[[upstream]]
+name = "primary"
+auth = "127.0.0.1:16812"
+acct = "127.0.0.1:16813"
+secret = "{UP_SECRET}"
+
+[[upstream]]
+name = "archive"
+auth = "127.0.0.1:17812"
+acct = "127.0.0.1:17813"
+secret = "{UP_SECRET}"
+timeout_ms = 3000
+
+[[client]]
+prefix = "127.0.0.0/8"
+name = "nases"
+secret = "{NAS_SECRET}"
+upstream = "primary"
+acct_replicas = ["archive"]
+"#
+        ),
+    );
+    assert!(
+        d.wait_for_log("listening", Duration::from_secs(20)),
+        "{}",
+        d.log()
+    );
+    for i in 0..3 {
+        let (ok, out) = acct(&ns, &format!("replicated-{i}"));
+        assert!(ok && out.contains("Received Accounting-Response"), "{out}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        let session = format!("replicated-{i}");
+        assert_eq!(
+            primary.detail_records(&session),
+            1,
+            "the primary has {session}"
+        );
+        assert_eq!(
+            archive.detail_records(&session),
+            1,
+            "the replica has {session}"
+        );
+    }
+    // The replica down: the NAS is still answered on the primary's answer.
+    drop(archive);
+    let (ok, out) = acct(&ns, "while-the-archive-is-down");
+    assert!(
+        ok && out.contains("Received Accounting-Response"),
+        "a replica's failure is never the NAS's: {out}"
+    );
+    assert_eq!(primary.detail_records("while-the-archive-is-down"), 1);
+    let m = |s: &str| metric(&ns, "127.0.0.1:9815", s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while m("radius_accounting_replicas_total{reason=\"timeout\"}") == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        m("radius_accounting_replicas_total{reason=\"answered\"}"),
+        3
+    );
+    assert_eq!(
+        m("radius_accounting_replicas_total{reason=\"timeout\"}"),
+        1,
+        "the copy the archive missed is counted"
+    );
+}

@@ -203,6 +203,7 @@ fuzz_target!(|data: &[u8]| {
         certificate: Default::default(),
         operator_name: None,
         acct_pool: None,
+        acct_replicas: Vec::new(),
     });
     let tally = Arc::new(Tally::default());
     let common = Arc::new(Common {
