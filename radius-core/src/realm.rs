@@ -303,6 +303,86 @@ mod tests {
         );
     }
 
+    /// The documented order, by scanning every realm: what the indexed look-up must equal.
+    fn reference(names: &[String], name: &str) -> Option<String> {
+        let Some((realm, _)) = name
+            .rsplit_once('@')
+            .map(|(_, r)| (r.to_ascii_lowercase(), ()))
+            .or_else(|| {
+                name.split_once(['/', '\\'])
+                    .map(|(r, _)| (r.to_ascii_lowercase(), ()))
+            })
+        else {
+            return names.iter().find(|n| *n == "NULL").cloned();
+        };
+        let exact = names.iter().find(|n| n.to_ascii_lowercase() == realm);
+        // The most specific wildcard: the longest domain it names.
+        let wildcard = names
+            .iter()
+            .filter_map(|n| Some((n, n.strip_prefix("*.")?.to_ascii_lowercase())))
+            .filter(|(_, d)| realm.ends_with(&format!(".{d}")))
+            .max_by_key(|(_, d)| d.len())
+            .map(|(n, _)| n);
+        let regex = names.iter().find(|n| {
+            n.strip_prefix('~').is_some_and(|re| {
+                regex::RegexBuilder::new(re)
+                    .case_insensitive(true)
+                    .build()
+                    .is_ok_and(|r| !realm.is_empty() && r.is_match(&realm))
+            })
+        });
+        let default = names.iter().find(|n| *n == "DEFAULT");
+        exact
+            .filter(|_| !realm.is_empty())
+            .or(wildcard)
+            .or(regex)
+            .or(default)
+            .cloned()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_indexed_look_up_is_the_documented_order(
+            labels in proptest::collection::vec("[a-c]{1,2}", 1..6),
+            picks in proptest::collection::vec((0usize..6, 0usize..4), 1..12),
+            users in proptest::collection::vec((0usize..4, 0usize..6, 0usize..3), 1..20),
+            default in proptest::bool::ANY,
+            null in proptest::bool::ANY,
+        ) {
+            // Realm names from a few labels, so that names, wildcards and regexes collide.
+            let domain = |i: usize, depth: usize| -> String {
+                (0..=depth).map(|k| labels[(i + k) % labels.len()].as_str()).collect::<Vec<_>>().join(".")
+            };
+            let mut names: Vec<String> = Vec::new();
+            for (i, (depth, kind)) in picks.iter().enumerate() {
+                let d = domain(i, *depth % 3);
+                let n = match kind {
+                    0 => d,
+                    1 => format!("*.{d}"),
+                    2 => format!("~^{}", d.replace('.', "\\.")),
+                    _ => format!("~{}$", labels[i % labels.len()]),
+                };
+                if !names.iter().any(|x| x.eq_ignore_ascii_case(&n)) {
+                    names.push(n);
+                }
+            }
+            if default { names.push("DEFAULT".into()); }
+            if null { names.push("NULL".into()); }
+            let t = table(&names.iter().map(String::as_str).collect::<Vec<_>>());
+            for (form, i, depth) in users {
+                let d = domain(i, depth).to_ascii_uppercase();
+                let name = match form {
+                    0 => format!("u@{d}"),
+                    1 => format!("{d}/u"),
+                    2 => format!("{d}\\u"),
+                    _ => "u".to_owned(),
+                };
+                let got = t.route(name.as_bytes()).map(|r| r.realm.name.clone());
+                proptest::prop_assert_eq!(got, reference(&names, &name), "{} in {:?}", name, names);
+            }
+        }
+    }
+
     #[test]
     fn a_realm_that_cannot_be_indexed_is_named() {
         let e = Realms::new(vec![realm("a"), realm("A")], Delimiters::default())
