@@ -91,9 +91,9 @@ pub async fn run(
     metrics.max_flows.set(max_flows as i64);
 
     // On an upgrade guard waits: the interface holds the old process's until it hands over.
-    let mut fastpath = setup_fastpath(&config, max_flows, successor.is_none())?;
+    let fastpath = setup_fastpath(&config, max_flows, successor.is_none())?;
     let mut takeover = match &successor {
-        Some(channel) => Some(take_over(channel, &config, &mut fastpath).await?),
+        Some(channel) => Some(take_over(channel, &fastpath).await?),
         None => None,
     };
     let path = if fastpath.is_some() {
@@ -375,6 +375,7 @@ pub async fn run(
     if let Some(channel) = successor {
         crate::upgrade::confirm(channel, Ok(()));
         info!("upgrade: this process serves; the old one finishes its requests in flight");
+        attach_guard_after_takeover(&shared);
     }
     // Type=notify: ready once every listener is bound, its worker running and the fast
     // path (if any) attached; a watchdog, if asked for, pings while the workers turn.
@@ -502,13 +503,12 @@ fn keep_for_upgrade(shared: &Shared, what: Handed, sock: &impl AsFd) {
     }
 }
 
-/// Takes the old process's sockets over (see crate::upgrade); attaches guard once the old
-/// process's is off the interface. A process that cannot serve the old one's sockets
-/// (unconnected children need the fast path) refuses, and the old one goes on.
+/// Takes the old process's sockets over (see crate::upgrade). A process that cannot serve
+/// the old one's sockets (unconnected children need the fast path) refuses, and the old
+/// one goes on.
 async fn take_over(
     channel: &Channel,
-    config: &DaemonConfig,
-    fastpath: &mut Option<FastPath>,
+    fastpath: &Option<FastPath>,
 ) -> anyhow::Result<Takeover> {
     let t = tokio::task::block_in_place(|| crate::upgrade::take_over(channel))
         .context("upgrade: taking the running process's sockets over")?;
@@ -523,13 +523,20 @@ async fn take_over(
     }
     let flows: usize = t.workers.values().map(|w| w.flows.len()).sum();
     info!(flows, "upgrade: sockets taken over");
-    if let (Some(fp), Some(iface)) = (fastpath.as_mut(), &config.iface) {
-        match fp.attach_guard(iface) {
+    Ok(t)
+}
+
+/// After an upgrade's handover: guard onto the interface the old process's has left. Not
+/// before: packets wait in the sockets while this process starts its workers, and an
+/// interface without guard for those milliseconds drops nothing.
+fn attach_guard_after_takeover(shared: &Shared) {
+    let iface = shared.current.load().daemon.iface.clone();
+    if let (Some(fp), Some(iface)) = (&shared.fastpath, iface) {
+        match lock(fp).attach_guard(&iface) {
             Ok(mode) => info!(iface, xdp_mode = ?mode, "upgrade: guard attached to {iface}"),
             Err(e) => warn!(iface, error = %e, "upgrade: guard not attached; serving without it"),
         }
     }
-    Ok(t)
 }
 
 fn setup_fastpath(
