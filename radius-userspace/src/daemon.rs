@@ -375,7 +375,7 @@ pub async fn run(
     if let Some(channel) = successor {
         crate::upgrade::confirm(channel, Ok(()));
         info!("upgrade: this process serves; the old one finishes its requests in flight");
-        attach_guard_after_takeover(&shared);
+        tasks.spawn(attach_guard_after_takeover(shared.clone()));
     }
     // Type=notify: ready once every listener is bound, its worker running and the fast
     // path (if any) attached; a watchdog, if asked for, pings while the workers turn.
@@ -506,10 +506,7 @@ fn keep_for_upgrade(shared: &Shared, what: Handed, sock: &impl AsFd) {
 /// Takes the old process's sockets over (see crate::upgrade). A process that cannot serve
 /// the old one's sockets (unconnected children need the fast path) refuses, and the old
 /// one goes on.
-async fn take_over(
-    channel: &Channel,
-    fastpath: &Option<FastPath>,
-) -> anyhow::Result<Takeover> {
+async fn take_over(channel: &Channel, fastpath: &Option<FastPath>) -> anyhow::Result<Takeover> {
     let t = tokio::task::block_in_place(|| crate::upgrade::take_over(channel))
         .context("upgrade: taking the running process's sockets over")?;
     if t.fast != fastpath.is_some() {
@@ -526,15 +523,33 @@ async fn take_over(
     Ok(t)
 }
 
-/// After an upgrade's handover: guard onto the interface the old process's has left. Not
-/// before: packets wait in the sockets while this process starts its workers, and an
-/// interface without guard for those milliseconds drops nothing.
-fn attach_guard_after_takeover(shared: &Shared) {
-    let iface = shared.current.load().daemon.iface.clone();
-    if let (Some(fp), Some(iface)) = (&shared.fastpath, iface) {
-        match lock(fp).attach_guard(&iface) {
-            Ok(mode) => info!(iface, xdp_mode = ?mode, "upgrade: guard attached to {iface}"),
-            Err(e) => warn!(iface, error = %e, "upgrade: guard not attached; serving without it"),
+/// After an upgrade's handover: guard onto the interface once the old process's has left
+/// it (it detaches when it hears `Taken`). Not before: packets wait in the sockets while
+/// this process starts its workers, and an interface without guard for those
+/// milliseconds drops nothing valid.
+async fn attach_guard_after_takeover(shared: Arc<Shared>) {
+    let Some(iface) = shared.current.load().daemon.iface.clone() else {
+        return;
+    };
+    let Some(fp) = &shared.fastpath else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let attempt = lock(fp).attach_guard(&iface);
+        match attempt {
+            Ok(mode) => {
+                info!(iface, xdp_mode = ?mode, "upgrade: guard attached to {iface}");
+                return;
+            }
+            // The old process's guard is still there: it goes within milliseconds.
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                warn!(iface, error = %e, "upgrade: guard not attached; serving without it");
+                return;
+            }
         }
     }
 }

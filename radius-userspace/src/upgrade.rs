@@ -106,8 +106,13 @@ pub(crate) async fn upgrade(shared: Arc<Shared>) -> anyhow::Result<String> {
         Ok(flows) => {
             // systemd follows the new process from here (NotifyAccess=all lets it speak).
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::MainPid(pid)]);
+            // An interface takes one XDP program: ours goes so the new one's can go on
+            // (it attaches once it serves, and waits for this). Not earlier: packets wait
+            // for the new workers meanwhile, and guard drops nothing valid.
             if let Some(fp) = &shared.fastpath {
-                lock(fp).detach_steer();
+                let mut fp = lock(fp);
+                fp.detach_guard();
+                fp.detach_steer();
             }
             shared.handed_over.store(true, Ordering::Release);
             // The child outlives us; nothing is left to reap it for.
@@ -202,10 +207,6 @@ async fn hand_over(
         .iter()
         .filter(|(h, _)| matches!(h, Handed::Flow { .. }))
         .count();
-    // An interface takes one XDP program: ours goes so the new one's can go on.
-    if let Some(fp) = &shared.fastpath {
-        lock(fp).detach_guard();
-    }
     let definitions = shared
         .current
         .load()
