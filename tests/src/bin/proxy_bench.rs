@@ -50,6 +50,9 @@ const RADSEC: &str = "radsec";
 enum Proxy {
     None,
     SidecarFast,
+    /// The fast path with 10 000 realms (and wildcards and regexes) configured, every
+    /// request routed by one of them and stripped.
+    SidecarRealms,
     SidecarUser,
     /// The same, with the `--baseline` binary.
     BaselineFast,
@@ -63,6 +66,7 @@ impl Proxy {
         match self {
             Proxy::None => "direct",
             Proxy::SidecarFast => "radius-sidecar, fast path",
+            Proxy::SidecarRealms => "radius-sidecar, fast path, 10 000 realms",
             Proxy::SidecarUser => "radius-sidecar, user-space path",
             Proxy::BaselineFast => "baseline radius-sidecar, fast path",
             Proxy::BaselineUser => "baseline radius-sidecar, user-space path",
@@ -228,6 +232,7 @@ fn main() -> anyhow::Result<()> {
     let plan: Vec<(Proxy, Upstream, usize)> = [
         (Proxy::None, Upstream::FreeRadius),
         (Proxy::SidecarFast, Upstream::FreeRadius),
+        (Proxy::SidecarRealms, Upstream::FreeRadius),
         (Proxy::SidecarUser, Upstream::FreeRadius),
         (Proxy::Radsecproxy, Upstream::FreeRadius),
         (Proxy::FreeRadiusHop, Upstream::FreeRadius),
@@ -247,6 +252,7 @@ fn main() -> anyhow::Result<()> {
         [
             (Proxy::None, Upstream::Responder),
             (Proxy::SidecarFast, Upstream::Responder),
+            (Proxy::SidecarRealms, Upstream::Responder),
             (Proxy::SidecarUser, Upstream::Responder),
             (Proxy::BaselineFast, Upstream::Responder),
             (Proxy::BaselineUser, Upstream::Responder),
@@ -424,8 +430,15 @@ fn start_proxy(
     Ok(match proxy {
         Proxy::None if upstream == Upstream::Responder => (Running::None, RESPONDER_DIRECT_PORT),
         Proxy::None => (Running::None, up),
-        Proxy::SidecarFast | Proxy::SidecarUser | Proxy::BaselineFast | Proxy::BaselineUser => {
-            let ebpf = if matches!(proxy, Proxy::SidecarFast | Proxy::BaselineFast) {
+        Proxy::SidecarFast
+        | Proxy::SidecarRealms
+        | Proxy::SidecarUser
+        | Proxy::BaselineFast
+        | Proxy::BaselineUser => {
+            let ebpf = if matches!(
+                proxy,
+                Proxy::SidecarFast | Proxy::SidecarRealms | Proxy::BaselineFast
+            ) {
                 "require"
             } else {
                 "off"
@@ -470,6 +483,11 @@ secret = "{NAS_SECRET}"
 upstream = "up"
 "#
             );
+            let toml = if proxy == Proxy::SidecarRealms {
+                toml + &realms_config()
+            } else {
+                toml
+            };
             let d = tests::sidecar_with_config_of(ns, "pbench", &toml, bin.as_deref());
             (Running::Sidecar(d), SIDECAR_PORT)
         }
@@ -520,6 +538,31 @@ upstream = "up"
             (Running::FreeRadius(fr), FR_PROXY_PORT)
         }
     })
+}
+
+/// The realm whose users the realms row sends (one of 10 000 exact names).
+const BENCH_REALM: &str = "realm7777.example.org";
+
+/// 10 000 exact realms, 20 wildcards and 5 regular expressions, all to the bench's
+/// upstream, stripped (so FreeRADIUS sees the plain user).
+fn realms_config() -> String {
+    let mut c = String::new();
+    for i in 0..10_000 {
+        c.push_str(&format!(
+            "\n[[realm]]\nname = \"realm{i}.example.org\"\nauth = \"up\"\nstrip = true\n"
+        ));
+    }
+    for i in 0..20 {
+        c.push_str(&format!(
+            "\n[[realm]]\nname = \"*.zone{i}.example.net\"\nauth = \"up\"\n"
+        ));
+    }
+    for i in 0..5 {
+        c.push_str(&format!(
+            "\n[[realm]]\nname = \"~^dept{i}\\\\.\"\nauth = \"up\"\n"
+        ));
+    }
+    c
 }
 
 /// radsecproxy on `RADSEC_PORT` for the bench's NASes, with `servers` (its server and realm
@@ -606,7 +649,11 @@ fn measure(
         duration: Duration::from_secs(1),
         max_requests: 2_000_000,
         secret: NAS_SECRET.as_bytes().to_vec(),
-        user: "bench".into(),
+        user: if proxy == Proxy::SidecarRealms {
+            format!("bench@{BENCH_REALM}")
+        } else {
+            "bench".into()
+        },
         password: "bench-pw".into(),
         timeout: Duration::from_secs(2),
         message_authenticator: std::env::var_os("BENCH_NO_MA").is_none(),
@@ -738,6 +785,17 @@ fn render(rows: &[Row], o: &Opts) -> String {
                 "- sidecar (fast path) vs {} behind {}: {rate:.2}x the rate, {cpu:.2}x less CPU per request.",
                 q.name(),
                 u.name()
+            );
+        }
+    }
+    // Routing by realm: what 10 000 realms cost per request, in the same rounds.
+    for u in [Upstream::FreeRadius, Upstream::Responder] {
+        if let Some((rate, cpu)) = ratio(Proxy::SidecarRealms, Proxy::SidecarFast, u) {
+            let _ = writeln!(
+                t,
+                "- sidecar (fast path) with 10 000 realms vs none behind {}: {rate:.2}x the rate, {:+.1} % CPU per request.",
+                u.name(),
+                (1.0 / cpu - 1.0) * 100.0
             );
         }
     }
