@@ -50,7 +50,8 @@ pub struct Client {
     pub acct_pool: Option<Arc<crate::pool::Pool>>,
     /// Its Accounting-Requests also go to one server of each of these (see
     /// [`crate::realm::Realm::acct_replicas`]), when no realm routes them.
-    pub acct_replicas: Vec<Arc<crate::pool::Pool>>,
+    /// (Shared, so that a request takes them without copying the list.)
+    pub acct_replicas: Arc<[Arc<crate::pool::Pool>]>,
     /// RFC 5580 Operator-Name added to its requests that carry none (namespace digit first:
     /// `1example.org` names the operator by its realm, as eduroam asks).
     pub operator_name: Option<Vec<u8>>,
@@ -392,7 +393,7 @@ pub(crate) mod tests {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
         }
     }
 

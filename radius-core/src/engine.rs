@@ -310,7 +310,7 @@ fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Rou
         Routing::Forward(Route {
             pool: client.acct_pool.clone().filter(|_| acct),
             replicas: (acct && !client.acct_replicas.is_empty())
-                .then(|| client.acct_replicas.as_slice().into()),
+                .then(|| client.acct_replicas.clone()),
             ..Route::default()
         })
     };
@@ -340,7 +340,7 @@ fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Rou
                 user_name: (realm.strip && !whole)
                     .then(|| at + routed.user.start..at + routed.user.end),
                 replicas: (acct && !realm.acct_replicas.is_empty())
-                    .then(|| realm.acct_replicas.as_slice().into()),
+                    .then(|| realm.acct_replicas.clone()),
                 replica: false,
             })
         }
@@ -1081,7 +1081,7 @@ impl Engine {
             }
         }
         let hash = flow.hash;
-        let pool = route.pool(&client).clone();
+        let pool = route.pool(&client);
         // The next step of an EAP conversation goes to the server that sent its State.
         let sticky = pool
             .spreads()
@@ -1097,7 +1097,8 @@ impl Engine {
         let Some(upstream) = sticky.or_else(|| pool.pick(hash, None).cloned()) else {
             return;
         };
-        let Some(replicas) = route.replicas.clone() else {
+        let mut route = route;
+        let Some(replicas) = route.replicas.take() else {
             self.forward(now, now, slot, &client, route, &upstream, n, io);
             return;
         };

@@ -154,13 +154,16 @@ pub fn prepare_request(
     }
     // A realm stripped: User-Name becomes the user part, bytes `user_name` of the NAS's
     // packet (checked above, before anything changed).
-    let mut stripped = [0u8; 253];
-    let user = user_name
-        .filter(|r| r.end <= len && r.len() <= stripped.len())
-        .map(|r| {
-            stripped[..r.len()].copy_from_slice(&buf[r.clone()]);
-            &stripped[..r.len()]
-        });
+    let stripped: [u8; 253];
+    let user = match user_name.filter(|r| r.end <= len && r.len() <= 253) {
+        Some(r) => {
+            let mut b = [0u8; 253];
+            b[..r.len()].copy_from_slice(&buf[r.clone()]);
+            stripped = b;
+            Some(&stripped[..r.len()])
+        }
+        None => None,
+    };
     let mut m = PacketMut::from_datagram(buf, len)?;
     if let Some(user) = user {
         m.replace_first(attr::USER_NAME, user)?;
@@ -506,7 +509,7 @@ mod tests {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
         }
     }
 

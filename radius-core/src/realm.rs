@@ -26,8 +26,9 @@ pub struct Realm {
     /// else dropped (and counted).
     pub acct: Option<Arc<Pool>>,
     /// Every Accounting-Request also goes to one server of each of these (the NAS is
-    /// answered on `acct`'s answer; a replica's failure is counted, never shown).
-    pub acct_replicas: Vec<Arc<Pool>>,
+    /// answered on `acct`'s answer; a replica's failure is counted, never shown). Shared,
+    /// so that a request takes them without copying the list.
+    pub acct_replicas: Arc<[Arc<Pool>]>,
     /// The Reply-Message of the Access-Reject this sidecar sends for a refused realm.
     pub reject_message: Option<String>,
     pub answer_accounting: bool,
@@ -216,7 +217,7 @@ mod tests {
             name: name.into(),
             auth: None,
             acct: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
             reject_message: None,
             answer_accounting: false,
             strip: false,

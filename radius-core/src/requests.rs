@@ -233,7 +233,7 @@ mod tests {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
         })
     }
 

@@ -215,7 +215,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         certificate: Default::default(),
         operator_name: None,
         acct_pool: None,
-        acct_replicas: Vec::new(),
+        acct_replicas: Default::default(),
     }
 }
 
@@ -243,7 +243,7 @@ impl Default for Setup {
             realms: None,
             operator_name: None,
             acct_upstream: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
         }
     }
 }
@@ -1593,7 +1593,7 @@ fn realm_of(name: &str, auth: Option<Arc<Pool>>, strip: bool) -> Realm {
         name: name.into(),
         acct: auth.clone(),
         auth,
-        acct_replicas: Vec::new(),
+        acct_replicas: Default::default(),
         reject_message: None,
         answer_accounting: false,
         strip,

@@ -494,11 +494,7 @@ impl UpstreamWatchers {
 /// A duplicate of `sock`'s fd, kept for an upgrade to hand over.
 fn keep_for_upgrade(shared: &Shared, what: Handed, sock: &impl AsFd) {
     match sock.as_fd().try_clone_to_owned() {
-        Ok(fd) => shared
-            .handoff
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((what, fd)),
+        Ok(fd) => shared.handoff().push((what, fd)),
         Err(e) => warn!(error = %e, "cannot keep a listener for an upgrade"),
     }
 }

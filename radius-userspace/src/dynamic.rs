@@ -275,10 +275,6 @@ const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl HttpDirectory {
     /// Errors say what is wrong with the URL or the CA file (for `dynamic.url`, `dynamic.ca`).
-    #[expect(
-        deprecated,
-        reason = "ring has no post-quantum key exchange: the TLS transports' choice (tls.rs)"
-    )]
     pub fn new(
         url: &str,
         ca: Option<&std::path::Path>,
@@ -313,13 +309,11 @@ impl HttpDirectory {
                 return Err((key, format!("{}: no CA certificate in it", file.display())));
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ("dynamic.url", e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ("dynamic.url", e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(timeout)
@@ -505,7 +499,7 @@ impl DynamicClients {
             certificate: Default::default(),
             operator_name: None,
             acct_pool: None,
-            acct_replicas: Vec::new(),
+            acct_replicas: Default::default(),
         }))
     }
 

@@ -161,7 +161,8 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// A connected pair: this process's end, and the one the new process inherits.
+    /// A connected pair: this process's end (receives wait until `set_timeout`), and the
+    /// one the new process inherits.
     pub fn pair() -> Result<(Channel, OwnedFd), HandoverError> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
         let (a, b) = socketpair(
@@ -170,9 +171,7 @@ impl Channel {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        let me = Channel { fd: a };
-        me.set_timeout(Duration::from_secs(30))?;
-        Ok((me, b))
+        Ok((Channel { fd: a }, b))
     }
 
     /// The end this process inherited (`ENV_FD`).

@@ -79,6 +79,11 @@ impl Shared {
         }
     }
 
+    /// The listeners kept for an upgrade (see `handoff`).
+    pub fn handoff(&self) -> std::sync::MutexGuard<'_, Vec<(Handed, std::os::fd::OwnedFd)>> {
+        self.handoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A worker that has not turned its loop for `period`, if any.
     pub fn stalled_worker(&self, period: std::time::Duration) -> Option<usize> {
         let now = self.epoch.elapsed().as_millis() as u64;

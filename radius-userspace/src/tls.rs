@@ -255,7 +255,7 @@ pub fn read_records<D>(
     deprecated,
     reason = "ring has no post-quantum key exchange; see above"
 )]
-fn provider() -> rustls::crypto::CryptoProvider {
+pub(crate) fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 

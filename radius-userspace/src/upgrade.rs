@@ -200,7 +200,7 @@ async fn hand_over(
         sockets.extend(s);
         pending.extend(p);
     }
-    for (what, fd) in lock_handoff(shared).iter() {
+    for (what, fd) in shared.handoff().iter() {
         sockets.push((what.clone(), fd.try_clone()?));
     }
     let flows = sockets
@@ -265,10 +265,6 @@ fn resume(shared: &Shared) {
             warn!(iface, error = %e, "upgrade failed and guard could not go back on");
         }
     }
-}
-
-fn lock_handoff(shared: &Shared) -> std::sync::MutexGuard<'_, Vec<(Handed, OwnedFd)>> {
-    shared.handoff.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn blocking<T: Send + 'static>(

@@ -420,13 +420,10 @@ impl Worker {
             return;
         }
         let offered = flows.len();
-        let mut named = Vec::with_capacity(offered);
-        for (remote, local, client, sock) in flows {
-            self.io.adopting.insert(flow_key(remote, local), sock);
-            named.push((remote, local, client));
-        }
         let mut adopted = 0;
-        for (remote, local, client) in named {
+        for (remote, local, client, sock) in flows {
+            // `open_child` takes it from here; one not adopted closes below.
+            self.io.adopting.insert(flow_key(remote, local), sock);
             if self
                 .engine
                 .adopt_flow(now, remote, local, &client, &mut self.io)

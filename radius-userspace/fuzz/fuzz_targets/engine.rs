@@ -203,7 +203,7 @@ fuzz_target!(|data: &[u8]| {
         certificate: Default::default(),
         operator_name: None,
         acct_pool: None,
-        acct_replicas: Vec::new(),
+        acct_replicas: Default::default(),
     });
     let tally = Arc::new(Tally::default());
     let common = Arc::new(Common {
