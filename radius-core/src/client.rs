@@ -55,6 +55,8 @@ pub struct Client {
     /// RFC 5580 Operator-Name added to its requests that carry none (namespace digit first:
     /// `1example.org` names the operator by its realm, as eduroam asks).
     pub operator_name: Option<Vec<u8>>,
+    /// Rewrites of its requests (inbound) and of the replies it gets (outbound).
+    pub rewrite: crate::rewrite::Rewrites,
 }
 
 /// What a client's TLS certificate must show (RFC 6614 section 2.3), beyond the signature of
@@ -392,6 +394,7 @@ pub(crate) mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            rewrite: Default::default(),
             acct_pool: None,
             acct_replicas: Default::default(),
         }

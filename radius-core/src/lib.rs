@@ -4,6 +4,7 @@
 //!
 //! Layers, lowest first (a module imports only those above it in this list):
 //! - [`codec`]: the only RADIUS parser and signer.
+//! - [`rewrite`]: attribute rewriting compiled from dictionary names, applied in place.
 //! - [`stream`]: RADIUS packets cut out of a TCP or TLS byte stream.
 //! - [`counters`]: what the engine counts, as events the daemon turns into metrics.
 //! - [`blastradius`]: the yes/no/auto switches of CVE-2024-3596.
@@ -39,5 +40,6 @@ pub mod pool;
 pub mod proxy;
 pub mod realm;
 pub mod requests;
+pub mod rewrite;
 pub mod stream;
 pub mod upstream;

@@ -2,14 +2,15 @@
 //! the upstream's reply on its way back. Drivers only move the bytes.
 //!
 //! - [`prepare_request`]: parse, verify with the client's secret, apply its BlastRADIUS
-//!   switches, add our Proxy-State, put a Message-Authenticator first, give an
+//!   switches, strip a realm, add an Operator-Name, apply the client's and the upstream's
+//!   rewrites, add our Proxy-State, put a Message-Authenticator first, give an
 //!   Access-Request a fresh authenticator and re-hide its User-Password for the upstream.
 //! - [`finalize_request`] (whoever owns the Identifier space): set the Identifier and sign
 //!   with the upstream's secret.
 //! - [`process_reply`]: verify with the upstream's secret and the authenticator we sent,
-//!   apply the upstream's BlastRADIUS switch, strip our Proxy-State, restore the NAS's
-//!   Identifier, re-hide Tunnel-Password and MPPE keys for the NAS, sign with the client's
-//!   secret.
+//!   apply the upstream's BlastRADIUS switch, strip our Proxy-State, apply the upstream's
+//!   and the client's rewrites, restore the NAS's Identifier, re-hide Tunnel-Password and
+//!   MPPE keys for the NAS, sign with the client's secret.
 //! - [`IdPool`]: the 256 Identifiers of one upstream socket, and [`InFlight`], what is
 //!   kept of a request while it is out.
 //!
@@ -174,6 +175,14 @@ pub fn prepare_request(
     {
         m.push(attr::OPERATOR_NAME, op)?;
     }
+    // Rewrites see the request as verified, before what this hop adds for itself; what
+    // they leave is signed and re-hidden below like anything else.
+    if let Some(r) = &client.rewrite.inbound {
+        r.apply(&mut m)?;
+    }
+    if let Some(r) = &upstream.options.rewrite.outbound {
+        r.apply(&mut m)?;
+    }
     m.add_proxy_state(proxy_state)?;
     if hops.upstream_v11 {
         m.remove_all(attr::MESSAGE_AUTHENTICATOR);
@@ -332,6 +341,12 @@ pub fn process_reply<T>(
     let mut m = PacketMut::from_datagram(buf, len)?;
     if !m.strip_proxy_state(proxy_state) {
         return Err(ProxyError::NoProxyState);
+    }
+    if let Some(r) = &upstream.options.rewrite.inbound {
+        r.apply(&mut m)?;
+    }
+    if let Some(r) = &client.rewrite.outbound {
+        r.apply(&mut m)?;
     }
     let access = matches!(
         code,
@@ -508,6 +523,7 @@ mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            rewrite: Default::default(),
             acct_pool: None,
             acct_replicas: Default::default(),
         }

@@ -232,6 +232,7 @@ mod tests {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            rewrite: Default::default(),
             acct_pool: None,
             acct_replicas: Default::default(),
         })

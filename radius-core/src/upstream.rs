@@ -54,6 +54,8 @@ pub struct UpstreamOptions {
     /// How often a zombie or dead server is probed with Status-Server.
     pub check_interval: Duration,
     pub health: HealthPolicy,
+    /// Rewrites of its replies (inbound) and of the requests it gets (outbound).
+    pub rewrite: crate::rewrite::Rewrites,
 }
 
 impl UpstreamOptions {
@@ -80,6 +82,7 @@ impl Default for UpstreamOptions {
             seen_message_authenticator: false.into(),
             check_interval: Duration::from_secs(1),
             health: HealthPolicy::default(),
+            rewrite: Default::default(),
         }
     }
 }

@@ -214,6 +214,7 @@ fn client(name: &str, prefix: &str, pool: Arc<Pool>) -> Client {
         nas_key: None,
         certificate: Default::default(),
         operator_name: None,
+        rewrite: Default::default(),
         acct_pool: None,
         acct_replicas: Default::default(),
     }

@@ -246,6 +246,8 @@ struct File {
     clients: Vec<Spanned<ClientSection>>,
     #[serde(default, rename = "realm")]
     realms: Vec<Spanned<RealmSection>>,
+    #[serde(default, rename = "rewrite")]
+    rewrites: Vec<Spanned<RewriteSection>>,
     dynamic: Option<Spanned<DynamicSection>>,
     tls: Option<Spanned<TlsSection>>,
 }
@@ -273,6 +275,41 @@ struct RealmSection {
     /// Without `acct`: answer Accounting-Requests here (else they are dropped, counted).
     #[serde(default)]
     answer_accounting: bool,
+}
+
+/// `[[rewrite]]`: edits of attributes, named by clients and upstreams (`rewrite_in`,
+/// `rewrite_out`); attributes and values are the dictionary's (see `radius_core::rewrite`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewriteSection {
+    name: String,
+    /// Only these attributes (or vendors) stay; Proxy-State and Message-Authenticator
+    /// always do.
+    #[serde(default)]
+    keep_only: Vec<Spanned<String>>,
+    /// Attributes, or vendors for all their attributes, removed.
+    #[serde(default)]
+    remove: Vec<Spanned<String>>,
+    /// Regular expression replacements in text attributes.
+    #[serde(default)]
+    modify: Vec<Spanned<ModifySection>>,
+    /// `Attribute = value`: the value of every instance present.
+    #[serde(default)]
+    replace: Vec<Spanned<String>>,
+    /// `Attribute = value`: added.
+    #[serde(default)]
+    add: Vec<Spanned<String>>,
+    /// `Attribute = value`: added when the packet has none.
+    #[serde(default)]
+    add_if_absent: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModifySection {
+    attribute: String,
+    regex: String,
+    replacement: String,
 }
 
 /// `[tls]`: the certificate files of RADIUS/TLS listeners (PEM). Relative paths are taken
@@ -498,6 +535,10 @@ struct UpstreamSection {
     /// Probe answers in a row that bring a dead server back.
     #[serde(default = "default_answers_to_alive")]
     answers_to_alive: u32,
+    /// The `[[rewrite]]` applied to its replies.
+    rewrite_in: Option<Spanned<String>>,
+    /// The `[[rewrite]]` applied to the requests it is sent.
+    rewrite_out: Option<Spanned<String>>,
 }
 
 /// How an upstream is reached.
@@ -590,6 +631,10 @@ struct ClientSection {
     /// RFC 5580 Operator-Name added to this client's requests that carry none, namespace
     /// digit first ("1example.org": the operator's realm, as eduroam asks).
     operator_name: Option<Spanned<String>>,
+    /// The `[[rewrite]]` applied to its requests.
+    rewrite_in: Option<Spanned<String>>,
+    /// The `[[rewrite]]` applied to the replies it is sent.
+    rewrite_out: Option<Spanned<String>>,
 }
 
 /// A yes/no/auto switch, written as a boolean or a word.
@@ -679,6 +724,7 @@ fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
         && o.require_message_authenticator == p.require_message_authenticator
         && o.check_interval == p.check_interval
         && o.health == p.health
+        && o.rewrite == p.rewrite
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -843,6 +889,69 @@ impl Config {
             }
         };
 
+        let mut rewrites: Vec<Arc<crate::rewrite::Rewrite>> = Vec::new();
+        for r in f.rewrites {
+            let span = r.span();
+            let r = r.into_inner();
+            if rewrites.iter().any(|x| x.name == r.name) {
+                return Err(err(
+                    span,
+                    "rewrite.name",
+                    format!("`{}` defined twice", r.name),
+                ));
+            }
+            let d = &*dictionary;
+            let targets = |list: &[Spanned<String>], key: &str| {
+                list.iter()
+                    .map(|x| {
+                        crate::rewrite::target(d, x.get_ref())
+                            .map_err(|e| err(x.span(), key, e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let assignments = |list: &[Spanned<String>], key: &str| {
+                list.iter()
+                    .map(|x| {
+                        crate::rewrite::assignment(d, x.get_ref())
+                            .map_err(|e| err(x.span(), key, e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let rewrite = crate::rewrite::Rewrite {
+                keep_only: targets(&r.keep_only, "rewrite.keep_only")?,
+                remove: targets(&r.remove, "rewrite.remove")?,
+                modify: r
+                    .modify
+                    .iter()
+                    .map(|m| {
+                        let x = m.get_ref();
+                        crate::rewrite::modify(d, &x.attribute, &x.regex, &x.replacement)
+                            .map_err(|e| err(m.span(), "rewrite.modify", e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?,
+                replace: assignments(&r.replace, "rewrite.replace")?,
+                add: assignments(&r.add, "rewrite.add")?,
+                add_if_absent: assignments(&r.add_if_absent, "rewrite.add_if_absent")?,
+                name: r.name,
+            };
+            rewrites.push(Arc::new(rewrite));
+        }
+        let rewrite_named = |name: &Option<Spanned<String>>, key: &str| match name {
+            None => Ok(None),
+            Some(n) => rewrites
+                .iter()
+                .find(|r| r.name == *n.get_ref())
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| {
+                    err(
+                        n.span(),
+                        key,
+                        format!("no [[rewrite]] named `{}`", n.get_ref()),
+                    )
+                }),
+        };
+
         let mut upstreams = Vec::new();
         let mut upstream_tls = std::collections::HashMap::new();
         for u in f.upstreams {
@@ -904,6 +1013,10 @@ impl Config {
                     health: HealthPolicy {
                         zombie_period_ms: u.zombie_period_ms,
                         answers_to_alive: u.answers_to_alive.max(1),
+                    },
+                    rewrite: crate::rewrite::Rewrites {
+                        inbound: rewrite_named(&u.rewrite_in, "upstream.rewrite_in")?,
+                        outbound: rewrite_named(&u.rewrite_out, "upstream.rewrite_out")?,
                     },
                 },
                 health: Health::default(),
@@ -1142,6 +1255,10 @@ impl Config {
                         Some(v.to_vec())
                     }
                 },
+                rewrite: crate::rewrite::Rewrites {
+                    inbound: rewrite_named(&c.rewrite_in, "client.rewrite_in")?,
+                    outbound: rewrite_named(&c.rewrite_out, "client.rewrite_out")?,
+                },
                 nas_key: match (c.nas_identifier, c.nas_ip_address) {
                     (Some(id), None) => Some(NasKey::Identifier(id)),
                     (None, Some(ip)) => Some(NasKey::IpAddress(ip)),
@@ -1258,6 +1375,100 @@ mod tests {
         let built_in = Config::from_toml("", "empty.toml").unwrap().daemon;
         assert_eq!(file, built_in);
         assert_eq!(built_in, DaemonConfig::default());
+    }
+
+    #[test]
+    fn rewrites_are_named_by_clients_and_upstreams_and_bad_entries_named_with_their_line() {
+        let up = "[[upstream]]\nname = \"home\"\nauth = \"127.0.0.1:1812\"\nsecret = \"s\"\nrewrite_out = \"to-home\"\n";
+        let rw = |body: &str| {
+            format!(
+                "{up}[[rewrite]]\nname = \"to-home\"\n{body}\n[[client]]\nprefix = \"10.0.0.0/8\"\nsecret = \"x\"\nrewrite_out = \"to-home\"\n"
+            )
+        };
+        let good = rw(
+            "remove = [\"Class\", \"Cisco\"]\nadd_if_absent = [\"Operator-Name = 1example.org\"]\nreplace = [\"Session-Timeout = 3600\"]\nmodify = [{ attribute = \"User-Name\", regex = '^(.*)@old$', replacement = '$1@new' }]\nadd = [\"Tunnel-Type:1 = VLAN\"]\nkeep_only = []\n",
+        );
+        let c = Config::from_toml(&good, "f.toml").unwrap();
+        let r = c.upstreams[0].options.rewrite.outbound.clone().unwrap();
+        assert_eq!((r.remove.len(), r.modify.len(), r.add.len()), (2, 1, 1));
+        let client = c.clients.iter().next().unwrap();
+        assert!(client.rewrite.outbound.is_some() && client.rewrite.inbound.is_none());
+        for (body, line, key, says) in [
+            (
+                "remove = [\"No-Such-Attribute\"]",
+                8,
+                "rewrite.remove",
+                "No-Such-Attribute",
+            ),
+            ("add = [\"User-Password = x\"]", 8, "rewrite.add", "hidden"),
+            (
+                "replace = [\"Session-Timeout = soon\"]",
+                8,
+                "rewrite.replace",
+                "soon",
+            ),
+            (
+                "add_if_absent = [\"Proxy-State = x\"]",
+                8,
+                "rewrite.add_if_absent",
+                "proxy",
+            ),
+            ("keep_only = [\"Nope\"]", 8, "rewrite.keep_only", "Nope"),
+            (
+                "modify = [{ attribute = \"Session-Timeout\", regex = \"1\", replacement = \"2\" }]",
+                8,
+                "rewrite.modify",
+                "text",
+            ),
+        ] {
+            let e = Config::from_toml(&rw(body), "f.toml").err().unwrap();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        let e = Config::from_toml(
+            &format!("{up}[[client]]\nprefix = \"10.0.0.0/8\"\nsecret = \"x\"\n"),
+            "f.toml",
+        )
+        .err()
+        .unwrap();
+        assert_eq!((e.line, e.key.as_str()), (5, "upstream.rewrite_out"), "{e}");
+        // A dictionary of the operator's own names its attributes.
+        let dir = std::env::temp_dir().join(format!("rw-dict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("dictionary"),
+            "VENDOR Example 32473\nBEGIN-VENDOR Example\nATTRIBUTE Example-Zone 1 string\nEND-VENDOR Example\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[server]\ndictionary = \"dictionary\"\n{}",
+            rw("add = [\"Example-Zone = blue\"]")
+        );
+        let c = Config::from_toml(&text, dir.join("f.toml").to_str().unwrap()).unwrap();
+        let r = c.upstreams[0].options.rewrite.outbound.clone().unwrap();
+        assert_eq!(
+            r.add[0].target,
+            crate::rewrite::Target::VendorAttr {
+                vendor: 32473,
+                ty: 1
+            }
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_readmes_rewrite_example_checks() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("### Rewriting attributes")
+            .expect("the README documents rewrites")..];
+        let start = section.find("```toml\n").expect("an example") + 8;
+        let example = &section[start..start + section[start..].find("```").expect("its end")];
+        let c = Config::from_toml(example, "README.md").unwrap_or_else(|e| panic!("{e}"));
+        let client = c.clients.iter().next().expect("its client");
+        let out = client.rewrite.outbound.clone().expect("bras-out");
+        assert_eq!(out.add.len(), 3);
+        assert!(c.upstreams[0].options.rewrite.inbound.is_some());
     }
 
     #[test]

@@ -498,6 +498,7 @@ impl DynamicClients {
             nas_key: None,
             certificate: Default::default(),
             operator_name: None,
+            rewrite: Default::default(),
             acct_pool: None,
             acct_replicas: Default::default(),
         }))

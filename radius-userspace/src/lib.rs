@@ -31,7 +31,7 @@
 //! - [`config`]: the configuration model (TOML, with file:line:key errors).
 pub use radius_core::{
     admission, answers, blastradius, client, coa, codec, counters, dedup, engine, flows, pending,
-    pool, proxy, realm, requests, stream, upstream,
+    pool, proxy, realm, requests, rewrite, stream, upstream,
 };
 pub mod coa_listener;
 pub mod config;

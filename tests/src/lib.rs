@@ -652,6 +652,19 @@ impl FreeRadius {
             .unwrap_or(0)
     }
 
+    /// The detail file's record of session `session` (accounting from 127.0.0.1), as
+    /// FreeRADIUS wrote it: one attribute a line.
+    pub fn detail_record(&self, session: &str) -> Option<String> {
+        let dir = self.dir.join("log/radacct/127.0.0.1");
+        let needle = format!("Acct-Session-Id = \"{session}\"");
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .flat_map(|t| t.split("\n\n").map(str::to_owned).collect::<Vec<_>>())
+            .find(|r| r.contains(&needle))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
     }

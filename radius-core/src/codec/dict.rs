@@ -161,6 +161,16 @@ impl Dictionary {
             .map(String::as_str)
     }
 
+    /// The number of value `name` of attribute `attr` (`Service-Type` `Framed-User` is 2);
+    /// names are matched without regard to case, as FreeRADIUS does.
+    pub fn value_number(&self, attr: &str, name: &str) -> Option<u32> {
+        self.values
+            .get(&attr.to_ascii_lowercase())?
+            .iter()
+            .find(|(_, n)| n.eq_ignore_ascii_case(name))
+            .map(|(v, _)| *v)
+    }
+
     fn parse(
         &mut self,
         text: &str,

@@ -134,8 +134,39 @@ impl<'a> PacketMut<'a> {
         self.find(ty).next()
     }
 
+    /// The attribute whose header is at `offset`: its type and value, and the offset of the
+    /// next one. None past the last.
+    pub fn attribute_at(&self, offset: usize) -> Option<(u8, &[u8], usize)> {
+        let l = usize::from(*self.buf.get(offset + 1)?);
+        if offset + 2 > self.len {
+            return None;
+        }
+        let value = self
+            .buf
+            .get(offset + 2..(offset + l.max(2)).min(self.len))?;
+        Some((self.buf[offset], value, offset + l.max(2)))
+    }
+
+    /// Gives the attribute at `offset` the value `value`, where it is; returns `offset`.
+    pub fn replace_at(&mut self, offset: usize, value: &[u8]) -> Result<usize, EditError> {
+        if value.len() > 253 {
+            return Err(EditError::ValueTooLong { len: value.len() });
+        }
+        let ty = self.buf[offset];
+        let old = usize::from(self.buf[offset + 1]).max(2);
+        let need = self.len - old + value.len() + 2;
+        if need > self.capacity() {
+            return Err(EditError::Full {
+                need,
+                capacity: self.capacity(),
+            });
+        }
+        self.remove_at(offset);
+        self.insert_at(offset, ty, value)
+    }
+
     /// Inserts an attribute at byte offset `at` (an attribute boundary); returns `at`.
-    fn insert_at(&mut self, at: usize, ty: u8, value: &[u8]) -> Result<usize, EditError> {
+    pub fn insert_at(&mut self, at: usize, ty: u8, value: &[u8]) -> Result<usize, EditError> {
         if value.len() > 253 {
             return Err(EditError::ValueTooLong { len: value.len() });
         }
