@@ -136,6 +136,28 @@ impl<T: Copy> Dedup<T> {
         }
     }
 
+    /// A new request answered here at once (its accounting spooled): its reply is kept
+    /// for retransmissions, as an upstream's would be.
+    pub fn answered_here(
+        &mut self,
+        id: u8,
+        auth: &[u8; 16],
+        reply: &[u8],
+        now: Instant,
+        t: &DedupTimers,
+    ) {
+        self.entries.insert(
+            id,
+            Entry {
+                auth: *auth,
+                state: State::Answered {
+                    reply: reply.to_vec(),
+                    until: now + t.cleanup_delay,
+                },
+            },
+        );
+    }
+
     /// The request `(id, auth)` whose upstream copy is `tag` was given up (no answer, a
     /// send that failed): forget it, so a retransmission is forwarded anew. A newer request
     /// with the Identifier, or the same one sent elsewhere since, is left alone.

@@ -205,6 +205,13 @@ pub trait Io {
     fn speaks_v11(&self, _remote: SocketAddr, _local: SocketAddr) -> bool {
         false
     }
+    /// Writes an Accounting-Request that no server of `pool` answers to the spool, as
+    /// durably as configured, before its NAS is answered: `packet` is prepared for
+    /// `upstream` (without our Proxy-State) and arrived `age` ago. False when the spool
+    /// refuses it (none configured, full, a write error): the NAS is then not answered.
+    fn spool(&mut self, _pool: &str, _upstream: &str, _packet: &[u8], _age: Duration) -> bool {
+        false
+    }
 }
 
 /// What a round sends: requests on their upstream sockets, datagrams to NASes from the
@@ -1099,13 +1106,13 @@ impl Engine {
         };
         let mut route = route;
         let Some(replicas) = route.replicas.take() else {
-            self.forward(now, now, slot, &client, route, &upstream, n, io);
+            self.forward_or_spool(now, slot, &client, route, &upstream, n, io);
             return;
         };
         // Accounting copied to its replicas: the NAS's request as it came, for each.
         let original = self.buf[..n].to_vec();
         let user_name = route.user_name.clone();
-        self.forward(now, now, slot, &client, route, &upstream, n, io);
+        self.forward_or_spool(now, slot, &client, route, &upstream, n, io);
         for pool in replicas.iter() {
             let Some(to) = pool.pick(hash, None).cloned() else {
                 self.count(Count::Replica("not_sent"));
@@ -1122,6 +1129,147 @@ impl Engine {
                 self.count(Count::Replica("not_sent"));
             }
         }
+    }
+
+    /// Forwards the NAS request in `buf[..n]`, unless it is accounting for a spooled pool
+    /// none of whose servers is alive: then it goes to the spool, and the NAS is answered.
+    #[expect(clippy::too_many_arguments, reason = "one request's whole context")]
+    fn forward_or_spool(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        client: &Arc<Client>,
+        route: Route,
+        upstream: &Arc<Upstream>,
+        n: usize,
+        io: &mut dyn Io,
+    ) {
+        let pool = route.pool(client);
+        let spool_now = pool.spool
+            && !route.replica
+            && self.buf.first() == Some(&(Code::AccountingRequest as u8))
+            && !self.flows.get(slot).is_some_and(|f| f.v11)
+            && pool.none_alive();
+        if !spool_now {
+            self.forward(now, now, slot, client, route, upstream, n, io);
+            return;
+        }
+        let common = self.common.clone();
+        let original = self.buf[..n].to_vec();
+        let fresh = (self.random.authenticator)();
+        let prepared = proxy::prepare_request(
+            client,
+            upstream,
+            proxy::Hops::default(),
+            &common.proxy_state,
+            &fresh,
+            &mut self.buf,
+            n,
+            route.user_name.clone(),
+        );
+        let len = match prepared {
+            Ok(p) => p.len,
+            Err(e) => {
+                common.counters.count(Count::Dropped(e.reason()));
+                return;
+            }
+        };
+        let Ok(mut m) = codec::PacketMut::from_datagram(&mut self.buf, len) else {
+            return;
+        };
+        m.strip_proxy_state(&common.proxy_state);
+        let len = m.len();
+        if !io.spool(&pool.name, &upstream.name, &self.buf[..len], Duration::ZERO) {
+            common.counters.count(Count::Dropped("spool_refused"));
+            return;
+        }
+        self.answer_spooled(now, slot, client, &original);
+    }
+
+    /// Answers the NAS whose Accounting-Request (`request`, as it sent it) was spooled,
+    /// and keeps the answer for its retransmissions.
+    fn answer_spooled(&mut self, now: Instant, slot: usize, client: &Client, request: &[u8]) {
+        let common = &*self.common;
+        let mut out = [0u8; codec::MAX_PACKET_LEN];
+        let Ok(req) = Packet::parse(request) else {
+            return;
+        };
+        let Ok(m) = codec::edit::accounting_response(&mut out, &req, &client.secret) else {
+            common.counters.count(Count::Dropped("too_big"));
+            return;
+        };
+        if let Some(f) = self.flows.get_mut(slot) {
+            f.dedup.answered_here(
+                req.identifier(),
+                req.authenticator(),
+                m.as_bytes(),
+                now,
+                &common.dedup,
+            );
+            self.out.send_nas(f.remote, f.local, m.as_bytes());
+            common
+                .counters
+                .count(Count::LocalAnswer("accounting_spooled"));
+        }
+    }
+
+    /// Spools the request out at `at` that its server did not answer in time, if its pool
+    /// spools, and answers its NAS; false when it is not spooled (and is given up).
+    fn spool_given_up(&mut self, at: At, now: Instant, io: &mut dyn Io) -> bool {
+        let common = self.common.clone();
+        let Some(p) = self.requests.get(at) else {
+            return false;
+        };
+        if p.replica
+            || p.prepared.code != Code::AccountingRequest
+            || p.prepared.nas_v11
+            || !p.pool().spool
+        {
+            return false;
+        }
+        let Some(upstream) = common.upstreams.get(link_of(at.socket)) else {
+            return false;
+        };
+        // What went upstream, but for our Proxy-State.
+        let mut wire = p.wire.clone();
+        let len = wire.len();
+        let Ok(mut m) = codec::PacketMut::from_datagram(&mut wire, len) else {
+            return false;
+        };
+        m.strip_proxy_state(&common.proxy_state);
+        let len = m.len();
+        let age = now.saturating_duration_since(p.sent_at);
+        if !io.spool(&p.pool().name, &upstream.name, &wire[..len], age) {
+            common.counters.count(Count::Dropped("spool_refused"));
+            return false;
+        }
+        // The answer is the NAS's: its Identifier and authenticator, its Proxy-States.
+        wire[1] = p.prepared.nas_id;
+        wire[4..20].copy_from_slice(&p.prepared.nas_auth);
+        let mut out = [0u8; codec::MAX_PACKET_LEN];
+        let secret = p.client.secret.clone();
+        let reply = match Packet::parse(&wire[..len]).map_err(|_| ()).and_then(|req| {
+            codec::edit::accounting_response(&mut out, &req, &secret)
+                .map(|m| m.len())
+                .map_err(|_| ())
+        }) {
+            Ok(n) => &out[..n],
+            Err(()) => return false,
+        };
+        if let Some((_, Some((remote, local)))) = end_request(
+            &common,
+            &mut self.requests,
+            &mut self.flows,
+            at,
+            End::Answered(reply),
+            now,
+        ) {
+            self.out.send_nas(remote, local, reply);
+        }
+        common
+            .counters
+            .count(Count::LocalAnswer("accounting_spooled"));
+        true
     }
 
     /// Prepares the NAS request in `buf[..n]` for `upstream`, gives it an Identifier of one
@@ -1524,9 +1672,17 @@ impl Engine {
 
     /// The kernel refused the request at `at`: it is given up (a NAS retransmission goes
     /// anew).
-    pub fn send_failed(&mut self, now: Instant, at: At) {
+    /// The kernel refused to send the request at `at` (a server whose port is closed shows
+    /// so, after its ICMP): the server counts as unanswering, and the request is spooled
+    /// (if its pool spools) or given up.
+    pub fn send_failed(&mut self, now: Instant, at: At, io: &mut dyn Io) {
         self.count(Count::Dropped("send_to_upstream"));
-        self.end(at, End::GivenUp, now);
+        if let Some(u) = self.common.upstreams.get(link_of(at.socket)) {
+            u.health.on_unanswered(now, u.options.retry / 2);
+        }
+        if !self.spool_given_up(at, now, io) {
+            self.end(at, End::GivenUp, now);
+        }
     }
 
     /// When [`Engine::handle_timeout`] is next due.
@@ -1712,6 +1868,12 @@ impl Engine {
             }
         }
         for at in expired {
+            if self.spool_given_up(at, now, io) {
+                if let Some(u) = common.upstreams.get(link_of(at.socket)) {
+                    u.health.on_unanswered(now, u.options.retry / 2);
+                }
+                continue;
+            }
             if let Some(p) = self.end(at, End::GivenUp, now) {
                 self.count(Count::Dropped("upstream_timeout"));
                 if let Some(u) = common.upstreams.get(link_of(at.socket)) {

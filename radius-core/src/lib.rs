@@ -5,6 +5,7 @@
 //! Layers, lowest first (a module imports only those above it in this list):
 //! - [`codec`]: the only RADIUS parser and signer.
 //! - [`rewrite`]: attribute rewriting compiled from dictionary names, applied in place.
+//! - [`spool`]: the accounting spool's records, replays and their window.
 //! - [`stream`]: RADIUS packets cut out of a TCP or TLS byte stream.
 //! - [`counters`]: what the engine counts, as events the daemon turns into metrics.
 //! - [`blastradius`]: the yes/no/auto switches of CVE-2024-3596.
@@ -41,5 +42,6 @@ pub mod proxy;
 pub mod realm;
 pub mod requests;
 pub mod rewrite;
+pub mod spool;
 pub mod stream;
 pub mod upstream;

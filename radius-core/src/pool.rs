@@ -26,6 +26,9 @@ pub struct Pool {
     pub name: String,
     pub members: Vec<Arc<Upstream>>,
     pub policy: Policy,
+    /// Accounting-Requests that no member answers go to the spool (see
+    /// [`crate::spool`]), and their NASes are answered.
+    pub spool: bool,
 }
 
 impl Pool {
@@ -35,6 +38,7 @@ impl Pool {
             name: u.name.clone(),
             members: vec![u],
             policy: Policy::FailOver,
+            spool: false,
         }
     }
 
@@ -107,6 +111,14 @@ impl Pool {
         self.policy == Policy::LoadBalance && self.members.len() > 1
     }
 
+    /// Whether no member is alive (all zombie or dead): a spooled pool's accounting then
+    /// goes straight to the spool.
+    pub fn none_alive(&self) -> bool {
+        self.members
+            .iter()
+            .all(|u| u.health.state() != State::Alive)
+    }
+
     /// The member named `name`, unless it is dead.
     pub fn usable(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.members
@@ -154,6 +166,7 @@ mod tests {
             name: "p".into(),
             members: vec![a.clone(), b.clone()],
             policy: Policy::FailOver,
+            spool: false,
         };
         assert_eq!(fo.pick(7, None).unwrap().name, "a");
         assert_eq!(fo.pick(7, Some("a")).unwrap().name, "b");
@@ -172,6 +185,7 @@ mod tests {
             name: "q".into(),
             members: vec![a, b],
             policy: Policy::LoadBalance,
+            spool: false,
         };
         let first = lb.pick(12345, None).unwrap().name.clone();
         for _ in 0..10 {

@@ -67,6 +67,10 @@ struct FakeIo {
     closed_children: usize,
     /// NASes whose connections negotiated RADIUS/1.1.
     v11_nases: Vec<SocketAddr>,
+    /// The spool takes records (else it refuses them), and what it took: (pool,
+    /// upstream, request, age).
+    spool_open: bool,
+    spooled: Vec<(String, String, Vec<u8>, Duration)>,
 }
 
 impl Io for FakeIo {
@@ -96,6 +100,13 @@ impl Io for FakeIo {
     }
     fn speaks_v11(&self, remote: SocketAddr, _: SocketAddr) -> bool {
         self.v11_nases.contains(&remote)
+    }
+    fn spool(&mut self, pool: &str, upstream: &str, packet: &[u8], age: Duration) -> bool {
+        if self.spool_open {
+            self.spooled
+                .push((pool.into(), upstream.into(), packet.to_vec(), age));
+        }
+        self.spool_open
     }
 }
 
@@ -233,6 +244,8 @@ struct Setup {
     acct_upstream: Option<usize>,
     /// ... and a copy to each of these.
     acct_replicas: Vec<usize>,
+    /// Its accounting pool spools.
+    spool: bool,
 }
 
 impl Default for Setup {
@@ -245,6 +258,7 @@ impl Default for Setup {
             operator_name: None,
             acct_upstream: None,
             acct_replicas: Default::default(),
+            spool: false,
         }
     }
 }
@@ -273,13 +287,17 @@ impl World {
             name: "pool".into(),
             members: setup.upstreams.clone(),
             policy: setup.policy,
+            spool: false,
         });
         let mut clients = ClientTable::default();
         clients.insert(Client {
             operator_name: setup.operator_name.clone(),
-            acct_pool: setup
-                .acct_upstream
-                .map(|i| Arc::new(Pool::single(setup.upstreams[i].clone()))),
+            acct_pool: setup.acct_upstream.map(|i| {
+                Arc::new(Pool {
+                    spool: setup.spool,
+                    ..Pool::single(setup.upstreams[i].clone())
+                })
+            }),
             acct_replicas: setup
                 .acct_replicas
                 .iter()
@@ -728,7 +746,7 @@ fn a_send_the_kernel_refuses_ends_the_request_and_a_retransmission_goes_anew() {
     let req = access_request(2, "g", None);
     w.nas_sends(nas(40000), &req);
     let sent = w.take_upstream(0);
-    w.engine.send_failed(w.now, sent[0].0);
+    w.engine.send_failed(w.now, sent[0].0, &mut w.io);
     assert_eq!(w.engine.in_flight(), 0);
     assert_eq!(w.count(Count::Dropped("send_to_upstream")), 1);
     assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
@@ -1790,6 +1808,70 @@ fn accounting_replicas_get_every_request_and_their_failures_stay_with_us() {
     assert_eq!(w.count(Count::Replica("timeout")), 1);
     assert_eq!(w.engine.in_flight(), 0, "nothing left in flight");
     assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+}
+
+#[test]
+fn accounting_no_server_answers_is_spooled_and_its_nas_answered() {
+    let acct = acct_upstream("acct-1", 1814);
+    let mut w = World::new(Setup {
+        upstreams: vec![upstream("aaa-1", 1812), acct.clone()],
+        acct_upstream: Some(1),
+        spool: true,
+        ..Setup::default()
+    });
+    w.io.spool_open = true;
+    // The server is alive but silent: the request is retried, then spooled at its timeout
+    // (20 s here), and only then is the NAS answered, once, with the request's age.
+    let req = accounting_request(5, "s-1");
+    w.nas_sends(nas(40000), &req);
+    let first = w.take_upstream(1);
+    assert_eq!(first.len(), 1);
+    w.advance(Duration::from_secs(19));
+    assert!(w.take_nas().is_empty());
+    assert!(w.io.spooled.is_empty());
+    w.advance(Duration::from_secs(2));
+    assert_eq!(w.io.spooled.len(), 1, "spooled at its timeout");
+    let (pool, up, packet, age) = w.io.spooled[0].clone();
+    assert_eq!((pool.as_str(), up.as_str()), ("acct-1", "acct-1"));
+    assert!(age >= Duration::from_secs(20), "{age:?}");
+    // What is spooled is the request as prepared for the server, but for our Proxy-State.
+    let (p, _) = w.servers[1].read(&first[0].1);
+    let spooled = Packet::parse(&packet).unwrap();
+    assert_eq!(
+        spooled.get(attr::ACCT_SESSION_ID).unwrap().value,
+        p.get(attr::ACCT_SESSION_ID).unwrap().value
+    );
+    assert!(spooled.get(attr::PROXY_STATE).is_none());
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(nas_reads(&out[0].2, &req).code(), Code::AccountingResponse);
+    assert_eq!(w.count(Count::LocalAnswer("accounting_spooled")), 1);
+    assert_eq!(w.count(Count::Dropped("upstream_timeout")), 0);
+    assert_eq!(w.engine.in_flight(), 0);
+    assert_eq!(w.count(Count::RequestBegun), w.count(Count::RequestEnded));
+    assert_eq!(w.take_upstream(1).len(), 2, "its two retries went before");
+    // The NAS's retransmission gets the same answer, and nothing is spooled twice.
+    w.nas_sends(nas(40000), &req);
+    assert_eq!(w.take_nas().len(), 1);
+    assert!(w.take_upstream(1).is_empty());
+    assert_eq!(w.io.spooled.len(), 1);
+    // No server alive: spooled at once, nothing sent.
+    assert_ne!(acct.health.state(), State::Alive, "it went silent");
+    let req = accounting_request(6, "s-2");
+    w.nas_sends(nas(40000), &req);
+    assert!(w.take_upstream(1).is_empty());
+    assert_eq!(w.io.spooled.len(), 2);
+    assert_eq!(w.io.spooled[1].3, Duration::ZERO);
+    let out = w.take_nas();
+    assert_eq!(out.len(), 1);
+    assert_eq!(nas_reads(&out[0].2, &req).code(), Code::AccountingResponse);
+    // A spool that refuses (full): the NAS is not answered, and retries.
+    w.io.spool_open = false;
+    w.nas_sends(nas(40000), &accounting_request(7, "s-3"));
+    assert!(w.take_nas().is_empty());
+    assert_eq!(w.count(Count::Dropped("spool_refused")), 1);
+    // Access-Requests are never spooled.
+    assert_eq!(w.io.spooled.len(), 2);
 }
 
 #[test]

@@ -250,6 +250,53 @@ struct File {
     rewrites: Vec<Spanned<RewriteSection>>,
     dynamic: Option<Spanned<DynamicSection>>,
     tls: Option<Spanned<TlsSection>>,
+    spool: Option<Spanned<SpoolSection>>,
+}
+
+/// `[spool]`: where the Accounting-Requests of the named pools go when none of their
+/// servers answers, until one does (see `crate::spool`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpoolSection {
+    /// Pools (or upstreams) whose accounting is spooled.
+    pools: Vec<Spanned<String>>,
+    /// The spool's directory (relative paths from the configuration file's folder).
+    #[serde(default = "d_spool_dir")]
+    dir: PathBuf,
+    /// "always" (before the NAS is answered), "interval" (once a second) or "never".
+    #[serde(default = "d_spool_fsync")]
+    fsync: crate::spool::Fsync,
+    /// Most bytes on disk; past them, accounting is not answered (the NAS retries).
+    #[serde(default = "d_spool_max_bytes")]
+    max_bytes: u64,
+    /// Seconds a record is kept undelivered before it is dropped (counted, logged).
+    #[serde(default = "d_spool_max_age")]
+    max_age: u64,
+    /// Replayed requests out at once.
+    #[serde(default = "d_spool_window")]
+    window: usize,
+    /// Milliseconds before a replayed request without an answer is sent again.
+    #[serde(default = "d_spool_retry_ms")]
+    retry_ms: u64,
+}
+
+fn d_spool_dir() -> PathBuf {
+    "/var/spool/radius-sidecar".into()
+}
+fn d_spool_fsync() -> crate::spool::Fsync {
+    crate::spool::Fsync::Always
+}
+fn d_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn d_spool_max_age() -> u64 {
+    7 * 24 * 3600
+}
+fn d_spool_window() -> usize {
+    32
+}
+fn d_spool_retry_ms() -> u64 {
+    2_000
 }
 
 /// `[[realm]]`: where requests go by the realm of their User-Name (see
@@ -687,6 +734,9 @@ pub struct Config {
     pub dictionary: Arc<crate::codec::dict::Dictionary>,
     /// `[[realm]]`s, indexed; None without any.
     pub realms: Option<Arc<crate::realm::Realms>>,
+    /// `[spool]`, and the pools it spools (each with `spool` set).
+    pub spool: Option<crate::spool::SpoolSettings>,
+    pub spool_pools: Vec<Arc<Pool>>,
 }
 
 /// The built-in dictionary, shared by every configuration that names none.
@@ -1074,9 +1124,58 @@ impl Config {
                 name: p.name,
                 members,
                 policy,
+                spool: false,
             }));
         }
 
+        // Spooled pools are marked before anyone holds them.
+        let (spool, spool_pools) = match f.spool {
+            None => (None, Vec::new()),
+            Some(sp) => {
+                let span = sp.span();
+                let sp = sp.into_inner();
+                let mut marked = Vec::new();
+                for name in &sp.pools {
+                    let Some(i) = pools.iter().position(|p| p.name == *name.get_ref()) else {
+                        return Err(err(
+                            name.span(),
+                            "spool.pools",
+                            format!("no [[upstream]] or [[pool]] named `{}`", name.get_ref()),
+                        ));
+                    };
+                    let p = &pools[i];
+                    if p.members.iter().any(|u| u.acct.is_none()) {
+                        return Err(err(
+                            name.span(),
+                            "spool.pools",
+                            format!("every upstream of `{}` needs an `acct` address", p.name),
+                        ));
+                    }
+                    let spooled = Arc::new(Pool {
+                        name: p.name.clone(),
+                        members: p.members.clone(),
+                        policy: p.policy,
+                        spool: true,
+                    });
+                    pools[i] = spooled.clone();
+                    marked.push(spooled);
+                }
+                if sp.max_bytes < 65_536 {
+                    return Err(err(span, "spool.max_bytes", "at least 65536".into()));
+                }
+                (
+                    Some(crate::spool::SpoolSettings {
+                        dir: folder.join(&sp.dir),
+                        fsync: sp.fsync,
+                        max_bytes: sp.max_bytes,
+                        max_age: Duration::from_secs(sp.max_age.max(1)),
+                        window: sp.window.clamp(1, 256),
+                        retry: Duration::from_millis(sp.retry_ms.max(10)),
+                    }),
+                    marked,
+                )
+            }
+        };
         let pool_named = |name: &Spanned<String>, key: &'static str| {
             pools
                 .iter()
@@ -1361,6 +1460,8 @@ impl Config {
             directory_key,
             dictionary,
             realms,
+            spool,
+            spool_pools,
         })
     }
 }
@@ -1457,7 +1558,53 @@ mod tests {
     }
 
     #[test]
-    fn the_readmes_rewrite_example_checks() {
+    fn a_spool_names_pools_whose_servers_take_accounting() {
+        let up = |acct: &str| {
+            format!("[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1812\"\n{acct}secret = \"s\"\n")
+        };
+        let c = Config::from_toml(
+            &format!(
+                "{}[spool]\npools = [\"a\"]\ndir = \"spool\"\nfsync = \"interval\"\n",
+                up("acct = \"127.0.0.1:1813\"\n")
+            ),
+            "/etc/rs/f.toml",
+        )
+        .unwrap();
+        let s = c.spool.unwrap();
+        assert_eq!(s.dir, std::path::Path::new("/etc/rs/spool"));
+        assert_eq!(s.fsync, crate::spool::Fsync::Interval);
+        assert!(c.spool_pools[0].spool && c.spool_pools[0].name == "a");
+        assert!(c.clients.is_empty());
+        for (file, line, key) in [
+            (
+                format!(
+                    "{}[spool]\npools = [\"b\"]\n",
+                    up("acct = \"127.0.0.1:1813\"\n")
+                ),
+                7,
+                "spool.pools",
+            ),
+            (
+                format!("{}[spool]\npools = [\"a\"]\n", up("")),
+                6,
+                "spool.pools",
+            ),
+            (
+                format!(
+                    "{}[spool]\npools = [\"a\"]\nfsync = \"sometimes\"\n",
+                    up("acct = \"127.0.0.1:1813\"\n")
+                ),
+                8,
+                "spool.fsync",
+            ),
+        ] {
+            let e = Config::from_toml(&file, "f.toml").err().unwrap();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_readmes_rewrite_and_spool_examples_check() {
         let readme = include_str!("../../README.md");
         let section = &readme[readme
             .find("### Rewriting attributes")
@@ -1469,6 +1616,13 @@ mod tests {
         let out = client.rewrite.outbound.clone().expect("bras-out");
         assert_eq!(out.add.len(), 3);
         assert!(c.upstreams[0].options.rewrite.inbound.is_some());
+        let section = &readme[readme
+            .find("### Accounting that is never lost")
+            .expect("the README documents the spool")..];
+        let start = section.find("```toml\n").expect("an example") + 8;
+        let example = &section[start..start + section[start..].find("```").expect("its end")];
+        let c = Config::from_toml(example, "README.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.spool.expect("[spool]").max_bytes, 1 << 30);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub async fn run(
         directory_key,
         dictionary,
         realms,
+        spool: spool_settings,
+        spool_pools,
     } = full;
     let upstream_transports = upstreams
         .iter()
@@ -170,6 +172,13 @@ pub async fn run(
         Some(files) if !config.listen_tls.is_empty() => Some(crate::tls::server_config(files)?),
         _ => None,
     };
+    let spool = match &spool_settings {
+        None => None,
+        Some(s) => Some(
+            crate::spool::Spool::open(s.clone(), metrics.clone())
+                .with_context(|| format!("opening the spool in {}", s.dir.display()))?,
+        ),
+    };
     let shared = Arc::new(Shared {
         current: arc_swap::ArcSwap::from_pointee(shared::Current {
             common,
@@ -179,11 +188,14 @@ pub async fn run(
             directory_key,
             daemon: config.clone(),
             tls_server: tls_server.clone(),
+            spool_pools,
+            spool_settings,
         }),
         path,
         defined: defined_txs,
         fastpath: fastpath.map(Mutex::new),
         metrics: metrics.clone(),
+        spool: spool.clone(),
         cancel: cancel.clone(),
         heartbeats: (0..n_workers).map(|_| Default::default()).collect(),
         epoch: std::time::Instant::now(),
@@ -191,6 +203,22 @@ pub async fn run(
         handed_over: Default::default(),
     });
 
+    if let Some(spool) = spool {
+        // A thread of its own: it blocks on its socket and the spool's condition.
+        let (sh, stop) = (shared.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name("spool-replay".into())
+            .spawn(move || {
+                spool.replay(
+                    || {
+                        let c = sh.current.load();
+                        (c.spool_pools.clone(), c.common.upstreams.clone())
+                    },
+                    || stop.is_cancelled(),
+                )
+            })
+            .context("starting the spool's replay thread")?;
+    }
     let mut tasks = JoinSet::new();
     let mut watchers = UpstreamWatchers::default();
     watchers.follow(&shared.current.load(), &metrics, &cancel);

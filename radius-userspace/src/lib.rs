@@ -24,6 +24,8 @@
 //!   over from the running one, which finishes its requests in flight; [`handover`] is
 //!   the wire between them (SCM_RIGHTS).
 //! - [`metrics`]: Prometheus counters and the scrape endpoint.
+//! - [`spool`]: the accounting spool's files (appended by workers, read again at start)
+//!   and its replay thread.
 //! - [`coa_listener`]: CoA and Disconnect requests from upstreams, handed to the worker of
 //!   the NAS's flow.
 //! - [`shared`]: what the threads share, and how the tokio side reaches a worker.
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod reload;
 pub mod shared;
 pub mod socket;
+pub mod spool;
 pub mod tcp;
 pub mod tls;
 pub mod upgrade;

@@ -148,6 +148,10 @@ pub struct Metrics {
     pub open_files_limit: Gauge,
     pub max_flows: Gauge,
     pub fast_path: Gauge,
+    /// The accounting spool: records and bytes waiting, and what befell records.
+    pub spool_records: Gauge,
+    pub spool_bytes: Gauge,
+    pub spool_events: Family<ReasonLabel, Counter>,
     /// How long each upstream took to answer (`radius_upstream_latency_seconds`).
     upstream_latency: Arc<UpstreamLatency>,
 }
@@ -403,6 +407,26 @@ impl Metrics {
             "1 when the eBPF fast path steers packets, 0 on the user-space path",
             fast_path.clone(),
         );
+        let spool_records = Gauge::default();
+        registry.register(
+            "spool_records",
+            "Accounting-Requests in the spool, waiting for a server of their pool",
+            spool_records.clone(),
+        );
+        let spool_bytes = Gauge::default();
+        registry.register(
+            "spool_bytes",
+            "Bytes of the spool's files (bounded by spool.max_bytes)",
+            spool_bytes.clone(),
+        );
+        let spool_events = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "spool",
+            "Spooled Accounting-Requests, by event: written, replayed (answered by a server), \
+             recovered (found at start), expired (past spool.max_age), refused (full or a \
+             write error), corrupt (a record recovery could not read)",
+            spool_events.clone(),
+        );
         let packets_child = packets.get_or_create(&ViaLabel { via: "Child" }).clone();
         let packets_wildcard = packets.get_or_create(&ViaLabel { via: "Wildcard" }).clone();
         let upstream_latency = Arc::new(UpstreamLatency::default());
@@ -427,6 +451,9 @@ impl Metrics {
             relayed,
             requests_in_flight,
             dedup_entries,
+            spool_records,
+            spool_bytes,
+            spool_events,
             proxy_drops,
             local_answers,
             upstream_retransmits,

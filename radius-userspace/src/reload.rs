@@ -214,7 +214,10 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         directory_key: config.directory_key,
         daemon,
         tls_server,
+        spool_pools: config.spool_pools,
+        spool_settings: cur.spool_settings.clone(),
     });
+    let spool_changed = config.spool != cur.spool_settings;
     shared.current.store(current.clone());
     for inbox in &shared.defined {
         inbox.send(ToWorker::Reload(current.clone()));
@@ -227,6 +230,9 @@ pub(crate) fn reload(shared: &Shared, loader: &Loader) -> anyhow::Result<String>
         (None, _) => {}
         (Some(_), true) => answer.push_str("; dynamic clients: directory and cache kept"),
         (Some(_), false) => answer.push_str("; dynamic clients: directory renewed, cache emptied"),
+    }
+    if spool_changed {
+        answer.push_str("; [spool]'s directory and bounds: not applied until a restart");
     }
     if !restart.is_empty() {
         answer.push_str(&format!(

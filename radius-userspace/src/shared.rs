@@ -45,6 +45,10 @@ pub(crate) struct Current {
     /// `[tls]`'s certificate, key and CA, read at start and again at each reload (a rotated
     /// certificate is in force for the next connection); None without TLS listeners.
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// The pools whose accounting is spooled, and `[spool]` as the file says (its
+    /// directory and bounds are the ones in force since the start).
+    pub spool_pools: Vec<Arc<crate::pool::Pool>>,
+    pub spool_settings: Option<crate::spool::SpoolSettings>,
 }
 
 /// What a running daemon shares between its workers (read-mostly: per packet, only
@@ -57,6 +61,8 @@ pub(crate) struct Shared {
     pub defined: Vec<Inbox>,
     pub fastpath: Option<Mutex<FastPath>>,
     pub metrics: Arc<Metrics>,
+    /// The accounting spool, when `[spool]` is configured.
+    pub spool: Option<Arc<crate::spool::Spool>>,
     pub cancel: CancellationToken,
     /// When each worker (by its inbox) last turned its loop, in ms since `epoch`, written
     /// at most once a second (the systemd watchdog reads them).

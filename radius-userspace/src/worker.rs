@@ -106,6 +106,8 @@ struct Sockets {
     /// The NAS-facing sockets went to the process that upgraded this one: they are no
     /// longer read (not even drained when a flow ends); answers still leave by them.
     handed_over: bool,
+    /// This worker's number among all, for the spool's segment files.
+    me: usize,
 }
 
 /// What a worker of a new process starts with, taken over from the one it upgrades: its
@@ -260,6 +262,19 @@ impl Io for Sockets {
         spawn_definition(&self.runtime, self.shared.clone(), self.current.clone(), ip);
     }
 
+    fn spool(
+        &mut self,
+        pool: &str,
+        upstream: &str,
+        packet: &[u8],
+        age: std::time::Duration,
+    ) -> bool {
+        self.shared
+            .spool
+            .as_ref()
+            .is_some_and(|s| s.append(self.me, pool, upstream, packet, age))
+    }
+
     fn speaks_v11(&self, remote: SocketAddr, local: SocketAddr) -> bool {
         match &self.front {
             Front::Tcp(t) => t.speaks_v11(remote, local),
@@ -319,6 +334,7 @@ pub(crate) fn run(
             send_arrays: socket::SendArrays::default(),
             adopting: HashMap::new(),
             handed_over: false,
+            me,
         },
         buf: vec![0u8; 65_536],
         batch: socket::RecvBatch::default(),
@@ -810,7 +826,7 @@ impl Worker {
         self.io.send_to_nases(&t);
         self.engine.recycle(t);
         for at in failed {
-            self.engine.send_failed(now, at);
+            self.engine.send_failed(now, at, &mut self.io);
         }
     }
 }
