@@ -547,10 +547,17 @@ const BENCH_REALM: &str = "realm7777.example.org";
 /// wildcards and 5 regular expressions, all to the bench's upstream, stripped (so
 /// FreeRADIUS sees the plain user).
 fn realms_config() -> String {
+    // Rewrites that leave the upstream's work as it was (nothing added towards it), so the
+    // row measures what rewriting costs the sidecar, not what more attributes cost
+    // FreeRADIUS: a keep_only and a vendor removal on requests, a removal and an addition
+    // on replies.
     let mut c = String::from(
         "rewrite_in = \"from-nas\"\nrewrite_out = \"to-nas\"\n\n\
-         [[rewrite]]\nname = \"from-nas\"\nremove = [\"Called-Station-Id\", \"Cisco\"]\n\
-         add_if_absent = [\"Operator-Name = 1bench.example\"]\n\n\
+         [[rewrite]]\nname = \"from-nas\"\n\
+         keep_only = [\"User-Name\", \"User-Password\", \"NAS-Port\", \"NAS-IP-Address\", \
+         \"NAS-Identifier\", \"Called-Station-Id\", \"Calling-Station-Id\", \"Operator-Name\", \
+         \"Chargeable-User-Identity\", \"EAP-Message\", \"State\"]\n\
+         remove = [\"Cisco\"]\n\n\
          [[rewrite]]\nname = \"to-nas\"\nremove = [\"Filter-Id\"]\n\
          add_if_absent = [\"Idle-Timeout = 600\"]\n",
     );
