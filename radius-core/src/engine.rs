@@ -342,9 +342,13 @@ fn route_request(realms: Option<&Realms>, client: &Client, packet: &[u8]) -> Rou
         Some(pool) => {
             let at = name.offset + 2;
             let whole = routed.user.len() == name.value.len();
+            // EAP servers hold User-Name to the EAP identity, which keeps its realm
+            // (FreeRADIUS rejects the conversation otherwise): only other requests are
+            // stripped.
+            let eap = p.get(attr::EAP_MESSAGE).is_some();
             Routing::Forward(Route {
                 pool: Some(pool.clone()),
-                user_name: (realm.strip && !whole)
+                user_name: (realm.strip && !whole && !eap)
                     .then(|| at + routed.user.start..at + routed.user.end),
                 replicas: (acct && !realm.acct_replicas.is_empty())
                     .then(|| realm.acct_replicas.clone()),

@@ -1657,6 +1657,22 @@ fn a_realm_picks_its_pool_strips_its_name_or_refuses_here() {
     let reply = w.servers[1].answer(&sent[0].1, Code::AccessAccept, None);
     w.upstream_sends(sent[0].0.socket, &reply);
     assert_eq!(w.take_nas().len(), 1);
+    // EAP keeps its realm even so: the EAP server holds User-Name to the EAP identity.
+    let eap = {
+        let mut buf = [0u8; 4096];
+        let req = access_request(9, "alice@example.org", None);
+        buf[..req.len()].copy_from_slice(&req);
+        let mut m = PacketMut::from_datagram(&mut buf, req.len()).unwrap();
+        // EAP-Response/Identity.
+        m.push(79, b"\x02\x01\x00\x16\x01alice@example.org")
+            .unwrap();
+        m.sign(&Secret::new(NAS_SECRET), None).unwrap();
+        m.as_bytes().to_vec()
+    };
+    w.nas_sends(nas(40000), &eap);
+    let sent = w.take_upstream(1);
+    assert_eq!(sent.len(), 1, "EAP to the realm's server");
+    assert_eq!(user(&w, &sent[0].1, 1), "alice@example.org");
     // Kept when the realm says so.
     w.nas_sends(nas(40000), &access_request(2, "carol@x.kept.example", None));
     let sent = w.take_upstream(1);

@@ -44,7 +44,8 @@ fn users_of_each_realm_reach_their_home_stripped_or_not() {
     let _a = fr(
         16812,
         "alice\tCleartext-Password := \"alice-pw\"\n\t\
-         Reply-Message := \"home-a saw %{User-Name} from %{Operator-Name}\"\n",
+         Reply-Message := \"home-a saw %{User-Name} from %{Operator-Name}\"\n\
+         palice\tCleartext-Password := \"palice-pw\"\n",
     );
     let _b = fr(
         17812,
@@ -147,37 +148,67 @@ auth = "default"
         out.contains("Received Access-Reject") && out.contains("no roaming here"),
         "a refused realm is rejected here with its message:\n{out}"
     );
-    // PEAP: the conversation follows its realm, round trip after round trip.
-    let conf = std::env::temp_dir().join(format!("rs-realm-peap-{}.conf", std::process::id()));
-    std::fs::write(
-        &conf,
-        "network={\n key_mgmt=IEEE8021X\n eap=PEAP\n identity=\"pbob@b.example\"\n \
-         password=\"pbob-pw\"\n phase2=\"auth=MSCHAPV2\"\n eapol_flags=0\n}\n",
-    )
-    .expect("write the eapol_test configuration");
-    let out = ns
-        .command("eapol_test")
-        .args([
-            "-c",
-            conf.to_str().expect("utf-8"),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "1812",
-            "-s",
-            NAS_SECRET,
-            "-t",
-            "10",
-        ])
-        .output()
-        .expect("eapol_test (package eapoltest)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("SUCCESS"),
-        "PEAP to its realm's home: {}",
-        text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
-    );
-    let _ = std::fs::remove_file(&conf);
+    // PEAP: the conversation follows its realm, round trip after round trip, to a realm
+    // kept (b.example) and to one stripped (a.example: the outer identity is anonymous, as
+    // eduroam's are, the inner one the user's). EAP keeps its realm even there: FreeRADIUS
+    // rejects a User-Name that is not the EAP identity.
+    for (realm, outer, inner, password) in [
+        (
+            "b.example, kept",
+            "pbob@b.example",
+            "pbob@b.example",
+            "pbob-pw",
+        ),
+        (
+            "a.example, stripped",
+            "anonymous@a.example",
+            "palice",
+            "palice-pw",
+        ),
+    ] {
+        let conf = std::env::temp_dir().join(format!("rs-realm-peap-{}.conf", std::process::id()));
+        std::fs::write(
+            &conf,
+            format!(
+                "network={{\n key_mgmt=IEEE8021X\n eap=PEAP\n anonymous_identity=\"{outer}\"\n \
+                 identity=\"{inner}\"\n password=\"{password}\"\n phase2=\"auth=MSCHAPV2\"\n \
+                 eapol_flags=0\n}}\n"
+            ),
+        )
+        .expect("write the eapol_test configuration");
+        let out = ns
+            .command("eapol_test")
+            .args([
+                "-c",
+                conf.to_str().expect("utf-8"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                "1812",
+                "-s",
+                NAS_SECRET,
+                "-t",
+                "10",
+            ])
+            .output()
+            .expect("eapol_test (package eapoltest)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!(
+            "PEAP to {realm}: {}",
+            if out.status.success() {
+                "SUCCESS"
+            } else {
+                "failed"
+            }
+        );
+        assert!(
+            out.status.success() && text.contains("SUCCESS"),
+            "PEAP to its realm's home ({realm}): {}\n{}",
+            text.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+            d.log()
+        );
+        let _ = std::fs::remove_file(&conf);
+    }
 }
 
 /// radclient -x from inside `ns`: an Accounting-Request of `session`; what it printed.
