@@ -203,21 +203,24 @@ pub async fn run(
         handed_over: Default::default(),
     });
 
+    let mut replay = None;
     if let Some(spool) = spool {
         // A thread of its own: it blocks on its socket and the spool's condition.
         let (sh, stop) = (shared.clone(), cancel.clone());
-        std::thread::Builder::new()
-            .name("spool-replay".into())
-            .spawn(move || {
-                spool.replay(
-                    || {
-                        let c = sh.current.load();
-                        (c.spool_pools.clone(), c.common.upstreams.clone())
-                    },
-                    || stop.is_cancelled(),
-                )
-            })
-            .context("starting the spool's replay thread")?;
+        replay = Some(
+            std::thread::Builder::new()
+                .name("spool-replay".into())
+                .spawn(move || {
+                    spool.replay(
+                        || {
+                            let c = sh.current.load();
+                            (c.spool_pools.clone(), c.common.upstreams.clone())
+                        },
+                        || stop.is_cancelled(),
+                    )
+                })
+                .context("starting the spool's replay thread")?,
+        );
     }
     let mut tasks = JoinSet::new();
     let mut watchers = UpstreamWatchers::default();
@@ -438,6 +441,10 @@ pub async fn run(
         info!("shutting down: draining flows");
     }
     while tasks.join_next().await.is_some() {}
+    if let Some(replay) = replay {
+        // It sees the cancellation within its wait (100 ms).
+        let _ = tokio::task::spawn_blocking(move || replay.join()).await;
+    }
     let shared = Arc::into_inner(shared).context("a task still holds the daemon state")?;
     if let Some(fp) = shared.fastpath {
         let fp = fp.into_inner().unwrap_or_else(|p| p.into_inner());

@@ -5,9 +5,16 @@
 //! own, synced as `spool.fsync` says before the NAS is answered. One replay thread sends
 //! them, oldest first, to an alive server of their pool, a window at a time, and marks each
 //! answered one in the segment's `.done` file (how many records from its start are
-//! delivered); a segment fully delivered is deleted. At start the files are read again, so
-//! the spool survives a restart and a SIGKILL (what was written is in the page cache; an
-//! fsync makes it survive a power loss too).
+//! delivered); a segment fully delivered is deleted.
+//!
+//! Each process holds a lock file in the directory (`<pid>.<n>.lock`, flock) and names its
+//! segments after it. Segments whose owner's lock is free belong to a process that is gone
+//! (killed, stopped, or the one this process upgraded, once it has exited): the replay
+//! thread adopts them at start and every 2 s ([`Spool::adopt_orphans`]). So the spool
+//! survives a restart and a SIGKILL (what was written is in the page cache; an fsync makes
+//! it survive a power loss too), and an upgrade never replays a record twice on purpose:
+//! the old process replays its own segments until it exits, the new one takes over what is
+//! left.
 //!
 //! Delivery is at least once. A record is sent twice when its answer was lost or came
 //! after its retransmission, when the process stops between a delivery and the `.done`
@@ -21,10 +28,14 @@ use std::{
     net::{SocketAddr, UdpSocket},
     os::unix::fs::FileExt as _,
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use nix::fcntl::{Flock, FlockArg};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -75,6 +86,9 @@ struct Segment {
     done_file: Option<File>,
 }
 
+/// A record's place in the queue: (arrival, order of spooling).
+type Key = (u64, u64);
+
 /// A record waiting for delivery.
 struct Queued {
     segment: u64,
@@ -92,8 +106,8 @@ struct SpoolState {
     segments: HashMap<u64, Segment>,
     /// The segment each worker appends to, and its file.
     open: HashMap<usize, (u64, File, u64)>,
-    /// Waiting records, oldest first.
-    queue: BTreeMap<u64, Queued>,
+    /// Waiting records, by (arrival, order of spooling): oldest first.
+    queue: BTreeMap<(u64, u64), Queued>,
     next_seq: u64,
     next_segment: u64,
     bytes: u64,
@@ -106,7 +120,7 @@ impl SpoolState {
     fn enqueue(&mut self, q: Queued) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queue.insert(seq, q);
+        self.queue.insert((q.received_ms, seq), q);
     }
 }
 
@@ -116,6 +130,9 @@ pub struct Spool {
     state: Mutex<SpoolState>,
     wake: Condvar,
     metrics: Arc<Metrics>,
+    /// This process's name in the directory (`<pid>.<instance>`), and its lock there.
+    owner: String,
+    _lock: Flock<File>,
 }
 
 fn now_ms() -> u64 {
@@ -125,28 +142,76 @@ fn now_ms() -> u64 {
 }
 
 impl Spool {
-    /// Opens the spool directory and reads what a previous process left in it.
+    /// Opens the spool directory and takes this process's lock in it (its segments are
+    /// its own while it lives). What other processes left is adopted by the replay thread
+    /// once they are gone ([`Spool::adopt_orphans`]).
     pub fn open(settings: SpoolSettings, metrics: Arc<Metrics>) -> std::io::Result<Arc<Spool>> {
+        static INSTANCE: AtomicUsize = AtomicUsize::new(0);
         std::fs::create_dir_all(&settings.dir)?;
-        let mut st = SpoolState {
-            next_segment: now_ms() * 1000,
-            ..SpoolState::default()
-        };
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&settings.dir)?
+        let owner = format!(
+            "{}.{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let file = File::create(settings.dir.join(format!("{owner}.lock")))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| std::io::Error::from(e))?;
+        metrics.spool_records.set(0);
+        metrics.spool_bytes.set(0);
+        Ok(Arc::new(Spool {
+            settings,
+            state: Mutex::new(SpoolState {
+                next_segment: now_ms() * 1000,
+                ..SpoolState::default()
+            }),
+            wake: Condvar::new(),
+            metrics,
+            owner,
+            _lock: lock,
+        }))
+    }
+
+    /// Adopts the segments of processes that are gone (a killed one, the one this process
+    /// upgraded once it has exited): their records not yet delivered join the queue, in
+    /// the order they arrived. A live process's segments are left to it.
+    pub fn adopt_orphans(&self) -> std::io::Result<usize> {
+        let dir = &self.settings.dir;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "spool"))
             .collect();
         names.sort();
+        let mut alive: HashMap<String, bool> = HashMap::new();
         let mut found = Vec::new();
+        let mut st = self.lock();
         for path in names {
-            let Some(id) = path
+            let Some((id, owner)) = path
                 .file_stem()
                 .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok())
+                .and_then(|s| s.split_once('-'))
+                .and_then(|(id, owner)| Some((id.parse::<u64>().ok()?, owner.to_owned())))
             else {
                 continue;
             };
+            if owner == self.owner || st.segments.contains_key(&id) {
+                continue;
+            }
+            let owner_alive = *alive.entry(owner.clone()).or_insert_with(|| {
+                let lock = dir.join(format!("{owner}.lock"));
+                match File::open(&lock).map(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock)) {
+                    // Its lock is free: the process is gone (its lock file goes with it).
+                    Ok(Ok(_)) => {
+                        let _ = std::fs::remove_file(&lock);
+                        false
+                    }
+                    Ok(Err(_)) => true,
+                    Err(_) => false,
+                }
+            });
+            if owner_alive {
+                continue;
+            }
             st.next_segment = st.next_segment.max(id + 1);
             let bytes = std::fs::read(&path)?;
             let done_path = path.with_extension("done");
@@ -159,85 +224,69 @@ impl Spool {
                 match Record::decode(&bytes[off..]) {
                     Ok(Some((r, n))) => {
                         if index >= done {
-                            found.push((
-                                r.received_ms,
-                                id,
+                            found.push(Queued {
+                                segment: id,
                                 index,
-                                r.pool.to_owned(),
-                                r.upstream.to_owned(),
-                                r.packet.to_vec(),
-                            ));
+                                received_ms: r.received_ms,
+                                pool: r.pool.to_owned(),
+                                upstream: r.upstream.to_owned(),
+                                packet: r.packet.to_vec(),
+                                out: false,
+                            });
                         }
                         off += n;
                         index += 1;
                     }
                     Ok(None) => {
                         if off < bytes.len() {
-                            warn!(path = %path.display(), bytes = bytes.len() - off, "spool: a torn record at the end of a segment (the process was killed while writing it) is ignored");
+                            warn!(path = %path.display(), bytes = bytes.len() - off, "spool: a torn record at the end of a segment (its process was killed while writing it) is ignored");
                         }
                         break;
                     }
                     Err(e) => {
                         error!(path = %path.display(), offset = off, error = %e, "spool: a record cannot be read; the rest of this segment is skipped");
-                        metrics
-                            .spool_events
-                            .get_or_create(&ReasonLabel { reason: "corrupt" })
-                            .inc();
+                        self.event("corrupt");
                         break;
                     }
                 }
             }
-            let seg = Segment {
-                path: path.clone(),
-                written: index,
-                done: done.min(index),
-                beyond: BTreeSet::new(),
-                bytes: bytes.len() as u64,
-                done_file: None,
-            };
-            if seg.done >= seg.written {
+            if done >= index {
                 let _ = std::fs::remove_file(&path);
                 let _ = std::fs::remove_file(&done_path);
                 continue;
             }
-            st.bytes += seg.bytes;
-            st.segments.insert(id, seg);
-        }
-        // Oldest first, whichever worker wrote them.
-        found.sort_by_key(|f| (f.0, f.1, f.2));
-        let recovered = found.len();
-        for (received_ms, segment, index, pool, upstream, packet) in found {
-            st.enqueue(Queued {
-                segment,
-                index,
-                received_ms,
-                pool,
-                upstream,
-                packet,
-                out: false,
-            });
-        }
-        if recovered > 0 {
-            info!(
-                records = recovered,
-                dir = %settings.dir.display(),
-                "spool: accounting left by the previous process, to be replayed"
+            st.bytes += bytes.len() as u64;
+            st.segments.insert(
+                id,
+                Segment {
+                    path: path.clone(),
+                    written: index,
+                    done,
+                    beyond: BTreeSet::new(),
+                    bytes: bytes.len() as u64,
+                    done_file: None,
+                },
             );
-            metrics
+        }
+        let adopted = found.len();
+        for q in found {
+            st.enqueue(q);
+        }
+        if adopted > 0 {
+            info!(
+                records = adopted,
+                dir = %dir.display(),
+                "spool: accounting left by a process that is gone (killed, restarted or upgraded), to be replayed"
+            );
+            self.metrics
                 .spool_events
                 .get_or_create(&ReasonLabel {
                     reason: "recovered",
                 })
-                .inc_by(recovered as u64);
+                .inc_by(adopted as u64);
         }
-        metrics.spool_records.set(st.queue.len() as i64);
-        metrics.spool_bytes.set(st.bytes as i64);
-        Ok(Arc::new(Spool {
-            settings,
-            state: Mutex::new(st),
-            wake: Condvar::new(),
-            metrics,
-        }))
+        self.gauges(&mut st);
+        Ok(adopted)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
@@ -324,7 +373,10 @@ impl Spool {
             st.open.remove(&worker);
             let id = st.next_segment;
             st.next_segment += 1;
-            let path = self.settings.dir.join(format!("{id:020}.spool"));
+            let path = self
+                .settings
+                .dir
+                .join(format!("{id:020}-{}.spool", self.owner));
             let file = OpenOptions::new()
                 .create_new(true)
                 .append(true)
@@ -388,7 +440,7 @@ impl Spool {
 
     /// Record `seq` is delivered (or given up for its age): off the queue, into its
     /// segment's `.done` count; a segment fully delivered goes.
-    fn delivered(&self, st: &mut SpoolState, seq: u64) {
+    fn delivered(&self, st: &mut SpoolState, seq: Key) {
         let Some(q) = st.queue.remove(&seq) else {
             return;
         };
@@ -447,15 +499,24 @@ impl Spool {
             }
         };
         let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
-        let mut window: ReplayWindow<u64> =
+        let mut window: ReplayWindow<Key> =
             ReplayWindow::new(self.settings.window, self.settings.retry);
         // What each request out was: its destination and upstream (for the answer).
-        let mut out: HashMap<u64, (SocketAddr, Arc<Upstream>, Vec<u8>)> = HashMap::new();
+        let mut out: HashMap<Key, (SocketAddr, Arc<Upstream>, Vec<u8>)> = HashMap::new();
+        let mut last_adopt: Option<Instant> = None;
         let mut last_sync = Instant::now();
         let mut buf = [0u8; 4096];
         let mut replayed_logged = 0u64;
         while !stop() {
             let now = Instant::now();
+            // What processes that are gone left: at start, and every 2 s (the process this
+            // one upgraded exits after it finished its own requests).
+            if last_adopt.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(2)) {
+                last_adopt = Some(now);
+                if let Err(e) = self.adopt_orphans() {
+                    warn!(error = %e, dir = %self.settings.dir.display(), "spool: cannot read the spool directory");
+                }
+            }
             // Answers first.
             while let Ok((n, _)) = socket.recv_from(&mut buf) {
                 let id = buf[1];
@@ -494,7 +555,7 @@ impl Spool {
             // Past its age: given up, counted and logged.
             let max_age_ms = self.settings.max_age.as_millis() as u64;
             let oldest_allowed = now_ms().saturating_sub(max_age_ms);
-            let expired: Vec<u64> = st
+            let expired: Vec<Key> = st
                 .queue
                 .iter()
                 .take_while(|(_, q)| q.received_ms < oldest_allowed)
@@ -512,7 +573,7 @@ impl Spool {
                 }
             }
             // New sends, oldest first, while the window has room.
-            let waiting: Vec<u64> = st
+            let waiting: Vec<Key> = st
                 .queue
                 .iter()
                 .filter(|(_, q)| !q.out)
@@ -554,7 +615,7 @@ impl Spool {
                 }
             }
             // A server that went down with requests out: they go back to waiting.
-            let dead: Vec<u64> = out
+            let dead: Vec<Key> = out
                 .iter()
                 .filter(|(_, (_, u, _))| u.health.state() != State::Alive)
                 .map(|(s, _)| *s)
@@ -602,4 +663,102 @@ fn alive_server(
                 .and_then(|p| p.members.iter().find(alive))
         })
         .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radius_core::codec::{Code, PacketMut, attr, auth::Secret};
+
+    fn settings(dir: &std::path::Path) -> SpoolSettings {
+        SpoolSettings {
+            dir: dir.to_owned(),
+            fsync: Fsync::Always,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+            window: 8,
+            retry: Duration::from_secs(1),
+        }
+    }
+
+    fn accounting(session: &str) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let mut m = PacketMut::new(&mut buf, Code::AccountingRequest, 1).unwrap();
+        m.push(attr::ACCT_SESSION_ID, session.as_bytes()).unwrap();
+        m.sign(&Secret::new(b"s"), None).unwrap();
+        m.as_bytes().to_vec()
+    }
+
+    fn sessions(s: &Spool) -> Vec<String> {
+        s.lock()
+            .queue
+            .values()
+            .map(|q| {
+                let p = radius_core::codec::Packet::parse(&q.packet).unwrap();
+                String::from_utf8_lossy(p.get(attr::ACCT_SESSION_ID).unwrap().value).into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_live_processs_segments_are_its_own_and_adopted_once_it_is_gone() {
+        let dir = std::env::temp_dir().join(format!("spool-unit-{}-a", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Spool::open(settings(&dir), Metrics::new()).unwrap();
+        for (i, age) in [(0, 3), (1, 2), (2, 1)] {
+            let p = accounting(&format!("s-{i}"));
+            assert!(a.append(0, "pool", "up", &p, Duration::from_secs(age)));
+        }
+        let b = Spool::open(settings(&dir), Metrics::new()).unwrap();
+        assert_eq!(b.adopt_orphans().unwrap(), 0, "its owner lives");
+        drop(a);
+        assert_eq!(b.adopt_orphans().unwrap(), 3, "its owner is gone");
+        assert_eq!(b.adopt_orphans().unwrap(), 0, "adopted once");
+        assert_eq!(sessions(&b), ["s-0", "s-1", "s-2"], "oldest first");
+        // Delivered out of order: the segment goes once all are.
+        let keys: Vec<Key> = b.lock().queue.keys().copied().collect();
+        let files = || std::fs::read_dir(&dir).unwrap().flatten().count();
+        for k in [keys[1], keys[0]] {
+            let mut st = b.lock();
+            b.delivered(&mut st, k);
+        }
+        assert_eq!(files(), 3, "its segment, its .done count and b's lock");
+        let mut st = b.lock();
+        b.delivered(&mut st, keys[2]);
+        drop(st);
+        assert_eq!(files(), 1, "only b's lock is left");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_tail_and_delivered_records_are_not_replayed() {
+        let dir = std::env::temp_dir().join(format!("spool-unit-{}-b", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A process killed while writing its fourth record, after its first was delivered.
+        let mut bytes = Vec::new();
+        for i in 0..4 {
+            let p = accounting(&format!("t-{i}"));
+            Record {
+                received_ms: 1_000 + i,
+                pool: "pool",
+                upstream: "up",
+                packet: &p,
+            }
+            .encode(&mut bytes);
+        }
+        bytes.truncate(bytes.len() - 5);
+        std::fs::write(dir.join("00000000000000000001-999.0.spool"), &bytes).unwrap();
+        std::fs::write(
+            dir.join("00000000000000000001-999.0.done"),
+            1u32.to_be_bytes(),
+        )
+        .unwrap();
+        let s = Spool::open(settings(&dir), Metrics::new()).unwrap();
+        assert_eq!(s.adopt_orphans().unwrap(), 2);
+        assert_eq!(sessions(&s), ["t-1", "t-2"]);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -54,10 +54,10 @@ fn request(id: u8, session: &str, status: u32, delay: u32) -> Vec<u8> {
     p.as_bytes().to_vec()
 }
 
-/// The NASes: every request paced at `RATE`, in batches of 100 sessions (their Starts,
-/// then Interims, then Stops), each retransmitted every second until answered or
-/// `deadline`.
-fn run_nases(deadline: Duration) -> Outcome {
+/// The NASes: every request of `sessions` sessions named `prefix-N` paced at `RATE`, in
+/// batches of 100 sessions (their Starts, then Interims, then Stops), each retransmitted
+/// every second until answered or `deadline`.
+fn run_nases(prefix: &str, sessions: usize, deadline: Duration) -> Outcome {
     let sockets: Vec<UdpSocket> = (0..NASES)
         .map(|_| {
             let s = UdpSocket::bind("127.0.0.1:0").expect("a NAS socket");
@@ -68,10 +68,10 @@ fn run_nases(deadline: Duration) -> Outcome {
         .collect();
     let secret = Secret::new(NAS_SECRET.as_bytes());
     let mut schedule = Vec::new();
-    for batch in (0..SESSIONS).step_by(100) {
+    for batch in (0..sessions).step_by(100) {
         for (status, name) in [(1u32, "Start"), (3, "Interim-Update"), (2, "Stop")] {
-            for s in batch..(batch + 100).min(SESSIONS) {
-                schedule.push((format!("spool-{s}"), status, name));
+            for s in batch..(batch + 100).min(sessions) {
+                schedule.push((format!("{prefix}-{s}"), status, name));
             }
         }
     }
@@ -214,7 +214,7 @@ fsync = "always"
         d.log()
     );
 
-    let nases = ns.spawn(|| run_nases(Duration::from_secs(150)));
+    let nases = ns.spawn(|| run_nases("spool", SESSIONS, Duration::from_secs(150)));
     let t0 = Instant::now();
     let at = |s: u64| {
         let when = t0 + Duration::from_secs(s);
@@ -242,9 +242,11 @@ fsync = "always"
         t0.elapsed().as_secs_f64()
     );
     assert!(
-        d.log()
-            .contains("spool: accounting left by the previous process"),
-        "the new process recovers the spool:\n{}",
+        d.wait_for_log(
+            "spool: accounting left by a process that is gone",
+            Duration::from_secs(5)
+        ),
+        "the new process adopts the killed one's spool:\n{}",
         d.log()
     );
     at(35);
@@ -315,4 +317,135 @@ fsync = "always"
     println!("spool files left: {leftovers}");
     drop(d);
     let _ = std::fs::remove_dir_all(&spool_dir);
+}
+
+#[test]
+fn an_upgrade_hands_the_spool_over_and_replays_it_once() {
+    if !require_root("accounting spool across an upgrade") {
+        return;
+    }
+    let ns = NetNs::new("spool-up");
+    let dir = std::env::temp_dir().join(format!("rs-spool-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a test folder");
+    let (path, control, spool, bin) = (
+        dir.join("sidecar.toml"),
+        dir.join("control.sock"),
+        dir.join("spool"),
+        dir.join("radius-sidecar"),
+    );
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = ["127.0.0.1:1813"]
+workers = 1
+metrics = "127.0.0.1:9817"
+control = "{}"
+
+[[upstream]]
+name = "accounting"
+auth = "127.0.0.1:16812"
+acct = "127.0.0.1:16813"
+secret = "{UP_SECRET}"
+timeout_ms = 2000
+check_interval_ms = 500
+answers_to_alive = 1
+
+[[client]]
+prefix = "127.0.0.0/8"
+secret = "{NAS_SECRET}"
+upstream = "accounting"
+
+[spool]
+pools = ["accounting"]
+dir = "{}"
+"#,
+            control.display(),
+            spool.display()
+        ),
+    )
+    .expect("write the configuration");
+    std::fs::copy(sidecar_bin(), &bin).expect("copy the binary");
+    let args = ["--config", path.to_str().expect("utf-8")];
+    let mut d = Daemon::start_binary(&bin, &ns, None, &args, "info");
+    assert!(
+        d.wait_for_log("control socket listening", Duration::from_secs(20)),
+        "{}",
+        d.log()
+    );
+    let old_pid = d.child.id() as i32;
+    // The accounting server is down: everything is spooled, every NAS answered.
+    let before = ns.spawn(|| run_nases("before", 100, Duration::from_secs(60)));
+    let before = before.join().expect("the NASes");
+    assert_eq!(before.answered, before.sent, "{}", d.log());
+    let spooled = metric(&ns, "127.0.0.1:9817", "radius_spool_records");
+    assert_eq!(spooled, 300, "all spooled by the old process");
+    let (ok, said) = sidecar_cli(
+        &ns,
+        &bin,
+        &["upgrade", "--control", control.to_str().expect("utf-8")],
+    );
+    assert!(ok, "upgrade: {said}\n{}", d.log());
+    // The old process (our child) finishes what it had in flight and exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(d.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        matches!(d.child.try_wait(), Ok(Some(_))),
+        "the old process {old_pid} exits"
+    );
+    let after = ns.spawn(|| run_nases("after", 100, Duration::from_secs(60)));
+    let after = after.join().expect("the NASes");
+    println!(
+        "after the upgrade: {} sent, {} answered, {} retransmissions, slowest {:?}",
+        after.sent, after.answered, after.retransmissions, after.slowest
+    );
+    println!(
+        "{}",
+        metrics_text(&ns, "127.0.0.1:9817")
+            .lines()
+            .filter(|l| l.contains("drops") || l.contains("spool") || l.contains("local_answers"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(after.answered, after.sent);
+    assert!(
+        d.wait_for_log(
+            "spool: accounting left by a process that is gone",
+            Duration::from_secs(10)
+        ),
+        "the new process adopts the old one's spool once it has exited:\n{}",
+        d.log()
+    );
+    let fr = FreeRadius::start_on(&ns, &[("127.0.0.1", UP_SECRET)], "", 16812);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&ns, "127.0.0.1:9817", "radius_spool_records") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = detail_records(&[&fr]);
+    let sent: HashSet<_> = before.requests.union(&after.requests).cloned().collect();
+    let missing = sent
+        .iter()
+        .filter(|(s, t)| !seen.contains_key(&(s.clone(), (*t).to_owned())))
+        .count();
+    let extra: usize = seen.values().map(|n| n.saturating_sub(1)).sum();
+    println!(
+        "upgrade with 300 records spooled, 300 more after it: {} of {} (session, status) \
+         delivered, {extra} extra records",
+        sent.len() - missing,
+        sent.len()
+    );
+    assert_eq!(
+        missing, 0,
+        "every record spooled before and after the upgrade is delivered"
+    );
+    assert_eq!(
+        extra, 0,
+        "the old and the new process never replay one record both"
+    );
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
 }
