@@ -422,6 +422,10 @@ struct DynamicSection {
     max_pending_per_flow: usize,
     #[serde(default = "d_pending")]
     max_pending_packets: usize,
+    /// As a `[[client]]`'s, for every client the directory defines.
+    operator_name: Option<String>,
+    rewrite_in: Option<String>,
+    rewrite_out: Option<String>,
 }
 
 fn d_timeout() -> u64 {
@@ -717,6 +721,19 @@ fn switch(
             )),
         },
     }
+}
+
+/// An RFC 5580 Operator-Name as written: a namespace digit, then the name.
+fn operator_name(v: &str) -> Result<Vec<u8>, String> {
+    let b = v.as_bytes();
+    if b.len() < 2 || b.len() > 253 || !(b'0'..=b'3').contains(&b[0]) {
+        return Err(
+            "a namespace digit (0 TADIG, 1 realm, 2 E.212, 3 ICC) then the name, at \
+                    most 253 bytes: e.g. \"1example.org\""
+                .into(),
+        );
+    }
+    Ok(b.to_vec())
 }
 
 /// A loaded, checked configuration.
@@ -1338,22 +1355,14 @@ impl Config {
                     .iter()
                     .map(|n| pool_named(n, "client.acct_replicas"))
                     .collect::<Result<_, _>>()?,
-                operator_name: match &c.operator_name {
-                    None => None,
-                    Some(o) => {
-                        let v = o.get_ref().as_bytes();
-                        if v.len() < 2 || v.len() > 253 || !(b'0'..=b'3').contains(&v[0]) {
-                            return Err(err(
-                                o.span(),
-                                "client.operator_name",
-                                "a namespace digit (0 TADIG, 1 realm, 2 E.212, 3 ICC) then \
-                                 the name, at most 253 bytes: e.g. \"1example.org\""
-                                    .into(),
-                            ));
-                        }
-                        Some(v.to_vec())
-                    }
-                },
+                operator_name: c
+                    .operator_name
+                    .as_ref()
+                    .map(|o| {
+                        operator_name(o.get_ref())
+                            .map_err(|m| err(o.span(), "client.operator_name", m))
+                    })
+                    .transpose()?,
                 rewrite: crate::rewrite::Rewrites {
                     inbound: rewrite_named(&c.rewrite_in, "client.rewrite_in")?,
                     outbound: rewrite_named(&c.rewrite_out, "client.rewrite_out")?,
@@ -1434,7 +1443,30 @@ impl Config {
                 if upstreams.is_empty() {
                     return Err(err(span, "dynamic", "no [[upstream]] is defined".into()));
                 }
-                Some(DynamicClients::new(
+                let named = |name: &Option<String>, key: &str| match name {
+                    None => Ok(None),
+                    Some(n) => rewrites
+                        .iter()
+                        .find(|r| r.name == *n)
+                        .cloned()
+                        .map(Some)
+                        .ok_or_else(|| {
+                            err(span.clone(), key, format!("no [[rewrite]] named `{n}`"))
+                        }),
+                };
+                let template = crate::dynamic::ClientTemplate {
+                    operator_name: d
+                        .operator_name
+                        .as_deref()
+                        .map(operator_name)
+                        .transpose()
+                        .map_err(|m| err(span.clone(), "dynamic.operator_name", m))?,
+                    rewrite: crate::rewrite::Rewrites {
+                        inbound: named(&d.rewrite_in, "dynamic.rewrite_in")?,
+                        outbound: named(&d.rewrite_out, "dynamic.rewrite_out")?,
+                    },
+                };
+                let mut clients = DynamicClients::new(
                     d.prefixes.into_iter().map(|p| p.trunc()).collect(),
                     directory,
                     Lifetimes {
@@ -1448,7 +1480,9 @@ impl Config {
                     d.max_pending_per_flow.max(1),
                     d.max_pending_packets.max(1),
                     pools.clone(),
-                ))
+                );
+                clients.template = template;
+                Some(clients)
             }
         };
         Ok(Config {
@@ -1711,6 +1745,35 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!((e.line, e.key.as_str()), (8, "client.operator_name"), "{e}");
+    }
+
+    #[test]
+    fn clients_a_directory_defines_take_dynamics_operator_name_and_rewrites() {
+        let up = "[[upstream]]\nname = \"a\"\nauth = \"127.0.0.1:1\"\nsecret = \"s\"\n\
+                  [[rewrite]]\nname = \"edu\"\nremove = [\"Class\"]\n";
+        let dynamic = |rest: &str| {
+            format!(
+                "{up}[dynamic]\nprefixes = [\"10.0.0.0/8\"]\ndirectory = \"file\"\nfile = \"nas.toml\"\n{rest}"
+            )
+        };
+        let c = Config::from_toml(
+            &dynamic("operator_name = \"1example.org\"\nrewrite_out = \"edu\"\n"),
+            "f.toml",
+        )
+        .unwrap();
+        let d = c.dynamic.expect("[dynamic]");
+        let client = d
+            .client("10.1.1.1".parse().unwrap(), None, b"secret", None, false)
+            .unwrap();
+        assert_eq!(client.operator_name.as_deref(), Some(&b"1example.org"[..]));
+        assert!(client.rewrite.outbound.is_some() && client.rewrite.inbound.is_none());
+        for (rest, key) in [
+            ("operator_name = \"example.org\"\n", "dynamic.operator_name"),
+            ("rewrite_in = \"nope\"\n", "dynamic.rewrite_in"),
+        ] {
+            let e = Config::from_toml(&dynamic(rest), "f.toml").err().unwrap();
+            assert_eq!(e.key, key, "{e}");
+        }
     }
 
     #[test]

@@ -377,6 +377,16 @@ pub struct DynamicClients {
     pub concurrency: tokio::sync::Semaphore,
     /// The concurrency's bound (the semaphore's permits when none is taken).
     max_concurrent: usize,
+    /// What every client the directory defines gets from the configuration.
+    pub template: ClientTemplate,
+}
+
+/// `[dynamic]`'s settings for the clients it defines: an Operator-Name (RFC 5580) and
+/// rewrites, as a `[[client]]` would have.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTemplate {
+    pub operator_name: Option<Vec<u8>>,
+    pub rewrite: crate::rewrite::Rewrites,
 }
 
 impl std::ops::Deref for DynamicClients {
@@ -415,6 +425,7 @@ impl DynamicClients {
             pools,
             concurrency: tokio::sync::Semaphore::new(max_concurrent.max(1)),
             max_concurrent: max_concurrent.max(1),
+            template: ClientTemplate::default(),
         }
     }
 
@@ -466,7 +477,7 @@ impl DynamicClients {
     }
 
     /// A client as a directory's definition makes it.
-    fn client(
+    pub fn client(
         &self,
         ip: IpAddr,
         name: Option<String>,
@@ -497,8 +508,8 @@ impl DynamicClients {
             learned: Default::default(),
             nas_key: None,
             certificate: Default::default(),
-            operator_name: None,
-            rewrite: Default::default(),
+            operator_name: self.template.operator_name.clone(),
+            rewrite: self.template.rewrite.clone(),
             acct_pool: None,
             acct_replicas: Default::default(),
         }))

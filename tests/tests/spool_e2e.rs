@@ -387,6 +387,14 @@ dir = "{}"
         &["upgrade", "--control", control.to_str().expect("utf-8")],
     );
     assert!(ok, "upgrade: {said}\n{}", d.log());
+    // The new process is not our child: it is stopped when the test ends, however it ends.
+    let new_pid: i32 = said
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("the new process's pid in the answer");
+    let _stop_new = StopOnDrop(new_pid);
     // The old process (our child) finishes what it had in flight and exits.
     let deadline = Instant::now() + Duration::from_secs(30);
     while matches!(d.child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -448,4 +456,21 @@ dir = "{}"
     );
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stops a process that is not our child (SIGTERM, then SIGKILL) when dropped.
+struct StopOnDrop(i32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on a pid this test started (through an upgrade).
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(self.0, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
 }
