@@ -1168,6 +1168,16 @@ impl Config {
                             format!("every upstream of `{}` needs an `acct` address", p.name),
                         ));
                     }
+                    if p.members.iter().any(|u| u.stream) {
+                        return Err(err(
+                            name.span(),
+                            "spool.pools",
+                            format!(
+                                "`{}` has a TCP or TLS upstream: the spool replays over UDP only",
+                                p.name
+                            ),
+                        ));
+                    }
                     let spooled = Arc::new(Pool {
                         name: p.name.clone(),
                         members: p.members.clone(),
@@ -1621,6 +1631,14 @@ mod tests {
             (
                 format!("{}[spool]\npools = [\"a\"]\n", up("")),
                 6,
+                "spool.pools",
+            ),
+            (
+                format!(
+                    "{}[spool]\npools = [\"a\"]\n",
+                    up("acct = \"127.0.0.1:1813\"\ntransport = \"tcp\"\n")
+                ),
+                8,
                 "spool.pools",
             ),
             (
