@@ -457,20 +457,3 @@ dir = "{}"
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-/// Stops a process that is not our child (SIGTERM, then SIGKILL) when dropped.
-struct StopOnDrop(i32);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on a pid this test started (through an upgrade).
-        unsafe { libc::kill(self.0, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // SAFETY: signal 0 only checks that the process exists.
-        while unsafe { libc::kill(self.0, 0) } == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}

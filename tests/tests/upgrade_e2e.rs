@@ -194,6 +194,8 @@ fn upgrade_under_load(tag: &str, fast: bool) {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .expect("the new process's pid in the answer");
+    // Not our child: stopped however the test ends, so no later test finds its programs.
+    let _stop_new = StopOnDrop(new_pid);
     let exe = std::fs::read_link(format!("/proc/{new_pid}/exe")).expect("the new process's exe");
     assert_eq!(exe, bin, "the new process runs the second copy");
     assert!(
