@@ -1251,15 +1251,14 @@ impl Engine {
         wire[1] = p.prepared.nas_id;
         wire[4..20].copy_from_slice(&p.prepared.nas_auth);
         let mut out = [0u8; codec::MAX_PACKET_LEN];
-        let secret = p.client.secret.clone();
-        let reply = match Packet::parse(&wire[..len]).map_err(|_| ()).and_then(|req| {
-            codec::edit::accounting_response(&mut out, &req, &secret)
-                .map(|m| m.len())
-                .map_err(|_| ())
-        }) {
-            Ok(n) => &out[..n],
-            Err(()) => return false,
+        let Ok(req) = Packet::parse(&wire[..len]) else {
+            return false;
         };
+        let Ok(m) = codec::edit::accounting_response(&mut out, &req, &p.client.secret) else {
+            return false;
+        };
+        let n = m.len();
+        let reply = &out[..n];
         if let Some((_, Some((remote, local)))) = end_request(
             &common,
             &mut self.requests,

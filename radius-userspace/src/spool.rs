@@ -632,8 +632,8 @@ impl Spool {
                 info!(records = replayed_logged, "spool: replayed, now empty");
                 replayed_logged = 0;
             }
-            let idle = st.queue.is_empty() || (window.is_empty() && !st.queue.is_empty());
-            if idle {
+            // Nothing to send, or nothing out to wait for: sleep until a record comes.
+            if st.queue.is_empty() || window.is_empty() {
                 let _ = self
                     .wake
                     .wait_timeout(st, Duration::from_millis(100))

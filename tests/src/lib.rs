@@ -1043,6 +1043,15 @@ impl Drop for Postgres {
     }
 }
 
+/// The pid of the new process in what `radius-sidecar upgrade` answered.
+pub fn upgraded_pid(said: &str) -> i32 {
+    said.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("the new process's pid in the answer")
+}
+
 /// Stops a process that is not our child (SIGTERM, then SIGKILL) when dropped.
 pub struct StopOnDrop(pub i32);
 

@@ -388,12 +388,7 @@ dir = "{}"
     );
     assert!(ok, "upgrade: {said}\n{}", d.log());
     // The new process is not our child: it is stopped when the test ends, however it ends.
-    let new_pid: i32 = said
-        .split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("the new process's pid in the answer");
+    let new_pid = upgraded_pid(&said);
     let _stop_new = StopOnDrop(new_pid);
     // The old process (our child) finishes what it had in flight and exits.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -188,12 +188,7 @@ fn upgrade_under_load(tag: &str, fast: bool) {
         "{}",
         d.log()
     );
-    let new_pid: i32 = said
-        .split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("the new process's pid in the answer");
+    let new_pid = upgraded_pid(&said);
     // Not our child: stopped however the test ends, so no later test finds its programs.
     let _stop_new = StopOnDrop(new_pid);
     let exe = std::fs::read_link(format!("/proc/{new_pid}/exe")).expect("the new process's exe");
