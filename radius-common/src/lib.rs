@@ -103,6 +103,8 @@ pub mod maps {
 pub mod programs {
     pub const STEER: &str = "steer";
     pub const GUARD: &str = "guard";
+    /// `guard` for TC ingress, where the driver has no native XDP.
+    pub const GUARD_TC: &str = "guard_tc";
 }
 
 /// Default map sizes; user space may override them at load time.

@@ -7,20 +7,23 @@
 //! - `guard` (XDP, on the NIC): for UDP to a service port, drops junk (runts, lying RADIUS
 //!   length), blocked and refused sources, and floods of sources that have no flow yet;
 //!   counts every verdict per CPU and every known flow's packets and bytes.
+//! - `guard_tc` (TC ingress): the same checks on an skb, for interfaces whose driver has no
+//!   native XDP (loopback among them). Generic XDP would do them too, but it reallocates
+//!   every packet's head to give XDP its 256 bytes of headroom; TC reads the skb in place.
 #![no_std]
 #![no_main]
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_sk_lookup, sk_action, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_sk_lookup, sk_action, xdp_action},
     helpers::bpf_ktime_get_ns,
-    macros::{map, sk_lookup, xdp},
+    macros::{classifier, map, sk_lookup, xdp},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap,
         lpm_trie::Key,
     },
-    programs::{SkLookupContext, XdpContext},
+    programs::{SkLookupContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use radius_common::{
@@ -178,16 +181,82 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const UDP_HLEN: usize = 8;
 
-#[xdp]
-pub fn guard(ctx: XdpContext) -> u32 {
-    try_guard(&ctx)
+/// What guard reads of a packet: the linear bytes in `[start, end)` and the whole length.
+trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// The packet's length, with what an skb holds outside its linear area.
+    fn len(&self) -> usize;
 }
 
-/// A pointer to `T` at `off`, or `None` when it would pass the end of the packet.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+/// What guard decides; each hook says it in its own return codes.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[xdp]
+pub fn guard(ctx: XdpContext) -> u32 {
+    match try_guard(&ctx) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// The headers guard reads: Ethernet, the longest IPv4 header, UDP, RADIUS's first 4 bytes.
+const HEADERS_LEN: usize = ETH_HLEN + 60 + UDP_HLEN + 4;
+
+#[classifier]
+pub fn guard_tc(ctx: TcContext) -> i32 {
+    // An skb may hold its headers outside the linear area (GRO, some drivers): pull them
+    // in when they are, so guard judges what it can read. Loopback's are always linear.
+    let linear = ctx.data_end() - ctx.data();
+    let whole = TcContext::len(&ctx) as usize;
+    if linear < HEADERS_LEN && whole > linear {
+        let _ = ctx.pull_data(whole.min(HEADERS_LEN) as u32);
+    }
+    match try_guard(&ctx) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// A pointer to `T` at `off`, or `None` when it would pass the end of the linear bytes.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<T>(ctx: &impl Frame, off: usize) -> Option<*const T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + size_of::<T>() > end {
         return None;
     }
@@ -195,9 +264,9 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn try_guard(ctx: &XdpContext) -> u32 {
-    let pass = xdp_action::XDP_PASS;
-    let drop = xdp_action::XDP_DROP;
+fn try_guard<F: Frame>(ctx: &F) -> Verdict {
+    let pass = Verdict::Pass;
+    let drop = Verdict::Drop;
     let Some(eth_type) = ptr_at::<[u8; 2]>(ctx, 12) else {
         return pass;
     };
@@ -292,7 +361,7 @@ fn try_guard(ctx: &XdpContext) -> u32 {
 
     // Length checks. The UDP length field is what the sender claims; trailing bytes past it
     // (Ethernet padding) are not payload.
-    let arrived = ctx.data_end() - ctx.data();
+    let arrived = ctx.len();
     if udp_len < UDP_HLEN || udp_off + udp_len > arrived {
         count(Counter::DropTruncated);
         return drop;

@@ -250,7 +250,7 @@ pub(crate) async fn status(shared: &Shared) -> Status {
             steer_attached: fp.steer_attached(),
             guard: fp
                 .guard_attached()
-                .map(|(iface, mode)| format!("{iface} ({mode:?})")),
+                .map(|(iface, hook)| format!("{iface} ({hook})")),
             registered_flows: fp.registered_children(),
             counters,
         }

@@ -570,7 +570,7 @@ async fn attach_guard_after_takeover(shared: Arc<Shared>) {
         let attempt = lock(fp).attach_guard(&iface);
         match attempt {
             Ok(mode) => {
-                info!(iface, xdp_mode = ?mode, "upgrade: guard attached to {iface}");
+                info!(iface, hook = %mode, "upgrade: guard attached to {iface}");
                 return;
             }
             // The old process's guard is still there: it goes within milliseconds.
@@ -613,14 +613,14 @@ fn setup_fastpath(
             match guard {
                 Some((iface, mode)) => info!(
                     iface,
-                    xdp_mode = ?mode,
+                    hook = %mode,
                     "fast path on: steer attached to this network namespace, guard on {iface}"
                 ),
                 None if config.iface.is_some() => info!(
                     "fast path on: steer attached; guard waits for the running process's to \
                      come off the interface (upgrade)"
                 ),
-                None => info!("fast path on: steer attached; no --iface, so no guard (XDP)"),
+                None => info!("fast path on: steer attached; no --iface, so no guard"),
             }
             Ok(Some(fp))
         }

@@ -1,5 +1,6 @@
 //! The kernel fast path: one type, [`FastPath`], owns every kernel object (the loaded object,
-//! its maps, the `steer` and `guard` links) and offers typed operations on them. Dropping it
+//! its maps, the `steer` and `guard` links) and offers typed operations on them. `guard`
+//! runs as XDP in the driver where the driver has it, else at TC ingress ([`GuardHook`]). Dropping it
 //! detaches both programs (the links are file descriptors, so even a killed daemon leaves
 //! nothing attached).
 //!
@@ -21,7 +22,10 @@ use aya::{
         Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
         SockHash, SockMap, lpm_trie::Key,
     },
-    programs::{ProgramError, SkLookup, Xdp, XdpMode},
+    programs::{
+        ProgramError, SchedClassifier, SkLookup, TcAttachType, Xdp, XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
 };
 use ipnet::IpNet;
 use radius_common::{
@@ -168,6 +172,29 @@ impl Counters {
     }
 }
 
+/// Where `guard` runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardHook {
+    /// XDP in the driver: before the kernel builds an skb.
+    XdpDriver,
+    /// TC ingress (TCX on Linux 6.6+): for drivers without native XDP, loopback included.
+    TcIngress,
+}
+
+impl std::fmt::Display for GuardHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuardHook::XdpDriver => "xdp",
+            GuardHook::TcIngress => "tc",
+        })
+    }
+}
+
+enum GuardLink {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
 /// Owner of every kernel object of the fast path.
 pub struct FastPath {
     // Field order is drop order: maps first, then the object with its links.
@@ -185,8 +212,8 @@ pub struct FastPath {
     max_flows: u32,
     nr_cpus: usize,
     steer_link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
-    guard_attached: Option<(String, XdpMode)>,
-    guard_link: Option<aya::programs::xdp::XdpLinkId>,
+    guard_attached: Option<(String, GuardHook)>,
+    guard_link: Option<GuardLink>,
     ebpf: Ebpf,
 }
 
@@ -224,6 +251,14 @@ impl FastPath {
             let guard: &mut Xdp = prog(&mut ebpf, programs::GUARD)?;
             guard.load().map_err(|source| FastPathError::Program {
                 program: programs::GUARD,
+                action: "load",
+                source,
+            })?;
+        }
+        {
+            let guard: &mut SchedClassifier = prog(&mut ebpf, programs::GUARD_TC)?;
+            guard.load().map_err(|source| FastPathError::Program {
+                program: programs::GUARD_TC,
                 action: "load",
                 source,
             })?;
@@ -307,38 +342,89 @@ impl FastPath {
     /// off (until then packets pass unguarded; nothing is dropped).
     pub fn detach_guard(&mut self) -> Option<String> {
         let (iface, _) = self.guard_attached.take()?;
-        if let (Some(link), Ok(guard)) = (
-            self.guard_link.take(),
-            prog::<Xdp>(&mut self.ebpf, programs::GUARD),
-        ) && let Err(e) = guard.detach(link)
-        {
+        let detached = match self.guard_link.take() {
+            Some(GuardLink::Xdp(link)) => {
+                prog::<Xdp>(&mut self.ebpf, programs::GUARD).and_then(|p| {
+                    p.detach(link).map_err(|source| FastPathError::Program {
+                        program: programs::GUARD,
+                        action: "detach",
+                        source,
+                    })
+                })
+            }
+            Some(GuardLink::Tc(link)) => {
+                prog::<SchedClassifier>(&mut self.ebpf, programs::GUARD_TC).and_then(|p| {
+                    p.detach(link).map_err(|source| FastPathError::Program {
+                        program: programs::GUARD_TC,
+                        action: "detach",
+                        source,
+                    })
+                })
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = detached {
             tracing::warn!(error = %e, iface, "cannot detach guard");
         }
         Some(iface)
     }
 
-    /// Attaches `guard` to `iface`: native (driver) mode first, generic (skb) mode when the
-    /// driver has no XDP. Returns the mode that took.
-    pub fn attach_guard(&mut self, iface: &str) -> Result<XdpMode, FastPathError> {
-        let guard: &mut Xdp = prog(&mut self.ebpf, programs::GUARD)?;
-        let (mode, link) = match guard.attach(iface, XdpMode::Driver) {
-            Ok(link) => (XdpMode::Driver, link),
+    /// Attaches `guard` to `iface`: XDP in the driver where it has native XDP, else at TC
+    /// ingress. Generic (skb) XDP is never used: it copies each packet's head to make XDP's
+    /// headroom, which costs more than the checks themselves. Another XDP program on the
+    /// interface (an upgrade's old process) is an error, for the caller to retry once it
+    /// has left, so the new process takes the same hook as the old one.
+    pub fn attach_guard(&mut self, iface: &str) -> Result<GuardHook, FastPathError> {
+        match self.attach_guard_on(iface, GuardHook::XdpDriver) {
+            Ok(hook) => Ok(hook),
+            Err(e) if matches!(e.errno(), Some(libc::EBUSY | libc::EEXIST)) => Err(e),
             Err(native) => {
-                tracing::debug!(iface, error = %native, "native XDP refused; trying skb mode");
-                let link =
-                    guard
-                        .attach(iface, XdpMode::Skb)
-                        .map_err(|source| FastPathError::Program {
-                            program: programs::GUARD,
-                            action: "attach to the interface",
-                            source,
-                        })?;
-                (XdpMode::Skb, link)
+                tracing::debug!(iface, error = %native, "no native XDP; guard goes on TC ingress");
+                self.attach_guard_on(iface, GuardHook::TcIngress)
+            }
+        }
+    }
+
+    /// Attaches `guard` to `iface` on the given hook (tests run both).
+    pub fn attach_guard_on(
+        &mut self,
+        iface: &str,
+        hook: GuardHook,
+    ) -> Result<GuardHook, FastPathError> {
+        let link = match hook {
+            GuardHook::XdpDriver => {
+                let guard: &mut Xdp = prog(&mut self.ebpf, programs::GUARD)?;
+                let link = guard.attach(iface, XdpMode::Driver).map_err(|source| {
+                    FastPathError::Program {
+                        program: programs::GUARD,
+                        action: "attach to the interface",
+                        source,
+                    }
+                })?;
+                GuardLink::Xdp(link)
+            }
+            GuardHook::TcIngress => {
+                let guard: &mut SchedClassifier = prog(&mut self.ebpf, programs::GUARD_TC)?;
+                // TCX (Linux 6.6+) needs no qdisc; older kernels attach through clsact.
+                use aya::util::KernelVersion;
+                let tcx = KernelVersion::current()
+                    .is_ok_and(|v| v.code() >= KernelVersion::new(6, 6, 0).code());
+                if !tcx {
+                    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                }
+                let link = guard
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|source| FastPathError::Program {
+                        program: programs::GUARD_TC,
+                        action: "attach to the interface's TC ingress",
+                        source,
+                    })?;
+                GuardLink::Tc(link)
             }
         };
-        self.guard_attached = Some((iface.to_owned(), mode));
+        self.guard_attached = Some((iface.to_owned(), hook));
         self.guard_link = Some(link);
-        Ok(mode)
+        Ok(hook)
     }
 
     /// The reader of the programs' log events, for the daemon to poll (its fd turns
@@ -351,7 +437,7 @@ impl FastPath {
         self.steer_link.is_some()
     }
 
-    pub fn guard_attached(&self) -> Option<&(String, XdpMode)> {
+    pub fn guard_attached(&self) -> Option<&(String, GuardHook)> {
         self.guard_attached.as_ref()
     }
 

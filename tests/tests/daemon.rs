@@ -121,7 +121,7 @@ fn runs_attached_and_detaches_on(signal: i32) {
     assert!(status.success(), "clean exit, got {status:?}");
     assert!(d.log().contains("eBPF programs detached"));
     assert!(
-        !program_loaded("steer") && !program_loaded("guard"),
+        !program_loaded("steer") && !program_loaded("guard") && !program_loaded("guard_tc"),
         "no program left behind"
     );
 }

@@ -214,6 +214,8 @@ fn twenty_reloads_under_load_lose_nothing_and_make_no_flow_again() {
     assert_eq!(v["flows"]["nases"]["proved"], 64, "{v}");
     assert_eq!(v["fast_path"]["steer_attached"], true, "{v}");
     assert_eq!(v["fast_path"]["registered_flows"], 64, "{v}");
+    // Loopback has no native XDP: guard takes TC ingress, never generic XDP.
+    assert_eq!(v["fast_path"]["guard"], "lo (tc)", "{v}");
     assert_eq!(v["workers_silent"], 0, "{v}");
     let fr1 = v["upstreams"]
         .as_array()
