@@ -2,6 +2,12 @@
 //! datagrams (well-signed requests, retransmissions, or raw bytes), upstream replies (right
 //! answers, replies to the wrong request, or raw bytes), clock steps, a stream upstream's
 //! connection closing or agreeing on RADIUS/1.1, and NASes whose connection speaks 1.1.
+//! The input's first bytes choose the set-up: realms (exact and stripped, a wildcard, a
+//! refused realm, `NULL`; no regex, which would be compiled for every input: `realm.rs`'s
+//! tests cover them) or none; rewrites both ways on the client and the
+//! upstream, and an Operator-Name, or none; an accounting spool that takes records, one
+//! that is full, or none. User-Names are raw bytes or `user@realm`
+//! among the realms written, and their neighbours.
 //! Invariants checked: every datagram to a NAS goes to a source that sent one, from the
 //! address it sent to; nothing stays in flight past its timeout once time moves on; every
 //! request begun is ended; the in-flight count matches the table's.
@@ -11,7 +17,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -19,13 +25,15 @@ use libfuzzer_sys::fuzz_target;
 use radius_core::{
     blastradius::YesNoAuto,
     client::{Client, ClientTable},
-    codec::{Code, Packet, PacketMut, attr, auth::Secret, hide},
+    codec::{Code, Packet, PacketMut, attr, auth::Secret, dict::Dictionary, hide},
     counters::{Count, Counters, Refusal},
     dedup::DedupTimers,
     engine::{Common, Engine, Io, Random},
     flows::Flow,
     pool::{Policy, Pool},
+    realm::{Delimiters, Realm, Realms},
     requests::At,
+    rewrite::{self, Rewrite, Rewrites},
     upstream::{Upstream, UpstreamOptions},
 };
 
@@ -54,6 +62,8 @@ impl Tally {
 #[derive(Default)]
 struct FakeIo {
     v11_nases: HashSet<SocketAddr>,
+    /// Whether the spool takes what it is given (a full one refuses).
+    spool_takes: bool,
 }
 
 impl Io for FakeIo {
@@ -69,9 +79,87 @@ impl Io for FakeIo {
     fn speaks_v11(&self, remote: SocketAddr, _: SocketAddr) -> bool {
         self.v11_nases.contains(&remote)
     }
+    fn spool(&mut self, _: &str, _: &str, packet: &[u8], _: Duration) -> bool {
+        assert!(
+            Packet::parse(packet).is_ok_and(|p| p.code() == Code::AccountingRequest),
+            "only Accounting-Requests are spooled"
+        );
+        self.spool_takes
+    }
 }
 
-fn upstream(name: &str, port: u16, stream: bool) -> Arc<Upstream> {
+/// The realms the User-Names are drawn from (the last ones match none).
+const REALMS: [&str; 8] = [
+    "example.org",
+    "a.example.net",
+    "sub.a.example.net",
+    "refused.org",
+    "kept.org",
+    "EXAMPLE.ORG",
+    "example.net",
+    "",
+];
+
+fn realms(pool: &Arc<Pool>) -> Arc<Realms> {
+    let realm = |name: &str, strip: bool, auth: Option<Arc<Pool>>| Realm {
+        name: name.into(),
+        auth,
+        acct: Some(pool.clone()),
+        acct_replicas: Arc::from(Vec::new()),
+        reject_message: Some("no such realm".into()),
+        answer_accounting: false,
+        strip,
+    };
+    let table = vec![
+        realm("example.org", true, Some(pool.clone())),
+        realm("*.example.net", false, Some(pool.clone())),
+        realm("refused.org", false, None),
+        realm("kept.org", false, Some(pool.clone())),
+        realm("NULL", false, Some(pool.clone())),
+    ];
+    Arc::new(Realms::new(table, Delimiters::default()).expect("the realms compile"))
+}
+
+/// The dictionary, made once: cloning it for every input would cost more than the input.
+fn dictionary() -> Arc<Dictionary> {
+    static D: OnceLock<Arc<Dictionary>> = OnceLock::new();
+    D.get_or_init(|| Arc::new(Dictionary::builtin().clone()))
+        .clone()
+}
+
+/// A client's or an upstream's rewrites, both ways: what eduroam and ISPs write. Made once
+/// (they hold no state; compiling their regex for every input would slow the target).
+fn rewrites() -> Rewrites {
+    static R: OnceLock<Rewrites> = OnceLock::new();
+    R.get_or_init(compile_rewrites).clone()
+}
+
+fn compile_rewrites() -> Rewrites {
+    let dict = Dictionary::builtin();
+    let inbound = Rewrite {
+        name: "in".into(),
+        remove: vec![rewrite::target(dict, "Filter-Id").expect("an attribute")],
+        modify: vec![
+            rewrite::modify(dict, "User-Name", "^(.*)@EXAMPLE\\.ORG$", "$1@example.org")
+                .expect("a regex"),
+        ],
+        add_if_absent: vec![rewrite::assignment(dict, "NAS-Port = 7").expect("a value")],
+        ..Rewrite::default()
+    };
+    let outbound = Rewrite {
+        name: "out".into(),
+        remove: vec![rewrite::target(dict, "Reply-Message").expect("an attribute")],
+        replace: vec![rewrite::assignment(dict, "Session-Timeout = 60").expect("a value")],
+        add: vec![rewrite::assignment(dict, "Class = 0x66757a7a").expect("a value")],
+        ..Rewrite::default()
+    };
+    Rewrites {
+        inbound: Some(Arc::new(inbound)),
+        outbound: Some(Arc::new(outbound)),
+    }
+}
+
+fn upstream(name: &str, port: u16, stream: bool, rewrite: Rewrites) -> Arc<Upstream> {
     Arc::new(Upstream {
         name: name.into(),
         auth: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -82,6 +170,7 @@ fn upstream(name: &str, port: u16, stream: bool) -> Arc<Upstream> {
             retry: Duration::from_secs(2),
             max_retries: 2,
             require_message_authenticator: YesNoAuto::Auto,
+            rewrite,
             ..Default::default()
         },
         health: Default::default(),
@@ -177,19 +266,34 @@ fn answer(wire: &[u8], v11: bool, code: Code) -> Option<Vec<u8>> {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
+    let setup = input.byte();
+    let with_realms = setup & 1 == 1;
+    let rewrite = if setup & 2 == 2 {
+        rewrites()
+    } else {
+        Rewrites::default()
+    };
     let ups = vec![
-        upstream("udp-1", 1812, false),
-        upstream("stream-1", 2083, true),
+        upstream("udp-1", 1812, false, rewrite.clone()),
+        upstream("stream-1", 2083, true, rewrite.clone()),
     ];
+    // A spooled pool has UDP members only (`check-config` refuses streams there).
+    let spooled = setup & 8 == 8;
     let pool = Arc::new(Pool {
         name: "pool".into(),
-        members: ups.clone(),
+        members: if spooled {
+            ups[..1].to_vec()
+        } else {
+            ups.clone()
+        },
         policy: if input.byte() & 1 == 0 {
             Policy::FailOver
         } else {
             Policy::LoadBalance
         },
+        spool: spooled,
     });
+    let realms = with_realms.then(|| realms(&pool));
     let mut clients = ClientTable::default();
     clients.insert(Client {
         name: "nases".into(),
@@ -201,9 +305,10 @@ fuzz_target!(|data: &[u8]| {
         learned: Default::default(),
         nas_key: None,
         certificate: Default::default(),
-        operator_name: None,
+        operator_name: (setup & 4 == 4).then(|| b"1example.org".to_vec()),
         acct_pool: None,
         acct_replicas: Default::default(),
+        rewrite,
     });
     let tally = Arc::new(Tally::default());
     let common = Arc::new(Common {
@@ -227,8 +332,8 @@ fuzz_target!(|data: &[u8]| {
         provisional_idle: Duration::from_secs(10),
         dedup: DedupTimers::default(),
         counters: tally.clone(),
-        dictionary: Arc::new(radius_core::codec::dict::Dictionary::builtin().clone()),
-        realms: None,
+        dictionary: dictionary(),
+        realms,
     });
     let start = Instant::now();
     let mut now = start;
@@ -241,7 +346,10 @@ fuzz_target!(|data: &[u8]| {
             n.to_be_bytes()
         }),
     });
-    let mut io = FakeIo::default();
+    let mut io = FakeIo {
+        spool_takes: setup & 16 == 16,
+        ..FakeIo::default()
+    };
     if engine.start(now, &mut io).is_err() {
         return;
     }
@@ -288,7 +396,16 @@ fuzz_target!(|data: &[u8]| {
                             1 => Code::StatusServer,
                             _ => Code::AccessRequest,
                         };
-                        let user = input.bytes(8).to_vec();
+                        let user = match input.byte() % 3 {
+                            0 => input.bytes(8).to_vec(),
+                            _ => {
+                                let mut u = input.bytes(3).to_vec();
+                                u.push(b'@');
+                                let realm = REALMS[usize::from(input.byte()) % REALMS.len()];
+                                u.extend_from_slice(realm.as_bytes());
+                                u
+                            }
+                        };
                         request(id, code, io.v11_nases.contains(&remote), &user)
                     }
                 };
