@@ -5,7 +5,8 @@
 //!   with `--test-deps`, the Debian packages the tests use.
 //! - `build`: the eBPF object (through radius-userspace's build.rs), then the daemon.
 //! - `run`: setup + build, then the daemon with the given flags.
-//! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build.
+//! - `test`: setup (with test deps) + fmt + clippy + every test, from one release build
+//!   (and a check that the fuzz targets still build).
 //! - `demo`: the newcomer's tour (FreeRADIUS, the sidecar, NASes in namespaces).
 //! - `bench steer` / `bench codec` / `bench proxy`: benchmarks; their tables go into
 //!   BENCHMARKS.md.
@@ -539,6 +540,15 @@ fn main() -> anyhow::Result<()> {
                 ]))?;
             }
             build()?;
+            if !no_lint {
+                // The fuzz targets are a workspace of their own, outside the build above: a
+                // field added to a core type once broke them unnoticed. Checked after the
+                // build, in its target directory, so nothing of it is built again.
+                run(cargo()
+                    .args(["check", "--release", "--bins", "--manifest-path"])
+                    .arg(root().join("radius-userspace/fuzz/Cargo.toml"))
+                    .env("CARGO_TARGET_DIR", root().join("target")))?;
+            }
             let package = deb()?;
             let bin = root().join("target/release/radius-sidecar");
             // One thread: privileged tests look at the kernel's global list of programs.
