@@ -309,6 +309,8 @@ pub(crate) fn run(
     runtime: tokio::runtime::Handle,
     inherited: Inherited,
 ) -> std::io::Result<()> {
+    // What `top -H` and perf show for this thread while it is this worker.
+    let _name = ThreadName::set(&format!("radius-w{me}"));
     let poller = Poller::new()?;
     match &front {
         Front::Udp { wildcard, .. } => {
@@ -918,9 +920,51 @@ fn spawn_definition(
     });
 }
 
+/// The calling thread's name (at most 15 bytes, the kernel's limit) until dropped, when the
+/// one before comes back: workers run on tokio's blocking pool, whose threads return to it.
+struct ThreadName([u8; 16]);
+
+impl ThreadName {
+    fn set(name: &str) -> Self {
+        let mut old = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer given.
+        unsafe { libc::prctl(libc::PR_GET_NAME, old.as_mut_ptr()) };
+        let mut new = [0u8; 16];
+        let n = name.len().min(15);
+        new[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // SAFETY: a NUL-terminated buffer of 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, new.as_ptr()) };
+        Self(old)
+    }
+}
+
+impl Drop for ThreadName {
+    fn drop(&mut self) {
+        // SAFETY: the NUL-terminated name PR_GET_NAME gave.
+        unsafe { libc::prctl(libc::PR_SET_NAME, self.0.as_ptr()) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_names_its_thread_and_gives_the_old_name_back() {
+        std::thread::Builder::new()
+            .name("pool-thread".into())
+            .spawn(|| {
+                let comm = || std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+                {
+                    let _n = ThreadName::set("radius-w12345678901");
+                    assert_eq!(comm().trim_end(), "radius-w1234567");
+                }
+                assert_eq!(comm().trim_end(), "pool-thread");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 
     #[test]
     fn tokens_keep_kind_and_index_apart() {
