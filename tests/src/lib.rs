@@ -463,6 +463,25 @@ pub fn program_loaded(name: &str) -> bool {
     })
 }
 
+/// A FreeRADIUS virtual server's text without its `listen { ... }` sections (they hold no
+/// nested braces).
+fn without_listen(text: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if !skipping && t.starts_with("listen") && t.ends_with('{') {
+            skipping = true;
+        } else if skipping {
+            skipping = t != "}";
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// What a private FreeRADIUS is given on top of Debian's configuration.
 #[derive(Clone, Copy, Default)]
 pub struct FreeRadiusSetup<'a> {
@@ -589,13 +608,12 @@ impl FreeRadius {
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(&site, text).expect("write site");
-        // The inner tunnel's loopback listener, moved with the ports so that instances can
-        // run side by side (Debian: 18120 for 1812).
+        // The inner tunnel's own loopback listener (Debian: 18120, for testing the tunnel
+        // by hand) goes: EAP reaches the inner tunnel without it, and a port of its own per
+        // instance could meet another instance's ephemeral socket (it did, in CI).
         let inner = dir.join("sites-enabled/inner-tunnel");
         let text = std::fs::read_to_string(&inner).expect("sites-enabled/inner-tunnel");
-        let inner_port = 18120 + u32::from(auth_port.saturating_sub(1812)) % 40000;
-        let text = text.replace("port = 18120", &format!("port = {inner_port}"));
-        std::fs::write(&inner, text).expect("write inner-tunnel");
+        std::fs::write(&inner, without_listen(&text)).expect("write inner-tunnel");
         let mut c = String::new();
         for (i, (addr, secret)) in clients.iter().enumerate() {
             c.push_str(&format!(
